@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what is missing (PostgreSQL 15,
+# s3s-fs, garage), then runs every test. Tests start their own servers on 127.0.0.1 with
+# free ports and stop them; whatever a killed test leaves behind is stopped here at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/zenith/target}"
+bash vendor/postgres/install.sh > /dev/null
+tools=$(bash scripts/tools.sh)
+export ZENITH_TEST_S3S_FS_BIN="$tools/s3s-fs"
+export ZENITH_TEST_GARAGE_BIN="$tools/garage"
+# Never ask an instance metadata service: tests talk to 127.0.0.1 only.
+export AWS_EC2_METADATA_DISABLED=true
+
+# Every temporary directory of this run lives here, so leftovers are easy to find and stop.
+run_dir=$(mktemp -d /tmp/zenith-test.XXXXXX)
+chmod 755 "$run_dir"
+export TMPDIR="$run_dir"
+cleanup() {
+    pkill -9 -f "$run_dir" 2>/dev/null || true
+    rm -rf "$run_dir"
+}
+trap cleanup EXIT
+
+if cargo nextest --version > /dev/null 2>&1; then
+    cargo nextest run --no-fail-fast "$@"
+else
+    cargo test --no-fail-fast "$@"
+fi

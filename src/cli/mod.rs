@@ -1,0 +1,306 @@
+//! The command line: clap definitions of the brief's whole command surface, and the glue
+//! from a parsed command to the library. Only this module knows about clap and terminals.
+//!
+//! Commands that are not built yet are listed (so `--help` shows the whole contract) and
+//! answer "not implemented yet" with exit code 2 instead of pretending to work.
+
+mod storage;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for a command that is part of the contract but not built yet.
+pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zenith",
+    version,
+    about = "Run PostgreSQL locally with snapshots at its heart",
+    long_about = "Run PostgreSQL locally with snapshots at its heart: snapshot, roll back, branch, export, \
+                  push and pull databases.\n\nStorage destinations are URLs (file:///path, a plain path, \
+                  s3://bucket/prefix); S3 credentials and settings come from the environment \
+                  (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, ...), \
+                  see docs/storages.md.",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// The repo directory [default: $ZENITH_REPO_DIR, else ~/.zenith]
+    #[arg(long, alias = "repo_dir", global = true, env = "ZENITH_REPO_DIR", value_name = "DIR")]
+    pub repo_dir: Option<PathBuf>,
+
+    /// Do not draw progress bars
+    #[arg(long, alias = "no_progress", global = true)]
+    pub no_progress: bool,
+
+    /// More log output on stderr (-v: info, -vv: debug); ZENITH_LOG overrides
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the local repo (initdb, or import an existing snapshot or PGDATA)
+    Init(InitArgs),
+    /// Run zenith-local and the main pg
+    Start {
+        /// Stay attached instead of running in the background
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop zenith-local and every pg it started
+    Stop {
+        /// Do not wait for clients to disconnect
+        #[arg(long)]
+        immediate: bool,
+    },
+    /// Show components, ports, pgs and the newest snapshot
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a snapshot from a PGDATA, a basebackup, a zenith storage or a running server
+    Import(SnapshotIoArgs),
+    /// Write a snapshot somewhere else, in any format
+    Export(SnapshotIoArgs),
+    /// Push snapshots to a storage; only missing content moves
+    Push {
+        /// Snapshot to push [default: every snapshot not yet there]
+        snapshot: Option<String>,
+        /// Named storage or URL [default: storage_dest]
+        storage: Option<String>,
+    },
+    /// Pull a snapshot from a storage
+    Pull {
+        /// Named storage or URL
+        source: String,
+        /// Snapshot to pull [default: LATEST]
+        snapshot: Option<String>,
+    },
+    /// Manage snapshots
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Manage compute nodes (PostgreSQL servers)
+    #[command(subcommand)]
+    Pg(PgCommand),
+    /// Manage and probe storage destinations
+    #[command(subcommand)]
+    Storage(storage::StorageCommand),
+    /// archive_command for any PostgreSQL: store one WAL segment
+    #[command(name = "wal-push")]
+    WalPush {
+        /// Path of the WAL file (%p)
+        path: PathBuf,
+    },
+    /// restore_command for any PostgreSQL: fetch one WAL segment
+    #[command(name = "wal-fetch")]
+    WalFetch {
+        /// WAL file name (%f)
+        name: String,
+        /// Where to write it (%p)
+        destination: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where snapshots and WAL are pushed (saved in config.toml; credentials never are)
+    #[arg(long, alias = "storage_dest", value_name = "URL")]
+    pub storage_dest: Option<String>,
+    /// Start from this snapshot or PGDATA (used once, not saved)
+    #[arg(long, alias = "snapshot_path", value_name = "URL")]
+    pub snapshot_path: Option<String>,
+    /// Format at snapshot_path: pgdata, basebackup or zenith
+    #[arg(long, alias = "snapshot_format", value_name = "FORMAT")]
+    pub snapshot_format: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotIoArgs {
+    /// Snapshot reference (name, id prefix, pg@tag or LATEST)
+    pub snapshot: Option<String>,
+    /// Where the snapshot is read from or written to
+    #[arg(long, alias = "snapshot_path", value_name = "URL")]
+    pub snapshot_path: Option<String>,
+    /// pgdata, basebackup or zenith
+    #[arg(long, alias = "snapshot_format", value_name = "FORMAT")]
+    pub snapshot_format: Option<String>,
+    /// A data directory
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: Option<PathBuf>,
+    /// A running server, as a libpq URI
+    #[arg(long, value_name = "URI")]
+    pub connstr: Option<String>,
+    /// Name for the imported snapshot (pg@tag)
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a running pg, online
+    Create { name: Option<String> },
+    /// List snapshots
+    List {
+        #[arg(long)]
+        storage: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot's manifest
+    Show {
+        snapshot: String,
+        #[arg(long)]
+        storage: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot and whatever no other snapshot needs
+    Delete {
+        snapshot: String,
+        #[arg(long)]
+        storage: Option<String>,
+    },
+    /// Re-read every object of a snapshot and check every checksum
+    Verify {
+        snapshot: String,
+        #[arg(long)]
+        storage: Option<String>,
+    },
+    /// Show what changed between two snapshots
+    Diff { from: String, to: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PgCommand {
+    /// Create a pg, empty or from a snapshot
+    Create {
+        name: String,
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Start a pg
+    Start {
+        name: String,
+        #[arg(long)]
+        replica: bool,
+    },
+    /// Stop a pg
+    Stop { name: String },
+    /// Promote a replica to a primary
+    Promote { name: String },
+    /// Stop and delete a pg
+    Destroy { name: String },
+    /// List pgs
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one pg
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll a pg back to a snapshot, keeping its current state as NAME@HEAD{n}
+    Checkout { name: String, snapshot: String },
+}
+
+impl Command {
+    /// The command's words, for messages ("pg create").
+    fn words(&self) -> String {
+        let sub = |s: &dyn std::fmt::Debug| {
+            let text = format!("{s:?}");
+            let name: String = text.chars().take_while(|c| c.is_alphanumeric()).collect();
+            name.to_lowercase()
+        };
+        match self {
+            Command::Init(_) => "init".into(),
+            Command::Start { .. } => "start".into(),
+            Command::Stop { .. } => "stop".into(),
+            Command::Status { .. } => "status".into(),
+            Command::Import(_) => "import".into(),
+            Command::Export(_) => "export".into(),
+            Command::Push { .. } => "push".into(),
+            Command::Pull { .. } => "pull".into(),
+            Command::Snapshot(c) => format!("snapshot {}", sub(c)),
+            Command::Pg(c) => format!("pg {}", sub(c)),
+            Command::Storage(c) => format!("storage {}", sub(c)),
+            Command::WalPush { .. } => "wal-push".into(),
+            Command::WalFetch { .. } => "wal-fetch".into(),
+        }
+    }
+}
+
+/// What a command's failure looks like to `main`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("`zenith {0}` is not implemented yet")]
+    NotImplemented(String),
+    /// The command ran and reported its own outcome; exit with this code, print nothing more.
+    #[error("exit {0}")]
+    Exit(u8),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Parses the process arguments, runs the command and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zenith: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Exit(code)) => ExitCode::from(code),
+        Err(e @ CliError::NotImplemented(_)) => {
+            eprintln!("zenith: {e}");
+            ExitCode::from(EXIT_NOT_IMPLEMENTED)
+        }
+        Err(CliError::Other(e)) => {
+            eprintln!("zenith: error: {}", one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Storage(cmd) => storage::run(cmd).await,
+        other => Err(CliError::NotImplemented(other.words())),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        // Other crates stay quiet by default: a failing command prints exactly one line.
+        0 => "zenith=warn",
+        1 => "zenith=info,warn",
+        _ => "zenith=debug,info",
+    };
+    let filter = EnvFilter::try_from_env("ZENITH_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Errors are one line: newlines from nested sources are folded.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

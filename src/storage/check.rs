@@ -1,0 +1,286 @@
+//! `zenith storage check`: a probe a user runs before trusting a destination with data.
+//!
+//! It works under a fresh random prefix (`zenith-check-<random>/`), exercises every storage
+//! operation zenith relies on (atomic put, overwrite, streamed multipart put, streamed get,
+//! ranged get, head, list, delete, NotFound), checks every byte that comes back, measures
+//! upload and download throughput, and removes what it wrote. It never touches keys outside
+//! its prefix.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use super::{Error, Storage};
+use crate::util::size::{format_size, mib_per_sec};
+use crate::util::testdata::PseudoRandom;
+
+/// What to probe with.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Size of the large object used for the multipart and throughput steps.
+    pub size: u64,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions { size: 64 << 20 }
+    }
+}
+
+/// The outcome of one step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub name: String,
+    pub ok: bool,
+    /// What was seen: a measurement when ok, the error (one line) when not.
+    pub detail: String,
+    pub millis: u128,
+}
+
+/// The whole probe.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub url: String,
+    pub prefix: String,
+    pub steps: Vec<Step>,
+    pub upload_mib_per_sec: Option<f64>,
+    pub download_mib_per_sec: Option<f64>,
+    /// Whether everything the probe wrote was removed again.
+    pub cleaned_up: bool,
+}
+
+impl Report {
+    /// The destination is usable when every step passed.
+    pub fn ok(&self) -> bool {
+        self.steps.iter().all(|s| s.ok) && !self.steps.is_empty()
+    }
+}
+
+struct Probe<'a> {
+    storage: &'a dyn Storage,
+    prefix: String,
+    steps: Vec<Step>,
+    on_step: &'a mut (dyn FnMut(&Step) + Send),
+}
+
+impl Probe<'_> {
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn record(&mut self, name: &str, started: Instant, outcome: Result<String, String>) -> bool {
+        let ok = outcome.is_ok();
+        let step = Step {
+            name: name.to_string(),
+            ok,
+            detail: outcome.unwrap_or_else(|e| e),
+            millis: started.elapsed().as_millis(),
+        };
+        (self.on_step)(&step);
+        self.steps.push(step);
+        ok
+    }
+}
+
+/// Runs the probe against `storage`, calling `on_step` as each step finishes.
+pub async fn run(storage: &dyn Storage, options: &CheckOptions, on_step: &mut (dyn FnMut(&Step) + Send)) -> Report {
+    let prefix = format!("zenith-check-{:016x}/", fastrand::u64(..));
+    let mut p = Probe { storage, prefix: prefix.clone(), steps: Vec::new(), on_step };
+    let (upload, download) = probe(&mut p, options).await;
+    // When even the first put failed nothing was written (puts are atomic): no cleanup.
+    let wrote = p.steps.first().is_some_and(|s| s.ok);
+    let cleaned_up = !wrote || cleanup(&mut p).await;
+    Report {
+        url: storage.url(),
+        prefix,
+        steps: p.steps,
+        upload_mib_per_sec: upload,
+        download_mib_per_sec: download,
+        cleaned_up,
+    }
+}
+
+async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Option<f64>) {
+    let small_key = p.key("small");
+    let small = Bytes::from(PseudoRandom::new(1, 1024).to_vec());
+
+    let t = Instant::now();
+    let r = p.storage.put(&small_key, small.clone()).await.map(|()| "1 KiB".to_string());
+    if !p.record("put", t, r.map_err(|e| e.to_string())) {
+        return (None, None); // nothing else can work; cleanup still runs
+    }
+
+    let t = Instant::now();
+    let r = match p.storage.get_bytes(&small_key).await {
+        Ok(b) if b == small => Ok("content matches".to_string()),
+        Ok(b) => Err(format!("read back {} bytes that differ from what was written", b.len())),
+        Err(e) => Err(e.to_string()),
+    };
+    p.record("get", t, r);
+
+    let t = Instant::now();
+    let r = match p.storage.head(&small_key).await {
+        Ok(m) if m.size == 1024 => Ok("size matches".to_string()),
+        Ok(m) => Err(format!("reports {} bytes, wrote 1024", m.size)),
+        Err(e) => Err(e.to_string()),
+    };
+    p.record("head", t, r);
+
+    let t = Instant::now();
+    let replacement = Bytes::from(PseudoRandom::new(2, 2048).to_vec());
+    let r = match p.storage.put(&small_key, replacement.clone()).await {
+        Ok(()) => match p.storage.get_bytes(&small_key).await {
+            Ok(b) if b == replacement => Ok("new content visible".to_string()),
+            Ok(_) => Err("the old content is still returned after an overwrite".to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    p.record("overwrite", t, r);
+
+    let big_key = p.key("large");
+    let t = Instant::now();
+    let seed = 3;
+    let r = p.storage.put_stream(&big_key, Box::pin(PseudoRandom::new(seed, options.size))).await;
+    let upload = match r {
+        Ok(n) if n == options.size => {
+            let rate = mib_per_sec(n, t.elapsed());
+            p.record("streamed put", t, Ok(format!("{} at {rate:.1} MiB/s", format_size(n))));
+            Some(rate)
+        }
+        Ok(n) => {
+            p.record("streamed put", t, Err(format!("stored {n} bytes of {}", options.size)));
+            None
+        }
+        Err(e) => {
+            p.record("streamed put", t, Err(e.to_string()));
+            None
+        }
+    };
+
+    let mut download = None;
+    if upload.is_some() {
+        // The expected digest is computed before the clock starts: only the read is timed.
+        let expected = {
+            let mut h = Sha256::new();
+            let mut g = PseudoRandom::new(seed, options.size);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = g.fill(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            h.finalize()
+        };
+        let t = Instant::now();
+        let r = read_and_hash(p.storage, &big_key).await;
+        let elapsed = t.elapsed();
+        let r = match r {
+            Ok((n, digest)) if n == options.size && digest[..] == expected[..] => {
+                let rate = mib_per_sec(n, elapsed);
+                download = Some(rate);
+                Ok(format!("{} at {rate:.1} MiB/s, SHA-256 matches", format_size(n)))
+            }
+            Ok((n, _)) => Err(format!("read back {n} bytes whose SHA-256 differs from what was written")),
+            Err(e) => Err(e.to_string()),
+        };
+        p.record("streamed get", t, r);
+
+        let t = Instant::now();
+        let start = options.size / 3;
+        let end = (start + 100_000).min(options.size);
+        let want = PseudoRandom::range(seed, start..end).to_vec();
+        let r = match p.storage.get_range(&big_key, start..end).await {
+            Ok(b) if b[..] == want[..] => Ok(format!("{} bytes at offset {start} match", b.len())),
+            Ok(b) => Err(format!("{} bytes at offset {start} differ from what was written", b.len())),
+            Err(e) => Err(e.to_string()),
+        };
+        p.record("ranged get", t, r);
+    }
+
+    let t = Instant::now();
+    let r = match p.storage.list(&p.prefix).await {
+        Ok(list) => {
+            let keys: Vec<&str> = list.iter().map(|m| m.key.as_str()).collect();
+            let want_big = upload.is_some();
+            let mut expected = Vec::new();
+            if want_big {
+                expected.push(big_key.as_str());
+            }
+            expected.push(small_key.as_str());
+            if keys == expected {
+                Ok(format!("{} objects listed", keys.len()))
+            } else {
+                Err(format!("listed {keys:?}, expected {expected:?}"))
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    p.record("list", t, r);
+
+    let t = Instant::now();
+    let r = match p.storage.delete(&small_key).await {
+        Ok(()) => match p.storage.head(&small_key).await {
+            Err(Error::NotFound { .. }) => Ok("deleted object is gone".to_string()),
+            Ok(_) => Err("the object is still there after delete".to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    p.record("delete", t, r);
+
+    let t = Instant::now();
+    let r = match p.storage.get_bytes(&p.key("missing")).await {
+        Err(Error::NotFound { .. }) => Ok("reported as not found".to_string()),
+        Ok(_) => Err("a key never written returned data".to_string()),
+        Err(e) => Err(format!("expected not-found, got: {e}")),
+    };
+    p.record("missing key", t, r);
+
+    (upload, download)
+}
+
+async fn read_and_hash(storage: &dyn Storage, key: &str) -> Result<(u64, Vec<u8>), Error> {
+    let mut reader = storage.get(key).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::from_stream(storage.url(), key, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, h.finalize().to_vec()))
+}
+
+async fn cleanup(p: &mut Probe<'_>) -> bool {
+    let t = Instant::now();
+    let r = async {
+        for object in p.storage.list(&p.prefix).await? {
+            p.storage.delete(&object.key).await?;
+        }
+        match p.storage.list(&p.prefix).await?.len() {
+            0 => Ok("nothing left behind".to_string()),
+            n => Ok(format!("{n} objects still listed")),
+        }
+    }
+    .await;
+    let r: Result<String, Error> = r;
+    let r = match r {
+        Ok(s) if s.starts_with("nothing") => Ok(s),
+        Ok(s) => Err(s),
+        Err(e) => Err(format!("{e} (remove {} by hand)", p.prefix)),
+    };
+    p.record("cleanup", t, r)
+}

@@ -1,0 +1,305 @@
+//! The `file://` backend: a directory on this machine.
+//!
+//! Every write goes to a unique temporary file in the target's directory (opened with
+//! `create_new`), is fsynced, renamed over the final name and followed by an fsync of the
+//! directory, so a crash leaves either the old object or the new one, never a torn file.
+//! Temporary files carry [`TEMP_MARKER`] in their name and are invisible to `list`; a crash
+//! can leave one behind, which is harmless and never mistaken for an object.
+//!
+//! Blocking file work runs on tokio's blocking pool, never on the async workers.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio_util::io::SyncIoBridge;
+
+use super::error::{Error, Result};
+use super::{validate_key, validate_prefix, ByteReader, ObjectMeta, Storage, TEMP_MARKER};
+
+/// Copy buffer for streamed puts: large enough that syscalls are not the bottleneck.
+const COPY_BUF: usize = 1 << 20;
+
+/// A storage rooted at a local directory. The directory is created on first write.
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// A storage at `root` (an absolute path). Refuses a path that exists and is not a
+    /// directory.
+    pub fn new(root: PathBuf) -> Result<Self> {
+        match fs::metadata(&root) {
+            Ok(meta) if !meta.is_dir() => Err(Error::local(
+                &root,
+                "use as a storage directory",
+                io::Error::from(io::ErrorKind::NotADirectory),
+            )),
+            _ => Ok(LocalStorage { root }),
+        }
+    }
+
+    /// The directory this storage writes into.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn not_found(&self, key: &str) -> Error {
+        Error::NotFound {
+            url: format!("{}/{key}", self.url()),
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let path = self.path_of(key)?;
+        blocking(move || write_atomic(&path, |file| file.write_all(&data))).await
+    }
+
+    async fn put_stream(&self, key: &str, reader: ByteReader) -> Result<u64> {
+        let path = self.path_of(key)?;
+        let url = self.url();
+        let key = key.to_string();
+        blocking(move || {
+            let mut source = SyncIoBridge::new(reader);
+            let mut written = 0u64;
+            let mut source_error = None;
+            let result = write_atomic(&path, |file| {
+                let mut buf = vec![0u8; COPY_BUF];
+                loop {
+                    let n = match source.read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            // The source failed, not the disk: report it as the source's error.
+                            source_error = Some(e);
+                            return Err(io::Error::other("source stream failed"));
+                        }
+                    };
+                    file.write_all(&buf[..n])?;
+                    written += n as u64;
+                }
+            });
+            match (result, source_error) {
+                (_, Some(e)) => Err(Error::from_stream(url, &key, e)),
+                (Err(e), None) => Err(e),
+                (Ok(()), None) => Ok(written),
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<ByteReader> {
+        let path = self.path_of(key)?;
+        let not_found = self.not_found(key);
+        let file = blocking(move || match File::open(&path) {
+            Ok(file) => match file.metadata() {
+                Ok(meta) if meta.is_file() => Ok(file),
+                Ok(_) => Err(not_found),
+                Err(e) => Err(Error::local(&path, "read", e)),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found),
+            Err(e) => Err(Error::local(&path, "open", e)),
+        })
+        .await?;
+        Ok(Box::pin(tokio::fs::File::from_std(file)))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let path = self.path_of(key)?;
+        let not_found = self.not_found(key);
+        let url = format!("{}/{key}", self.url());
+        blocking(move || {
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found),
+                Err(e) => return Err(Error::local(&path, "open", e)),
+            };
+            let meta = file.metadata().map_err(|e| Error::local(&path, "read", e))?;
+            if !meta.is_file() {
+                return Err(not_found);
+            }
+            let size = meta.len();
+            if range.start > size {
+                return Err(Error::InvalidRange { url, start: range.start, end: range.end, size });
+            }
+            let end = range.end.clamp(range.start, size);
+            let mut buf = vec![0u8; (end - range.start) as usize];
+            file.read_exact_at(&mut buf, range.start)
+                .map_err(|e| Error::local(&path, "read", e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta> {
+        let path = self.path_of(key)?;
+        let not_found = self.not_found(key);
+        let key = key.to_string();
+        blocking(move || match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(ObjectMeta {
+                key,
+                size: meta.len(),
+                last_modified: meta.modified().ok(),
+            }),
+            Ok(_) => Err(not_found),
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+                Err(not_found)
+            }
+            Err(e) => Err(Error::local(&path, "read", e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        validate_prefix(prefix)?;
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        blocking(move || list_dir(&root, &prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        let root = self.root.clone();
+        blocking(move || {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::local(&path, "delete", e)),
+            }
+            fsync_dir(path.parent().unwrap_or(&root)).map_err(|e| Error::local(&path, "delete", e))?;
+            // Tidy up directories the delete emptied. A concurrent put may recreate one right
+            // after; write_atomic retries its create for exactly that race.
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                if d == root || fs::remove_dir(d).is_err() {
+                    break;
+                }
+                dir = d.parent();
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(Error::Cancelled),
+        },
+    }
+}
+
+/// Writes a new file at `path` through a temporary sibling, then renames it into place.
+fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
+    let dir = path.parent().expect("keys always have a parent: the storage root");
+    let name = path.file_name().expect("validated key").to_string_lossy();
+    let temp = dir.join(format!(".{name}{TEMP_MARKER}{:016x}", fastrand::u64(..)));
+    let mut file = create_temp(dir, &temp)?;
+    let result = write(&mut file)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| {
+            drop(file);
+            fs::rename(&temp, path)
+        })
+        .and_then(|()| fsync_dir(dir));
+    if let Err(e) = result {
+        let _ = fs::remove_file(&temp);
+        return Err(Error::local(path, "write", e));
+    }
+    Ok(())
+}
+
+fn create_temp(dir: &Path, temp: &Path) -> Result<File> {
+    let mut attempts = 0;
+    loop {
+        create_dirs_durably(dir).map_err(|e| Error::local(dir, "create directory", e))?;
+        match OpenOptions::new().write(true).create_new(true).open(temp) {
+            Ok(file) => return Ok(file),
+            // A concurrent delete removed the (then empty) directory between the two steps.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+            Err(e) => return Err(Error::local(dir, "create a file in", e)),
+        }
+    }
+}
+
+/// `create_dir_all`, plus an fsync of each parent whose entry list changed, so the new
+/// directories survive a crash together with the file about to be written into them.
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(dir.parent().unwrap_or(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn list_dir(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
+    // Walk only the deepest directory the prefix names completely; its last segment may be
+    // a partial name ("snap/ab" lists "snap/abc" and "snap/ab/x").
+    let start = match prefix.rfind('/') {
+        Some(i) => root.join(&prefix[..i]),
+        None => root.to_path_buf(),
+    };
+    if !start.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in walkdir::WalkDir::new(&start).min_depth(1) {
+        let entry = match entry {
+            Ok(entry) => entry,
+            // Removed while we walked (a concurrent delete): not an object any more.
+            Err(e) if e.io_error().is_some_and(|io| io.kind() == io::ErrorKind::NotFound) => continue,
+            Err(e) => {
+                let path = e.path().unwrap_or(&start).to_path_buf();
+                return Err(Error::local(path, "list", e.into_io_error().unwrap_or_else(|| io::Error::other("loop"))));
+            }
+        };
+        if !entry.file_type().is_file() || entry.file_name().to_string_lossy().contains(TEMP_MARKER) {
+            continue;
+        }
+        let Ok(rel) = entry.path().strip_prefix(root) else { continue };
+        let Some(key) = rel.to_str().map(|s| s.replace(std::path::MAIN_SEPARATOR, "/")) else {
+            continue; // not UTF-8: never written by zenith
+        };
+        if !key.starts_with(prefix) {
+            continue;
+        }
+        match entry.metadata() {
+            Ok(meta) => out.push(ObjectMeta { key, size: meta.len(), last_modified: meta.modified().ok() }),
+            Err(e) if e.io_error().is_some_and(|io| io.kind() == io::ErrorKind::NotFound) => {}
+            Err(e) => return Err(Error::local(entry.path(), "list", e.into_io_error().unwrap_or_else(|| io::Error::other("metadata")))),
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}

@@ -1,0 +1,7 @@
+//! Small helpers shared by every component: retries with backoff, size parsing, and a
+//! deterministic data generator used by probes and benchmarks. Nothing here knows about
+//! PostgreSQL, storage formats or the command line.
+
+pub mod backoff;
+pub mod size;
+pub mod testdata;

@@ -1,0 +1,10 @@
+//! zenith's integration tests: one test binary, one module per area. Servers (s3s-fs, a
+//! Garage cluster) are started by the test that needs them, on 127.0.0.1 with free ports.
+//! Run them through `bash scripts/test.sh`, which installs what is missing.
+
+mod support;
+
+mod cli;
+mod postgres;
+mod storage_conformance;
+mod storage_faults;
