@@ -49,6 +49,10 @@ pub struct CheckArgs {
     /// Size of the large object used for the multipart and throughput steps
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub size: u64,
+    /// Upload this file as the large object (and download it back beside it) instead of
+    /// generated data
+    #[arg(long, value_name = "PATH", conflicts_with = "size")]
+    pub file: Option<std::path::PathBuf>,
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
@@ -68,7 +72,10 @@ async fn check_cmd(args: CheckArgs) -> Result<(), CliError> {
     let storage = storage::open(&args.url).await.map_err(anyhow::Error::from)?;
     let json = args.json;
     if !json {
-        println!("checking {} with a {} object", storage.url(), format_size(args.size));
+        match &args.file {
+            Some(file) => println!("checking {} with {}", storage.url(), file.display()),
+            None => println!("checking {} with a {} object", storage.url(), format_size(args.size)),
+        }
     }
     let mut print = |step: &check::Step| {
         if !json {
@@ -77,7 +84,7 @@ async fn check_cmd(args: CheckArgs) -> Result<(), CliError> {
             let _ = std::io::stdout().flush();
         }
     };
-    let report = check::run(storage.as_ref(), &check::CheckOptions { size: args.size }, &mut print).await;
+    let report = check::run(storage.as_ref(), &check::CheckOptions { size: args.size, file: args.file }, &mut print).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&report).context("cannot format the report")?);
     } else {

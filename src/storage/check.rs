@@ -6,11 +6,12 @@
 //! upload and download throughput, and removes what it wrote. It never touches keys outside
 //! its prefix.
 
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use super::{Error, Storage};
@@ -20,13 +21,42 @@ use crate::util::testdata::PseudoRandom;
 /// What to probe with.
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
-    /// Size of the large object used for the multipart and throughput steps.
+    /// Size of the generated large object used for the multipart and throughput steps.
     pub size: u64,
+    /// Use this file as the large object instead (uploaded with `put_file`, downloaded with
+    /// `get_to_file` next to it, then compared), to measure file-to-storage copies.
+    pub file: Option<PathBuf>,
 }
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        CheckOptions { size: 64 << 20 }
+        CheckOptions { size: 64 << 20, file: None }
+    }
+}
+
+/// Where the large object's bytes come from.
+enum Payload {
+    Generated { seed: u64, size: u64 },
+    File { path: PathBuf, size: u64 },
+}
+
+impl Payload {
+    fn size(&self) -> u64 {
+        match self {
+            Payload::Generated { size, .. } | Payload::File { size, .. } => *size,
+        }
+    }
+
+    fn range(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        match self {
+            Payload::Generated { seed, .. } => Ok(PseudoRandom::range(*seed, range).to_vec()),
+            Payload::File { path, .. } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0; (range.end - range.start) as usize];
+                std::fs::File::open(path)?.read_exact_at(&mut buf, range.start)?;
+                Ok(buf)
+            }
+        }
     }
 }
 
@@ -142,17 +172,31 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
     p.record("overwrite", t, r);
 
     let big_key = p.key("large");
+    let payload = match &options.file {
+        Some(path) => match std::fs::metadata(path) {
+            Ok(meta) => Payload::File { path: path.clone(), size: meta.len() },
+            Err(e) => {
+                let r = Err(format!("{}: cannot read: {e}", path.display()));
+                p.record("streamed put", Instant::now(), r);
+                return (None, None);
+            }
+        },
+        None => Payload::Generated { seed: 3, size: options.size },
+    };
+    let size = payload.size();
     let t = Instant::now();
-    let seed = 3;
-    let r = p.storage.put_stream(&big_key, Box::pin(PseudoRandom::new(seed, options.size))).await;
+    let r = match &payload {
+        Payload::Generated { seed, size } => p.storage.put_stream(&big_key, Box::pin(PseudoRandom::new(*seed, *size))).await,
+        Payload::File { path, .. } => p.storage.put_file(&big_key, path).await,
+    };
     let upload = match r {
-        Ok(n) if n == options.size => {
+        Ok(n) if n == size => {
             let rate = mib_per_sec(n, t.elapsed());
             p.record("streamed put", t, Ok(format!("{} at {rate:.1} MiB/s", format_size(n))));
             Some(rate)
         }
         Ok(n) => {
-            p.record("streamed put", t, Err(format!("stored {n} bytes of {}", options.size)));
+            p.record("streamed put", t, Err(format!("stored {n} bytes of {size}")));
             None
         }
         Err(e) => {
@@ -163,42 +207,26 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
 
     let mut download = None;
     if upload.is_some() {
-        // The expected digest is computed before the clock starts: only the read is timed.
-        let expected = {
-            let mut h = Sha256::new();
-            let mut g = PseudoRandom::new(seed, options.size);
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = g.fill(&mut buf);
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            h.finalize()
-        };
         let t = Instant::now();
-        let r = read_and_hash(p.storage, &big_key).await;
-        let elapsed = t.elapsed();
-        let r = match r {
-            Ok((n, digest)) if n == options.size && digest[..] == expected[..] => {
-                let rate = mib_per_sec(n, elapsed);
-                download = Some(rate);
-                Ok(format!("{} at {rate:.1} MiB/s, SHA-256 matches", format_size(n)))
-            }
-            Ok((n, _)) => Err(format!("read back {n} bytes whose SHA-256 differs from what was written")),
-            Err(e) => Err(e.to_string()),
+        let r = match &payload {
+            Payload::Generated { seed, size } => read_and_compare(p.storage, &big_key, *seed, *size).await.map(|()| t.elapsed()),
+            Payload::File { path, .. } => download_and_compare(p.storage, &big_key, path).await,
         };
+        let r = r.map(|elapsed| {
+            let rate = mib_per_sec(size, elapsed);
+            download = Some(rate);
+            format!("{} at {rate:.1} MiB/s, every byte matches", format_size(size))
+        });
         p.record("streamed get", t, r);
 
         let t = Instant::now();
-        let start = options.size / 3;
-        let end = (start + 100_000).min(options.size);
-        let want = PseudoRandom::range(seed, start..end).to_vec();
-        let r = match p.storage.get_range(&big_key, start..end).await {
-            Ok(b) if b[..] == want[..] => Ok(format!("{} bytes at offset {start} match", b.len())),
-            Ok(b) => Err(format!("{} bytes at offset {start} differ from what was written", b.len())),
-            Err(e) => Err(e.to_string()),
+        let start = size / 3;
+        let end = (start + 100_000).min(size);
+        let r = match (p.storage.get_range(&big_key, start..end).await, payload.range(start..end)) {
+            (Ok(b), Ok(want)) if b[..] == want[..] => Ok(format!("{} bytes at offset {start} match", b.len())),
+            (Ok(b), Ok(_)) => Err(format!("{} bytes at offset {start} differ from what was written", b.len())),
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(format!("cannot read the source file: {e}")),
         };
         p.record("ranged get", t, r);
     }
@@ -245,23 +273,77 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
     (upload, download)
 }
 
-async fn read_and_hash(storage: &dyn Storage, key: &str) -> Result<(u64, Vec<u8>), Error> {
-    let mut reader = storage.get(key).await?;
-    let mut h = Sha256::new();
+/// Streams `key` and compares it byte for byte with the generator that wrote it (cheaper
+/// than hashing, so the measured rate is the storage's, not SHA-256's).
+async fn read_and_compare(storage: &dyn Storage, key: &str, seed: u64, size: u64) -> Result<(), String> {
+    let mut reader = storage.get(key).await.map_err(|e| e.to_string())?;
+    let mut expected = PseudoRandom::new(seed, size);
     let mut buf = vec![0u8; 1 << 20];
+    let mut want = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
         let n = reader
             .read(&mut buf)
             .await
-            .map_err(|e| Error::from_stream(storage.url(), key, e))?;
+            .map_err(|e| Error::from_stream(storage.url(), key, e).to_string())?;
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        if expected.fill(&mut want[..n]) != n || buf[..n] != want[..n] {
+            return Err(format!("the bytes read back differ from those written, from offset {total} on"));
+        }
         total += n as u64;
     }
-    Ok((total, h.finalize().to_vec()))
+    if total != size {
+        return Err(format!("read back {total} bytes, wrote {size}"));
+    }
+    Ok(())
+}
+
+/// Downloads `key` next to `source` (timed), then compares the two files (not timed) and
+/// removes the download.
+async fn download_and_compare(storage: &dyn Storage, key: &str, source: &Path) -> Result<std::time::Duration, String> {
+    let mut name = source.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".zenith-check-{:016x}", fastrand::u64(..)));
+    let target = source.with_file_name(name);
+    let t = Instant::now();
+    let result = storage.get_to_file(key, &target).await;
+    let elapsed = t.elapsed();
+    let compared = match result {
+        Ok(_) => {
+            let (a, b) = (source.to_path_buf(), target.clone());
+            tokio::task::spawn_blocking(move || files_equal(&a, &b))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let _ = std::fs::remove_file(&target);
+    match compared {
+        Ok(true) => Ok(elapsed),
+        Ok(false) => Err("the downloaded file differs from the source".to_string()),
+        Err(e) => Err(e),
+    }
+}
+
+fn files_equal(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
 }
 
 async fn cleanup(p: &mut Probe<'_>) -> bool {

@@ -74,34 +74,24 @@ impl Storage for LocalStorage {
 
     async fn put_stream(&self, key: &str, reader: ByteReader) -> Result<u64> {
         let path = self.path_of(key)?;
-        let url = self.url();
-        let key = key.to_string();
+        write_reader_atomic(path, reader, self.url(), key.to_string()).await
+    }
+
+    async fn put_file(&self, key: &str, source: &Path) -> Result<u64> {
+        let path = self.path_of(key)?;
+        let source = source.to_path_buf();
+        blocking(move || copy_file_atomic(&source, &path)).await
+    }
+
+    async fn get_to_file(&self, key: &str, target: &Path) -> Result<u64> {
+        let path = self.path_of(key)?;
+        let not_found = self.not_found(key);
+        let target = target.to_path_buf();
         blocking(move || {
-            let mut source = SyncIoBridge::new(reader);
-            let mut written = 0u64;
-            let mut source_error = None;
-            let result = write_atomic(&path, |file| {
-                let mut buf = vec![0u8; COPY_BUF];
-                loop {
-                    let n = match source.read(&mut buf) {
-                        Ok(0) => return Ok(()),
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            // The source failed, not the disk: report it as the source's error.
-                            source_error = Some(e);
-                            return Err(io::Error::other("source stream failed"));
-                        }
-                    };
-                    file.write_all(&buf[..n])?;
-                    written += n as u64;
-                }
-            });
-            match (result, source_error) {
-                (_, Some(e)) => Err(Error::from_stream(url, &key, e)),
-                (Err(e), None) => Err(e),
-                (Ok(()), None) => Ok(written),
+            if !path.is_file() {
+                return Err(not_found);
             }
+            copy_file_atomic(&path, &target)
         })
         .await
     }
@@ -210,10 +200,57 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     }
 }
 
+/// Streams `reader` into a new file at `path` (temporary sibling, fsync, rename). Errors of
+/// the reader are reported as the source's, not as the disk's.
+pub(crate) async fn write_reader_atomic(path: PathBuf, reader: ByteReader, url: String, key: String) -> Result<u64> {
+    blocking(move || {
+        let mut source = SyncIoBridge::new(reader);
+        let mut written = 0u64;
+        let mut source_error = None;
+        let result = write_atomic(&path, |file| {
+            let mut buf = vec![0u8; COPY_BUF];
+            loop {
+                let n = match source.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        source_error = Some(e);
+                        return Err(io::Error::other("source stream failed"));
+                    }
+                };
+                file.write_all(&buf[..n])?;
+                written += n as u64;
+            }
+        });
+        match (result, source_error) {
+            (_, Some(e)) => Err(Error::from_stream(url, &key, e)),
+            (Err(e), None) => Err(e),
+            (Ok(()), None) => Ok(written),
+        }
+    })
+    .await
+}
+
+/// Copies `source` to a new file at `target` atomically; the copy itself happens in the
+/// kernel (`io::copy` between files uses `copy_file_range` on Linux). A read error of the
+/// source mid-copy is reported against the target, as io::copy cannot tell the sides apart.
+fn copy_file_atomic(source: &Path, target: &Path) -> Result<u64> {
+    let mut input = File::open(source).map_err(|e| Error::local(source, "open", e))?;
+    let mut copied = 0;
+    write_atomic(target, |file| {
+        copied = io::copy(&mut input, file)?;
+        Ok(())
+    })?;
+    Ok(copied)
+}
+
 /// Writes a new file at `path` through a temporary sibling, then renames it into place.
 fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
-    let dir = path.parent().expect("keys always have a parent: the storage root");
-    let name = path.file_name().expect("validated key").to_string_lossy();
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::local(path, "write", io::Error::from(io::ErrorKind::InvalidInput)));
+    };
+    let name = name.to_string_lossy();
     let temp = dir.join(format!(".{name}{TEMP_MARKER}{:016x}", fastrand::u64(..)));
     let mut file = create_temp(dir, &temp)?;
     let result = write(&mut file)

@@ -25,6 +25,7 @@ pub mod check;
 
 use std::fmt::Debug;
 use std::ops::Range;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -102,6 +103,23 @@ pub trait Storage: Send + Sync + Debug {
             .await
             .map_err(|e| Error::from_stream(self.url(), key, e))?;
         Ok(Bytes::from(buf))
+    }
+
+    /// Stores the file at `path` under `key`, atomically like `put_stream`. The local
+    /// backend copies inside the kernel (`copy_file_range`).
+    async fn put_file(&self, key: &str, path: &Path) -> Result<u64> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| Error::local(path, "open", e))?;
+        self.put_stream(key, Box::pin(file)).await
+    }
+
+    /// Writes the object under `key` to a new file at `path` through a temporary sibling
+    /// that is fsynced and renamed into place: a failed download never leaves a partial file
+    /// under `path`. Returns the number of bytes written.
+    async fn get_to_file(&self, key: &str, path: &Path) -> Result<u64> {
+        let reader = self.get(key).await?;
+        local::write_reader_atomic(path.to_path_buf(), reader, self.url(), key.to_string()).await
     }
 
     /// Whether `key` exists.

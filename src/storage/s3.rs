@@ -331,13 +331,26 @@ impl Inner {
             if let Some(etag) = etag {
                 req = req.if_match(etag);
             }
-            let out = req.send().await.map_err(|e| classify(&url, &self.bucket, e))?;
-            let body = out.body.collect().await.map_err(|e| Error::Unavailable {
-                url: url.clone(),
-                detail: format!("the response body broke off: {}", one_line(&DisplayErrorContext(&e).to_string())),
-                attempts: 1,
-            })?;
-            Ok::<_, Error>(body.into_bytes())
+            let mut out = req.send().await.map_err(|e| classify(&url, &self.bucket, e))?;
+            // Read straight into one buffer of the range's size: no second copy, so memory
+            // per request in flight is the range length.
+            let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
+            while let Some(chunk) = out.body.next().await {
+                let chunk = chunk.map_err(|e| Error::Unavailable {
+                    url: url.clone(),
+                    detail: format!("the response body broke off: {}", one_line(&DisplayErrorContext(&e).to_string())),
+                    attempts: 1,
+                })?;
+                buf.extend_from_slice(&chunk);
+            }
+            if buf.len() as u64 != range.end - range.start {
+                return Err(Error::Unavailable {
+                    url: url.clone(),
+                    detail: format!("asked for {} bytes, received {}", range.end - range.start, buf.len()),
+                    attempts: 1,
+                });
+            }
+            Ok::<_, Error>(buf.freeze())
         })
         .await
         .map_err(Error::from_retry)
