@@ -150,6 +150,14 @@ fn storage_check_passes_on_a_local_directory_and_cleans_up() {
     check_json(zenith().args(["storage", "check", "--size", "12MiB", &url]));
     let leftovers: Vec<_> = walkdir::WalkDir::new(dir.path()).into_iter().flatten().filter(|e| e.file_type().is_file()).collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+
+    // --file: the user's own file goes up and comes back beside it, then is removed.
+    let source = dir.path().join("mine.bin");
+    std::fs::write(&source, zenith::util::testdata::PseudoRandom::new(5, 7 << 20).to_vec()).unwrap();
+    let report = check_json(zenith().args(["storage", "check", "--file", source.to_str().unwrap(), &url]));
+    assert!(report["steps"][4]["detail"].as_str().unwrap().contains("7.0 MiB"), "{report:#}");
+    let files: Vec<_> = walkdir::WalkDir::new(dir.path()).into_iter().flatten().filter(|e| e.file_type().is_file()).collect();
+    assert_eq!(files.len(), 1, "only the source may remain: {files:?}");
 }
 
 async fn check_s3(server: S3Server) {

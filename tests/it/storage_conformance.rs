@@ -169,6 +169,28 @@ pub async fn overwrite_delete_missing(s: &dyn Storage) {
     }
 }
 
+/// Files in and out: `put_file` stores a file's bytes, `get_to_file` writes them to a new
+/// file through a temporary sibling, and a failed download leaves nothing behind.
+pub async fn file_round_trip(s: &dyn Storage) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let data = PseudoRandom::new(77, (6 << 20) + 3).to_vec();
+    std::fs::write(&source, &data).unwrap();
+    assert_eq!(s.put_file("files/one", &source).await.unwrap(), data.len() as u64);
+    let target = dir.path().join("out/target");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    assert_eq!(s.get_to_file("files/one", &target).await.unwrap(), data.len() as u64);
+    assert_eq!(sha(&std::fs::read(&target).unwrap()), sha(&data));
+
+    let missing = dir.path().join("out/missing");
+    assert!(matches!(s.get_to_file("files/none", &missing).await, Err(Error::NotFound { .. })));
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("target")], "stray files after a failed download");
+    let err = s.put_file("files/two", &dir.path().join("no-such-file")).await.unwrap_err();
+    assert!(err.to_string().contains("no-such-file"), "{err}");
+    assert!(!s.exists("files/two").await.unwrap());
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -196,6 +218,12 @@ macro_rules! conformance {
             async fn lists_more_than_1000_keys() {
                 let Some(b) = Backend::$backend().await else { return };
                 listing(&*b.storage).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn files_in_and_out() {
+                let Some(b) = Backend::$backend().await else { return };
+                file_round_trip(&*b.storage).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
