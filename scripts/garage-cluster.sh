@@ -36,6 +36,8 @@ stop() {
 start() {
     local bin; bin=$(garage_bin)
     mkdir -p "$dir"
+    # Nodes run detached (setsid): stop them if any later step fails.
+    trap 'stop' ERR
     local secret; secret=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
     local i
     for i in $(seq 1 "$nodes"); do

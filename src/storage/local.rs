@@ -105,7 +105,7 @@ impl Storage for LocalStorage {
                 Ok(_) => Err(not_found),
                 Err(e) => Err(Error::local(&path, "read", e)),
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found),
+            Err(e) if is_missing(&e) => Err(not_found),
             Err(e) => Err(Error::local(&path, "open", e)),
         })
         .await?;
@@ -119,7 +119,7 @@ impl Storage for LocalStorage {
         blocking(move || {
             let file = match File::open(&path) {
                 Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found),
+                Err(e) if is_missing(&e) => return Err(not_found),
                 Err(e) => return Err(Error::local(&path, "open", e)),
             };
             let meta = file.metadata().map_err(|e| Error::local(&path, "read", e))?;
@@ -150,9 +150,7 @@ impl Storage for LocalStorage {
                 last_modified: meta.modified().ok(),
             }),
             Ok(_) => Err(not_found),
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
-                Err(not_found)
-            }
+            Err(e) if is_missing(&e) => Err(not_found),
             Err(e) => Err(Error::local(&path, "read", e)),
         })
         .await
@@ -171,7 +169,10 @@ impl Storage for LocalStorage {
         blocking(move || {
             match fs::remove_file(&path) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                // Not an object: missing, below a file, or a "directory" of other keys (S3
+                // has no directories; deleting a prefix that is not a key is a no-op there).
+                Err(e) if is_missing(&e) || e.kind() == io::ErrorKind::IsADirectory => return Ok(()),
+                Err(_) if path.is_dir() => return Ok(()),
                 Err(e) => return Err(Error::local(&path, "delete", e)),
             }
             fsync_dir(path.parent().unwrap_or(&root)).map_err(|e| Error::local(&path, "delete", e))?;
@@ -188,6 +189,16 @@ impl Storage for LocalStorage {
         })
         .await
     }
+}
+
+/// The directory a file at `path` goes into; a bare file name's is the current directory.
+fn parent_dir(path: &Path) -> Option<&Path> {
+    path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+}
+
+/// The key names no object: the path is absent, or a file stands where a directory would be.
+fn is_missing(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -247,7 +258,7 @@ fn copy_file_atomic(source: &Path, target: &Path) -> Result<u64> {
 
 /// Writes a new file at `path` through a temporary sibling, then renames it into place.
 fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    let (Some(dir), Some(name)) = (parent_dir(path), path.file_name()) else {
         return Err(Error::local(path, "write", io::Error::from(io::ErrorKind::InvalidInput)));
     };
     let name = name.to_string_lossy();
@@ -270,11 +281,13 @@ fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) ->
 fn create_temp(dir: &Path, temp: &Path) -> Result<File> {
     let mut attempts = 0;
     loop {
-        create_dirs_durably(dir).map_err(|e| Error::local(dir, "create directory", e))?;
-        match OpenOptions::new().write(true).create_new(true).open(temp) {
+        // A concurrent delete may remove a directory it emptied between our creating it and
+        // using it (in either step): create again, a few times.
+        let result = create_dirs_durably(dir)
+            .and_then(|()| OpenOptions::new().write(true).create_new(true).open(temp));
+        match result {
             Ok(file) => return Ok(file),
-            // A concurrent delete removed the (then empty) directory between the two steps.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => attempts += 1,
             Err(e) => return Err(Error::local(dir, "create a file in", e)),
         }
     }
@@ -339,4 +352,70 @@ fn list_dir(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    /// Yields `good` bytes, then fails.
+    struct Failing {
+        good: usize,
+    }
+
+    impl AsyncRead for Failing {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.good == 0 {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "peer went away")));
+            }
+            let n = self.good.min(buf.remaining()).min(64 << 10);
+            buf.put_slice(&vec![7u8; n]);
+            self.good -= n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_stream_leaves_neither_object_nor_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().join("s")).unwrap();
+        storage.put("k", Bytes::from_static(b"old")).await.unwrap();
+        let err = storage.put_stream("k", Box::pin(Failing { good: 3 << 20 })).await.unwrap_err();
+        assert!(matches!(err, Error::Stream { .. }) && err.to_string().contains("peer went away"), "{err:?}");
+        assert_eq!(&storage.get_bytes("k").await.unwrap()[..], b"old", "the old object must survive");
+        let names: Vec<_> = fs::read_dir(dir.path().join("s")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("k")]);
+
+        let target = dir.path().join("download");
+        let err = write_reader_atomic(target.clone(), Box::pin(Failing { good: 1 << 20 }), "u".into(), "k".into())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Stream { .. }), "{err:?}");
+        assert!(!target.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "a temp file was left behind");
+    }
+
+    #[tokio::test]
+    async fn keys_below_a_file_are_missing_and_prefix_deletes_are_no_ops() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().to_path_buf()).unwrap();
+        storage.put("a", Bytes::from_static(b"x")).await.unwrap();
+        storage.put("d/e", Bytes::from_static(b"y")).await.unwrap();
+        assert!(matches!(storage.get_bytes("a/b").await, Err(Error::NotFound { .. })));
+        assert!(matches!(storage.get_range("a/b", 0..1).await, Err(Error::NotFound { .. })));
+        assert!(matches!(storage.head("a/b").await, Err(Error::NotFound { .. })));
+        storage.delete("a/b").await.unwrap();
+        storage.delete("d").await.unwrap();
+        assert_eq!(&storage.get_bytes("d/e").await.unwrap()[..], b"y");
+    }
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("bare")), Some(Path::new(".")));
+        assert_eq!(parent_dir(Path::new("/x/y")), Some(Path::new("/x")));
+        assert_eq!(parent_dir(Path::new("/")), None);
+    }
 }

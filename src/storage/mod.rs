@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use error::{Error, Result};
 pub use local::LocalStorage;
-pub use s3::{S3Options, S3Storage, StaticCredentials};
+pub use s3::{S3Options, S3Storage, StaticCredentials, TransferCounts};
 pub use url::StorageUrl;
 
 /// A byte stream read from or written to a storage.

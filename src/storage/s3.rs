@@ -18,6 +18,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,8 @@ use crate::util::size::parse_size;
 
 /// S3's smallest allowed part (all but the last).
 const MIN_PART_SIZE: u64 = 5 << 20;
+/// S3's largest part.
+const MAX_PART_SIZE: u64 = 5 << 30;
 /// S3's largest number of parts in one upload.
 const MAX_PARTS: i32 = 10_000;
 
@@ -144,6 +147,11 @@ impl S3Options {
                     "ZENITH_S3_PART_SIZE={v} is below S3's minimum part size of 5MiB"
                 ));
             }
+            if o.part_size > 1 << 30 {
+                return Err(format!(
+                    "ZENITH_S3_PART_SIZE={v} is above 1GiB; parts are held in memory, so keep them small"
+                ));
+            }
         }
         if let Some(v) = get("ZENITH_S3_UPLOAD_CONCURRENCY") {
             o.upload_concurrency = parse_count("ZENITH_S3_UPLOAD_CONCURRENCY", &v)?;
@@ -174,6 +182,23 @@ fn parse_count(name: &str, v: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// What one [`S3Storage`] has sent so far: every request attempt, retries included, and the
+/// object bytes that went up and came down.
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    requests: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+/// A reading of [`TransferStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TransferCounts {
+    pub requests: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
 /// A bucket and prefix on an S3 endpoint. Cheap to clone.
 #[derive(Clone)]
 pub struct S3Storage {
@@ -181,6 +206,7 @@ pub struct S3Storage {
 }
 
 struct Inner {
+    stats: TransferStats,
     client: Client,
     bucket: String,
     prefix: String,
@@ -258,6 +284,7 @@ impl S3Storage {
         }
         Ok(S3Storage {
             inner: Arc::new(Inner {
+                stats: TransferStats::default(),
                 client: Client::from_conf(config.build()),
                 bucket: bucket.to_string(),
                 prefix: prefix.trim_matches('/').to_string(),
@@ -265,6 +292,16 @@ impl S3Storage {
                 cancel: CancellationToken::new(),
             }),
         })
+    }
+
+    /// Requests and bytes moved so far by this storage (and its clones).
+    pub fn transfer_counts(&self) -> TransferCounts {
+        let s = &self.inner.stats;
+        TransferCounts {
+            requests: s.requests.load(Ordering::Relaxed),
+            bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: s.bytes_received.load(Ordering::Relaxed),
+        }
     }
 
     fn full_key(&self, key: &str) -> Result<String> {
@@ -295,6 +332,7 @@ impl Inner {
     {
         let url = self.object_url(full_key);
         retry(&self.options.retry, &self.cancel, || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let fut = op();
             let url = &url;
             let bucket = &self.bucket;
@@ -305,11 +343,27 @@ impl Inner {
     }
 
     async fn head(&self, full_key: &str) -> Result<(ObjectMeta, Option<String>)> {
-        let out = self
+        let result = self
             .call(full_key, || {
                 self.client.head_object().bucket(&self.bucket).key(full_key).send()
             })
-            .await?;
+            .await;
+        let out = match result {
+            Ok(out) => out,
+            // A HEAD answer has no body, so a missing bucket looks like a missing key: ask
+            // the bucket itself, so a typo in the bucket name is reported as such.
+            Err(e @ Error::NotFound { .. }) => {
+                let bucket = self.call("", || self.client.head_bucket().bucket(&self.bucket).send()).await;
+                return Err(match bucket {
+                    Err(Error::NotFound { .. } | Error::NoSuchBucket { .. }) => Error::NoSuchBucket {
+                        url: self.object_url(full_key),
+                        bucket: self.bucket.clone(),
+                    },
+                    _ => e,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let meta = ObjectMeta {
             key: full_key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -322,6 +376,7 @@ impl Inner {
     async fn fetch(&self, full_key: &str, range: Range<u64>, etag: Option<&str>) -> Result<Bytes> {
         let url = self.object_url(full_key);
         retry(&self.options.retry, &self.cancel, || async {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let mut req = self
                 .client
                 .get_object()
@@ -356,6 +411,7 @@ impl Inner {
                     attempts: 1,
                 });
             }
+            self.stats.bytes_received.fetch_add(buf.len() as u64, Ordering::Relaxed);
             Ok::<_, Error>(buf.freeze())
         })
         .await
@@ -376,6 +432,7 @@ impl Inner {
                     .send()
             })
             .await?;
+        self.stats.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(CompletedPart::builder()
             .part_number(number)
             .set_e_tag(out.e_tag().map(str::to_string))
@@ -384,7 +441,6 @@ impl Inner {
 
     /// Uploads what `reader` yields after `first` as parts and completes the upload.
     async fn multipart(self: &Arc<Self>, full_key: &str, first: Bytes, reader: &mut ByteReader) -> Result<u64> {
-        let part_size = self.options.part_size;
         let upload = self
             .call(full_key, || {
                 self.client
@@ -396,80 +452,130 @@ impl Inner {
             })
             .await?;
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
-        let result = async {
-            // A permit is taken before a part is read, so at most `upload_concurrency` parts
-            // are in memory at once.
-            let permits = Arc::new(Semaphore::new(self.options.upload_concurrency));
-            let mut tasks = JoinSet::new();
-            let mut parts = Vec::new();
-            let mut next = Some(first);
-            let mut number = 0;
-            let mut total = 0u64;
-            loop {
-                let permit = permits.clone().acquire_owned().await.expect("never closed");
-                while let Some(done) = tasks.try_join_next() {
-                    parts.push(joined(done)?);
-                }
-                let data = match next.take() {
-                    Some(data) => data,
-                    None => read_part(reader, part_size, &self.object_url(full_key)).await?,
-                };
-                if data.is_empty() {
-                    break;
-                }
-                number += 1;
-                if number > MAX_PARTS {
-                    return Err(Error::Rejected {
-                        url: self.object_url(full_key),
-                        detail: format!("more than {MAX_PARTS} parts"),
-                        hint: "raise ZENITH_S3_PART_SIZE for objects this large",
-                    });
-                }
-                total += data.len() as u64;
-                let last = (data.len() as u64) < part_size;
-                let this = Arc::clone(self);
-                let (key, id) = (full_key.to_string(), upload_id.clone());
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    this.upload_part(&key, &id, number, data).await
-                });
-                if last {
-                    break;
-                }
-            }
-            while let Some(done) = tasks.join_next().await {
+        // If this future is dropped (cancelled) before the upload completes, abort it in the
+        // background so the parts do not hold space.
+        let mut guard = AbortOnDrop { inner: Some(Arc::clone(self)), key: full_key.to_string(), upload_id: upload_id.clone() };
+        let result = self.upload_parts(full_key, &upload_id, first, reader).await;
+        guard.inner = None;
+        if result.is_err() {
+            self.abort(full_key, &upload_id).await;
+        }
+        result
+    }
+
+    async fn upload_parts(self: &Arc<Self>, full_key: &str, upload_id: &str, first: Bytes, reader: &mut ByteReader) -> Result<u64> {
+        // A permit is taken before a part is read, so at most `upload_concurrency` parts are
+        // in memory at once.
+        let permits = Arc::new(Semaphore::new(self.options.upload_concurrency));
+        let mut tasks = JoinSet::new();
+        let mut parts = Vec::new();
+        let mut next = Some(first);
+        let mut number = 0;
+        let mut total = 0u64;
+        loop {
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            while let Some(done) = tasks.try_join_next() {
                 parts.push(joined(done)?);
             }
-            parts.sort_by_key(|p| p.part_number());
-            self.call(full_key, || {
+            let size = part_size_for(self.options.part_size, number + 1);
+            let data = match next.take() {
+                Some(data) => data,
+                None => read_part(reader, size, &self.object_url(full_key)).await?,
+            };
+            if data.is_empty() {
+                break;
+            }
+            number += 1;
+            if number > MAX_PARTS {
+                return Err(Error::Rejected {
+                    url: self.object_url(full_key),
+                    detail: format!("more than {MAX_PARTS} parts"),
+                    hint: "raise ZENITH_S3_PART_SIZE for objects this large",
+                });
+            }
+            total += data.len() as u64;
+            let last = (data.len() as u64) < size;
+            let this = Arc::clone(self);
+            let (key, id) = (full_key.to_string(), upload_id.to_string());
+            tasks.spawn(async move {
+                let _permit = permit;
+                this.upload_part(&key, &id, number, data).await
+            });
+            if last {
+                break;
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            parts.push(joined(done)?);
+        }
+        parts.sort_by_key(|p| p.part_number());
+        let completed = self
+            .call(full_key, || {
                 self.client
                     .complete_multipart_upload()
                     .bucket(&self.bucket)
                     .key(full_key)
-                    .upload_id(&upload_id)
+                    .upload_id(upload_id)
                     .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts.clone())).build())
                     .send()
             })
-            .await?;
-            Ok(total)
+            .await;
+        match completed {
+            Ok(_) => Ok(total),
+            // The complete may have succeeded with its response lost; the retry then finds
+            // no such upload. The object, at its full size, says it did. (A concurrent
+            // writer of the same key and size would fool this check; the snapshot layer
+            // verifies content by hash regardless.)
+            Err(e @ Error::NotFound { .. }) => match self.head(full_key).await {
+                Ok((meta, _)) if meta.size == total => Ok(total),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
         }
-        .await;
-        if result.is_err() {
-            // Best effort: an unfinished upload is invisible to readers either way, but it
-            // holds space until aborted (or until a bucket lifecycle rule removes it).
-            let abort = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(full_key)
-                .upload_id(&upload_id)
-                .send();
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), abort).await.map(|r| r.map(|_| ())) {
-                tracing::warn!(key = full_key, "could not abort the multipart upload: {e}");
-            }
-        }
-        result
     }
+
+    /// Aborts a multipart upload, with retries; failure is logged, not returned: the upload
+    /// is invisible either way and a bucket lifecycle rule can remove it later.
+    async fn abort(&self, full_key: &str, upload_id: &str) {
+        let result = self
+            .call(full_key, || {
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full_key)
+                    .upload_id(upload_id)
+                    .send()
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(upload_id, "could not abort an unfinished multipart upload: {e}");
+        }
+    }
+}
+
+/// Aborts a multipart upload in the background when dropped while still armed.
+struct AbortOnDrop {
+    inner: Option<Arc<Inner>>,
+    key: String,
+    upload_id: String,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let (Some(inner), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
+            let (key, id) = (std::mem::take(&mut self.key), std::mem::take(&mut self.upload_id));
+            runtime.spawn(async move { inner.abort(&key, &id).await });
+        }
+    }
+}
+
+/// Part `number`'s size (1-based): the configured size for the first 2000 parts, then
+/// doubling every 2000 parts (at most 8×, and never above S3's 5 GiB), so a stream of
+/// unknown length can reach 10,000 parts × 3.9 × part size (about 600 GiB with 16 MiB
+/// parts) before S3's part limit, while memory stays bounded for ordinary objects.
+fn part_size_for(base: u64, number: i32) -> u64 {
+    let doublings = ((number.max(1) - 1) / 2000).min(3) as u32;
+    (base << doublings).min(MAX_PART_SIZE)
 }
 
 fn joined(done: std::result::Result<Result<CompletedPart>, tokio::task::JoinError>) -> Result<CompletedPart> {
@@ -692,6 +798,11 @@ where
                     detail: what,
                     hint: "the object was replaced while it was being read; run the command again",
                 },
+                (501 | 505, _) | (_, "NotImplemented") => Error::Rejected {
+                    url,
+                    detail: what,
+                    hint: "the server does not support an operation zenith needs; run `zenith storage check` against it",
+                },
                 (408 | 429 | 500..=599, _) | (_, "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable") => {
                     Error::Unavailable { url, detail: what, attempts: 1 }
                 }
@@ -743,9 +854,22 @@ mod tests {
         assert_eq!((o.part_size, o.upload_concurrency, o.download_concurrency), (64 << 20, 8, 2));
         assert_eq!(o.storage_class.as_deref(), Some("STANDARD_IA"));
         assert!(opts(&[("ZENITH_S3_PART_SIZE", "1MiB")]).unwrap_err().contains("5MiB"));
+        assert!(opts(&[("ZENITH_S3_PART_SIZE", "1TiB")]).unwrap_err().contains("1GiB"));
         assert!(opts(&[("ZENITH_S3_UPLOAD_CONCURRENCY", "0")]).unwrap_err().contains("ZENITH_S3_UPLOAD_CONCURRENCY"));
         assert!(opts(&[("AWS_ENDPOINT_URL", "localhost:9000")]).unwrap_err().contains("http://"));
         assert!(opts(&[("AWS_S3_FORCE_PATH_STYLE", "maybe")]).unwrap_err().contains("true or false"));
+    }
+
+    #[test]
+    fn part_sizes_grow_to_reach_large_objects() {
+        let base = 16 << 20;
+        assert_eq!(part_size_for(base, 1), base);
+        assert_eq!(part_size_for(base, 2000), base);
+        assert_eq!(part_size_for(base, 2001), base * 2);
+        assert_eq!(part_size_for(base, 10_000), base * 8);
+        let reach: u64 = (1..=MAX_PARTS).map(|n| part_size_for(base, n)).sum();
+        assert!(reach > 500 << 30, "{reach}");
+        assert_eq!(part_size_for(1 << 30, 9000), MAX_PART_SIZE);
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl StorageUrl {
         if let Some((scheme, _)) = trimmed.split_once("://") {
             return Err(invalid(&format!("the scheme {scheme:?} is not supported")));
         }
+        if let Some(scheme) = scheme_like(trimmed) {
+            // `s3:/bucket` or `file:/x` is a typo, not a directory named "s3:" to fill quietly.
+            return Err(invalid(&format!(
+                "it starts like a {scheme:?} URL without '//'; write {scheme}://... (or ./{trimmed} for a local directory of that name)"
+            )));
+        }
         let path = Path::new(trimmed);
         let absolute = if path.is_absolute() {
             path.to_path_buf()
@@ -82,6 +88,17 @@ impl fmt::Display for StorageUrl {
 fn strip_scheme<'a>(url: &'a str, scheme: &str) -> Option<&'a str> {
     let (head, rest) = url.split_once("://")?;
     head.eq_ignore_ascii_case(scheme).then_some(rest)
+}
+
+/// `Some("s3")` for `s3:bucket/x`: a first segment that is a URL scheme followed by ':'.
+fn scheme_like(path: &str) -> Option<&str> {
+    let (head, _) = path.split_once(':')?;
+    let mut chars = head.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && !head.contains('/')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
+    .then_some(head)
 }
 
 fn valid_bucket(bucket: &str) -> bool {
@@ -171,5 +188,12 @@ mod tests {
         assert!(StorageUrl::parse("ftp://x").unwrap_err().to_string().contains("\"ftp\" is not supported"));
         assert!(StorageUrl::parse("file://relative").unwrap_err().to_string().contains("absolute"));
         assert!(StorageUrl::parse("file:///bad%zz").unwrap_err().to_string().contains("%-escape"));
+        for typo in ["s3:/bucket/app", "s3:bucket", "file:/var/backups", "S3:x"] {
+            let e = StorageUrl::parse(typo).unwrap_err().to_string();
+            assert!(e.contains("without '//'"), "{typo}: {e}");
+        }
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(StorageUrl::parse("./s3:x").unwrap(), StorageUrl::Local(cwd.join("s3:x")));
+        assert_eq!(StorageUrl::parse("dir/a:b").unwrap(), StorageUrl::Local(cwd.join("dir/a:b")));
     }
 }

@@ -104,8 +104,14 @@ pub async fn streamed_large_object(s: &dyn Storage) {
     assert_eq!(h.finalize().to_vec(), expected, "200 MiB object came back different");
     let grown = peak_rss().saturating_sub(before);
     // Parts are 5 MiB with 4 in flight each way in these tests: ~40 MiB at most, plus
-    // allocator slack. Buffering the object would need 200 MiB or more.
-    assert!(grown < 120 << 20, "peak memory grew by {} MiB while streaming 200 MiB", grown >> 20);
+    // allocator slack. Buffering the object would need 200 MiB or more. The peak is
+    // per process, so the bound is only meaningful when this test has the process to
+    // itself, as under nextest (scripts/test.sh); `cargo test` runs tests side by side.
+    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
+        assert!(grown < 120 << 20, "peak memory grew by {} MiB while streaming 200 MiB", grown >> 20);
+    } else {
+        eprintln!("memory bound not checked outside nextest (grew by {} MiB)", grown >> 20);
+    }
 }
 
 /// Ranged gets: inside, at the end, cut at the end, empty, and past the end.
@@ -182,10 +188,11 @@ pub async fn file_round_trip(s: &dyn Storage) {
     assert_eq!(s.get_to_file("files/one", &target).await.unwrap(), data.len() as u64);
     assert_eq!(sha(&std::fs::read(&target).unwrap()), sha(&data));
 
+    // (A download failing mid-stream is covered by the local backend's unit tests.)
     let missing = dir.path().join("out/missing");
     assert!(matches!(s.get_to_file("files/none", &missing).await, Err(Error::NotFound { .. })));
     let names: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names, vec![std::ffi::OsString::from("target")], "stray files after a failed download");
+    assert_eq!(names, vec![std::ffi::OsString::from("target")], "a missing key created a file");
     let err = s.put_file("files/two", &dir.path().join("no-such-file")).await.unwrap_err();
     assert!(err.to_string().contains("no-such-file"), "{err}");
     assert!(!s.exists("files/two").await.unwrap());

@@ -44,12 +44,13 @@ async fn wrong_secret_is_permanent(server: S3Server) {
     let storage = S3Storage::new(&server.bucket, "faults", options).await.unwrap();
     let err = storage.put("k", Bytes::from_static(b"v")).await.unwrap_err();
     assert!(matches!(err, Error::AccessDenied { .. }), "{}: {err:?}", server.kind);
-    assert!(err.is_permanent(), "a wrong secret must not be retried");
+    assert_eq!(storage.transfer_counts().requests, 1, "a wrong secret must not be retried");
     let text = err.to_string();
     assert!(text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
     assert!(!text.contains(secret) && !format!("{err:?}").contains(secret), "secret leaked: {text}");
     let err = storage.list("").await.unwrap_err();
     assert!(matches!(err, Error::AccessDenied { .. }), "{err:?}");
+    assert_eq!(storage.transfer_counts().requests, 2);
 }
 
 #[tokio::test]
@@ -73,11 +74,13 @@ async fn server_down_gives_bounded_retries_then_a_clear_error() {
     options.endpoint = Some(format!("http://127.0.0.1:{port}"));
     options.retry.max_attempts = 3;
     let storage = S3Storage::new(&server.bucket, "down", options).await.unwrap();
-    for err in [
+    let errors = [
         storage.put("k", Bytes::from_static(b"v")).await.unwrap_err(),
         storage.get_bytes("k").await.unwrap_err(),
         storage.list("").await.unwrap_err(),
-    ] {
+    ];
+    assert_eq!(storage.transfer_counts().requests, 9, "three calls, three attempts each");
+    for err in errors {
         match &err {
             Error::Unavailable { attempts, .. } => assert_eq!(*attempts, 3, "{err}"),
             other => panic!("expected Unavailable, got {other:?}"),
@@ -156,4 +159,22 @@ async fn garage_two_nodes_down_fails_clearly_and_lists_no_partial_object() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].size, 4096, "a partial or new object is visible: {listed:?}");
     assert_eq!(storage.get_bytes("obj").await.unwrap(), old);
+}
+
+#[tokio::test]
+async fn a_missing_bucket_is_named_as_such_even_by_head() {
+    // Garage, not s3s-fs: s3s-fs creates buckets on first write.
+    let Some(server) = S3Server::garage(3) else { return };
+    let storage = S3Storage::new("no-such-bucket", "x", server.options()).await.unwrap();
+    for err in [
+        storage.put("k", Bytes::from_static(b"v")).await.unwrap_err(),
+        storage.head("k").await.unwrap_err(),
+        storage.exists("k").await.unwrap_err(),
+        storage.get_bytes("k").await.unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::NoSuchBucket { .. }), "{err:?}");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+    let present = server.storage("x").await;
+    assert!(matches!(present.head("k").await, Err(Error::NotFound { .. })));
 }

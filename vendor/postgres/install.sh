@@ -26,7 +26,7 @@ if ! have; then
         echo "create_main_cluster = false" | $sudo tee -a /etc/postgresql-common/createcluster.conf > /dev/null
     fi
     $sudo apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "postgresql-$major" "postgresql-client-$major" >&2
     have || { echo "postgresql-$major was installed but $bindir lacks postgres/initdb/pg_ctl" >&2; exit 1; }
 fi
