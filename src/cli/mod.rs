@@ -4,12 +4,15 @@
 //! Commands that are not built yet are listed (so `--help` shows the whole contract) and
 //! answer "not implemented yet" with exit code 2 instead of pretending to work.
 
+mod snapshot;
 mod storage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+pub use snapshot::SnapshotCommand;
 
 /// Exit code for a command that is part of the contract but not built yet.
 pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
@@ -65,9 +68,9 @@ pub enum Command {
         json: bool,
     },
     /// Add a snapshot from a PGDATA, a basebackup, a zenith storage or a running server
-    Import(SnapshotIoArgs),
+    Import(snapshot::ImportArgs),
     /// Write a snapshot somewhere else, in any format
-    Export(SnapshotIoArgs),
+    Export(snapshot::ExportArgs),
     /// Push snapshots to a storage; only missing content moves
     Push {
         /// Snapshot to push [default: every snapshot not yet there]
@@ -118,62 +121,6 @@ pub struct InitArgs {
     /// Format at snapshot_path: pgdata, basebackup or zenith
     #[arg(long, alias = "snapshot_format", value_name = "FORMAT")]
     pub snapshot_format: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct SnapshotIoArgs {
-    /// Snapshot reference (name, id prefix, pg@tag or LATEST)
-    pub snapshot: Option<String>,
-    /// Where the snapshot is read from or written to
-    #[arg(long, alias = "snapshot_path", value_name = "URL")]
-    pub snapshot_path: Option<String>,
-    /// pgdata, basebackup or zenith
-    #[arg(long, alias = "snapshot_format", value_name = "FORMAT")]
-    pub snapshot_format: Option<String>,
-    /// A data directory
-    #[arg(long, value_name = "DIR")]
-    pub pgdata: Option<PathBuf>,
-    /// A running server, as a libpq URI
-    #[arg(long, value_name = "URI")]
-    pub connstr: Option<String>,
-    /// Name for the imported snapshot (pg@tag)
-    #[arg(long)]
-    pub name: Option<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SnapshotCommand {
-    /// Take a snapshot of a running pg, online
-    Create { name: Option<String> },
-    /// List snapshots
-    List {
-        #[arg(long)]
-        storage: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show one snapshot's manifest
-    Show {
-        snapshot: String,
-        #[arg(long)]
-        storage: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Delete a snapshot and whatever no other snapshot needs
-    Delete {
-        snapshot: String,
-        #[arg(long)]
-        storage: Option<String>,
-    },
-    /// Re-read every object of a snapshot and check every checksum
-    Verify {
-        snapshot: String,
-        #[arg(long)]
-        storage: Option<String>,
-    },
-    /// Show what changed between two snapshots
-    Diff { from: String, to: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +227,9 @@ pub fn main() -> ExitCode {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => storage::run(cmd).await,
+        Command::Export(args) => snapshot::export(args).await,
+        Command::Import(args) => snapshot::import(args).await,
+        Command::Snapshot(cmd) => snapshot::run(cmd).await,
         other => Err(CliError::NotImplemented(other.words())),
     }
 }

@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod snapshots;
 mod postgres;
 mod storage_conformance;
 mod storage_faults;

@@ -4,6 +4,7 @@
 //!
 //! A test whose server cannot be found skips on a laptop, but fails when `CI` is set.
 
+pub mod pg;
 pub mod s3;
 
 use std::net::TcpListener;

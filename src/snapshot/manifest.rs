@@ -1,0 +1,308 @@
+//! The snapshot manifest: one versioned JSON model for every format. It is written last, so
+//! a snapshot exists exactly when its manifest does, and it is untrusted input when read
+//! back: [`Manifest::parse`] refuses unknown format versions, unsafe paths and inconsistent
+//! block lists before anything is written to disk.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Result, SnapshotError};
+use super::paths::check_relative_path;
+
+/// The manifest format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Bytes per block of the `zenith` format: one PostgreSQL page.
+pub const BLOCK_SIZE: u64 = 8192;
+
+/// Largest manifest accepted (a hostile one could otherwise ask for unbounded memory).
+pub const MAX_MANIFEST_BYTES: usize = 512 << 20;
+
+/// A snapshot format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Pgdata,
+    Basebackup,
+    Zenith,
+}
+
+impl Format {
+    pub fn parse(text: &str) -> std::result::Result<Format, String> {
+        match text {
+            "pgdata" => Ok(Format::Pgdata),
+            "basebackup" => Ok(Format::Basebackup),
+            "zenith" => Ok(Format::Zenith),
+            other => Err(format!("unknown snapshot format {other:?}; use pgdata, basebackup or zenith")),
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Format::Pgdata => "pgdata",
+            Format::Basebackup => "basebackup",
+            Format::Zenith => "zenith",
+        }
+    }
+}
+
+/// What a manifest entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Dir,
+    File,
+}
+
+/// One file or directory of the data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Relative, `/`-separated, checked by [`check_relative_path`].
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    /// Permission bits (e.g. 0o600).
+    pub mode: u32,
+    #[serde(default)]
+    pub size: u64,
+    /// SHA-256 of the whole file, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `zenith` format: the SHA-256 of each 8 KiB block, in order (the last may be short).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<String>,
+}
+
+/// An immutable, consistent image of one PostgreSQL cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub format: Format,
+    /// Major version from `PG_VERSION`, e.g. "15".
+    pub pg_version: String,
+    /// From `global/pg_control`.
+    pub system_identifier: u64,
+    pub timeline: u32,
+    /// WAL positions (`X/Y`): for a stopped directory both are its last checkpoint.
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub entries: Vec<Entry>,
+    /// Sum of file sizes.
+    pub total_size: u64,
+    /// Bytes this snapshot added to its storage (compressed, deduplicated).
+    pub stored_size: u64,
+}
+
+impl Manifest {
+    /// Parses and validates an untrusted manifest.
+    pub fn parse(bytes: &[u8], source: &str) -> Result<Manifest> {
+        let corrupt = |what: String| SnapshotError::Corrupt { object: source.to_string(), what };
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(corrupt(format!("the manifest is {} bytes, more than any real one", bytes.len())));
+        }
+        let probe: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(format!("the manifest is not valid JSON: {e}")))?;
+        match probe.get("format_version").and_then(|v| v.as_u64()) {
+            Some(v) if v as u32 == FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(SnapshotError::Refused {
+                    reason: format!(
+                        "{source}: manifest format version {v} is not supported by this zenith (reads version {FORMAT_VERSION}); upgrade zenith"
+                    ),
+                })
+            }
+            None => return Err(corrupt("the manifest has no format_version".to_string())),
+        }
+        let manifest: Manifest =
+            serde_json::from_value(probe).map_err(|e| corrupt(format!("the manifest does not match the format: {e}")))?;
+        manifest.validate().map_err(corrupt)?;
+        Ok(manifest)
+    }
+
+    /// Internal consistency: safe unique paths, parents before children, sizes that match
+    /// the block lists, well-formed hashes.
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !valid_id(&self.id) {
+            return Err(format!("the snapshot id {:?} is malformed", self.id));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0u64;
+        for entry in &self.entries {
+            check_relative_path(&entry.path).map_err(|why| format!("entry {:?}: {why}", entry.path))?;
+            if !seen.insert(entry.path.as_str()) {
+                return Err(format!("entry {:?} appears twice", entry.path));
+            }
+            if let Some((parent, _)) = entry.path.rsplit_once('/') {
+                if !seen.contains(parent) {
+                    return Err(format!("entry {:?} comes before its directory", entry.path));
+                }
+            }
+            if let Some(sha) = &entry.sha256 {
+                if !is_sha256_hex(sha) {
+                    return Err(format!("entry {:?} has a malformed checksum", entry.path));
+                }
+            }
+            match entry.kind {
+                EntryKind::Dir => {
+                    if entry.size != 0 || !entry.blocks.is_empty() {
+                        return Err(format!("directory {:?} has content", entry.path));
+                    }
+                }
+                EntryKind::File => {
+                    total = total.checked_add(entry.size).ok_or("sizes overflow")?;
+                    if self.format == Format::Zenith {
+                        if entry.blocks.len() as u64 != entry.size.div_ceil(BLOCK_SIZE) {
+                            return Err(format!(
+                                "file {:?} of {} bytes lists {} blocks",
+                                entry.path,
+                                entry.size,
+                                entry.blocks.len()
+                            ));
+                        }
+                        if let Some(bad) = entry.blocks.iter().find(|b| !is_sha256_hex(b)) {
+                            return Err(format!("file {:?} lists a malformed block hash {bad:?}", entry.path));
+                        }
+                    }
+                }
+            }
+        }
+        if total != self.total_size {
+            return Err(format!("total_size {} does not match the files' {total}", self.total_size));
+        }
+        Ok(())
+    }
+
+    /// The manifest as pretty JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
+        out.push(b'\n');
+        out
+    }
+}
+
+/// A new snapshot id: milliseconds since the epoch then random bits, hex, so ids sort by
+/// creation time and an id prefix is a natural short reference.
+pub fn new_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    format!("{millis:012x}{:08x}", fastrand::u32(..))
+}
+
+/// Ids are 20 lowercase hex digits.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 20 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The current time as RFC 3339 UTC, without a date crate.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            id: new_id(),
+            name: Some("main@t1".into()),
+            parent: None,
+            format: Format::Zenith,
+            pg_version: "15".into(),
+            system_identifier: 7,
+            timeline: 1,
+            start_lsn: "0/1000028".into(),
+            stop_lsn: "0/1000028".into(),
+            created_at: now_rfc3339(),
+            entries: vec![
+                Entry { path: "base".into(), kind: EntryKind::Dir, mode: 0o700, size: 0, sha256: None, blocks: vec![] },
+                Entry {
+                    path: "base/1".into(),
+                    kind: EntryKind::File,
+                    mode: 0o600,
+                    size: 8193,
+                    sha256: Some("a".repeat(64)),
+                    blocks: vec!["b".repeat(64), "c".repeat(64)],
+                },
+            ],
+            total_size: 8193,
+            stored_size: 100,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::parse(&m.to_json(), "t").unwrap(), m);
+    }
+
+    #[test]
+    fn refuses_hostile_or_inconsistent_manifests() {
+        let cases: Vec<(Box<dyn Fn(&mut Manifest)>, &str)> = vec![
+            (Box::new(|m| m.entries[1].path = "../etc/passwd".into()), "'..'"),
+            (Box::new(|m| m.entries[1].path = "/etc/passwd".into()), "absolute"),
+            (Box::new(|m| m.entries[1].blocks.pop().map(|_| ()).unwrap()), "lists 1 blocks"),
+            (Box::new(|m| m.entries[1].blocks[0] = "zz".into()), "malformed block hash"),
+            (Box::new(|m| m.total_size = 1), "total_size"),
+            (Box::new(|m| m.entries.swap(0, 1)), "before its directory"),
+            (Box::new(|m| m.id = "x".into()), "id"),
+        ];
+        for (mutate, needle) in cases {
+            let mut m = sample();
+            mutate(&mut m);
+            let e = Manifest::parse(&m.to_json(), "snap").unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["format_version"] = 99.into();
+        let e = Manifest::parse(v.to_string().as_bytes(), "snap").unwrap_err().to_string();
+        assert!(e.contains("upgrade zenith"), "{e}");
+        assert!(Manifest::parse(b"{not json", "snap").unwrap_err().to_string().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn ids_sort_by_time_and_dates_format() {
+        let a = new_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_id();
+        assert!(valid_id(&a) && valid_id(&b) && a < b);
+        let now = now_rfc3339();
+        assert_eq!(now.len(), 20, "{now}");
+        assert!(now.starts_with("20") && now.ends_with('Z'));
+    }
+}

@@ -1,0 +1,617 @@
+//! The `zenith` format: content-addressed, page-deduplicated, compressed and checksummed.
+//!
+//! Layout under the storage root:
+//! - `packs/<sha256>`: zstd frames, one per 8 KiB block, concatenated (about 8 MiB each);
+//! - `index/<sha256>.idx`: the pack's index, block hash → offset and length, with its own
+//!   checksum;
+//! - `snapshots/<id>.json`: the manifest, listing each file's block hashes.
+//!
+//! Write order makes a snapshot atomic: a pack, then its index, and the manifest only after
+//! every pack and index is stored. A snapshot is visible exactly when its manifest exists;
+//! a run killed midway leaves packs that the next run reuses (their index says what they
+//! hold), never a half snapshot. A later snapshot stores only blocks the destination lacks.
+//!
+//! Reading is defensive: every block is decompressed with a hard 8 KiB limit (no
+//! decompression bombs), checked against its SHA-256, and written only inside a temporary
+//! directory that is renamed into place when everything checked out.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use super::datadir::{self, DirEntry};
+use super::error::{Result, SnapshotError};
+use super::manifest::{self, Entry, EntryKind, Format, Manifest, BLOCK_SIZE, FORMAT_VERSION};
+use crate::storage::{self, Storage};
+
+/// Seal a pack once its compressed content reaches this size.
+const PACK_TARGET: usize = 8 << 20;
+/// Packs uploaded or downloaded at once.
+const TRANSFER_CONCURRENCY: usize = 4;
+const INDEX_MAGIC: &[u8; 8] = b"ZNIDX001";
+const INDEX_ENTRY: usize = 32 + 8 + 4;
+
+type Hash = [u8; 32];
+
+/// Where a block lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Location {
+    pack: usize,
+    offset: u64,
+    len: u32,
+}
+
+/// Every block the destination holds, from its pack indexes.
+#[derive(Debug, Default)]
+struct BlockIndex {
+    packs: Vec<String>,
+    blocks: HashMap<Hash, Location>,
+}
+
+fn encode_index(entries: &[(Hash, u64, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + entries.len() * INDEX_ENTRY + 32);
+    out.extend_from_slice(INDEX_MAGIC);
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (hash, offset, len) in entries {
+        out.extend_from_slice(hash);
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    let sum = Sha256::digest(&out);
+    out.extend_from_slice(&sum);
+    out
+}
+
+fn decode_index(bytes: &[u8], source: &str) -> Result<Vec<(Hash, u64, u32)>> {
+    let corrupt = |what: &str| SnapshotError::Corrupt { object: source.to_string(), what: what.to_string() };
+    if bytes.len() < 16 + 32 || &bytes[..8] != INDEX_MAGIC {
+        return Err(corrupt("not a zenith pack index"));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if Sha256::digest(body)[..] != *sum {
+        return Err(corrupt("the pack index fails its checksum"));
+    }
+    let count = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")) as usize;
+    if count.checked_mul(INDEX_ENTRY) != Some(body.len() - 16) {
+        return Err(corrupt("the pack index has the wrong length"));
+    }
+    Ok(body[16..]
+        .chunks_exact(INDEX_ENTRY)
+        .map(|c| {
+            let hash: Hash = c[..32].try_into().expect("32 bytes");
+            let offset = u64::from_le_bytes(c[32..40].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(c[40..44].try_into().expect("4 bytes"));
+            (hash, offset, len)
+        })
+        .collect())
+}
+
+async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
+    let objects = storage.list("index/").await?;
+    let mut index = BlockIndex::default();
+    let fetched: Vec<_> = futures::stream::iter(objects.into_iter().filter(|o| o.key.ends_with(".idx")))
+        .map(|o| async move {
+            let bytes = storage.get_bytes(&o.key).await?;
+            Ok::<_, SnapshotError>((o.key, bytes))
+        })
+        .buffered(TRANSFER_CONCURRENCY * 2)
+        .collect()
+        .await;
+    for item in fetched {
+        let (key, bytes) = item?;
+        let pack = key.trim_start_matches("index/").trim_end_matches(".idx").to_string();
+        if !manifest::is_sha256_hex(&pack) {
+            continue;
+        }
+        let source = format!("{}/{key}", storage.url());
+        let entries = decode_index(&bytes, &source)?;
+        let number = index.packs.len();
+        index.packs.push(pack);
+        for (hash, offset, len) in entries {
+            index.blocks.entry(hash).or_insert(Location { pack: number, offset, len });
+        }
+    }
+    Ok(index)
+}
+
+/// Options for taking a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct PackOptions {
+    pub name: Option<String>,
+    pub parent: Option<String>,
+}
+
+/// What packing did.
+#[derive(Debug, Clone)]
+pub struct PackReport {
+    pub manifest: Manifest,
+    pub blocks_total: u64,
+    pub blocks_new: u64,
+    pub packs_written: u64,
+}
+
+/// Snapshots the stopped data directory `dir` into `storage` in the zenith format.
+pub async fn pack_stopped_dir(dir: &Path, storage: Arc<dyn Storage>, options: &PackOptions) -> Result<PackReport> {
+    datadir::check_not_running(dir)?;
+    let pg_version = datadir::read_pg_version(dir)?;
+    let control = datadir::read_control(dir)?;
+    let walked = {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || datadir::walk(&dir)).await.map_err(join_error)??
+    };
+    let index = load_index(storage.as_ref()).await?;
+    let known: HashSet<Hash> = index.blocks.keys().copied().collect();
+
+    let runtime = tokio::runtime::Handle::current();
+    let storage_for_packer = Arc::clone(&storage);
+    let (entries, stats) = tokio::task::spawn_blocking(move || {
+        let packer = Packer::new(runtime, storage_for_packer);
+        let entries = hash_and_pack(&walked, known, &packer)?;
+        let stats = packer.finish()?;
+        Ok::<_, SnapshotError>((entries, stats))
+    })
+    .await
+    .map_err(join_error)??;
+
+    let total_size = entries.iter().map(|e| e.size).sum();
+    let blocks_total = entries.iter().map(|e| e.blocks.len() as u64).sum();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        id: manifest::new_id(),
+        name: options.name.clone(),
+        parent: options.parent.clone(),
+        format: Format::Zenith,
+        pg_version,
+        system_identifier: control.system_identifier,
+        timeline: control.timeline,
+        start_lsn: datadir::format_lsn(control.checkpoint_lsn),
+        stop_lsn: datadir::format_lsn(control.checkpoint_lsn),
+        created_at: manifest::now_rfc3339(),
+        entries,
+        total_size,
+        stored_size: stats.bytes,
+    };
+    // Last: the manifest makes the snapshot visible.
+    storage
+        .put(&manifest_key(&manifest.id), Bytes::from(manifest.to_json()))
+        .await?;
+    Ok(PackReport { blocks_total, blocks_new: stats.blocks, packs_written: stats.packs, manifest })
+}
+
+fn manifest_key(id: &str) -> String {
+    format!("snapshots/{id}.json")
+}
+
+fn join_error(e: tokio::task::JoinError) -> SnapshotError {
+    match e.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        Err(_) => SnapshotError::Storage(storage::Error::Cancelled),
+    }
+}
+
+/// Reads, hashes and compresses files on every core; new blocks go to the packer.
+fn hash_and_pack(walked: &[DirEntry], known: HashSet<Hash>, packer: &Packer) -> Result<Vec<Entry>> {
+    let claimed = Mutex::new(known);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Entry>>> = Mutex::new(vec![None; walked.len()]);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let failure: Mutex<Option<SnapshotError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= walked.len() || failure.lock().expect("lock").is_some() {
+                    return;
+                }
+                match hash_one(&walked[i], &claimed, packer) {
+                    Ok(entry) => results.lock().expect("lock")[i] = Some(entry),
+                    Err(e) => {
+                        failure.lock().expect("lock").get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().expect("lock") {
+        return Err(e);
+    }
+    Ok(results.into_inner().expect("lock").into_iter().map(|e| e.expect("every entry processed")).collect())
+}
+
+fn hash_one(item: &DirEntry, claimed: &Mutex<HashSet<Hash>>, packer: &Packer) -> Result<Entry> {
+    if item.is_dir {
+        return Ok(Entry { path: item.rel.clone(), kind: EntryKind::Dir, mode: item.mode, size: 0, sha256: None, blocks: vec![] });
+    }
+    let file = File::open(&item.abs).map_err(|e| SnapshotError::io(&item.abs, "open", e))?;
+    let mut whole = Sha256::new();
+    let mut blocks = Vec::new();
+    let mut buf = vec![0u8; 128 * BLOCK_SIZE as usize];
+    let mut offset = 0u64;
+    loop {
+        let n = read_full_at(&file, &mut buf, offset).map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        for block in buf[..n].chunks(BLOCK_SIZE as usize) {
+            let hash: Hash = Sha256::digest(block).into();
+            blocks.push(hex::encode(hash));
+            if claimed.lock().expect("lock").insert(hash) {
+                let compressed = zstd::bulk::compress(block, 1).map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
+                packer.add(hash, compressed)?;
+            }
+        }
+        offset += n as u64;
+    }
+    // The size is what was read: a file that grew or shrank since the walk is taken as read.
+    Ok(Entry {
+        path: item.rel.clone(),
+        kind: EntryKind::File,
+        mode: item.mode,
+        size: offset,
+        sha256: Some(hex::encode(whole.finalize())),
+        blocks,
+    })
+}
+
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+struct PackerStats {
+    bytes: u64,
+    blocks: u64,
+    packs: u64,
+}
+
+/// Collects compressed blocks into packs and uploads each sealed pack, then its index, with
+/// at most TRANSFER_CONCURRENCY uploads in flight (the caller blocks while all are busy).
+struct Packer {
+    runtime: tokio::runtime::Handle,
+    storage: Arc<dyn Storage>,
+    current: Mutex<(Vec<u8>, Vec<(Hash, u64, u32)>)>,
+    permits: Arc<tokio::sync::Semaphore>,
+    uploads: Mutex<Vec<tokio::task::JoinHandle<Result<()>>>>,
+    bytes: AtomicU64,
+    blocks: AtomicU64,
+    packs: AtomicU64,
+}
+
+impl Packer {
+    fn new(runtime: tokio::runtime::Handle, storage: Arc<dyn Storage>) -> Self {
+        Packer {
+            runtime,
+            storage,
+            current: Mutex::new((Vec::with_capacity(PACK_TARGET + (64 << 10)), Vec::new())),
+            permits: Arc::new(tokio::sync::Semaphore::new(TRANSFER_CONCURRENCY)),
+            uploads: Mutex::new(Vec::new()),
+            bytes: AtomicU64::new(0),
+            blocks: AtomicU64::new(0),
+            packs: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, hash: Hash, compressed: Vec<u8>) -> Result<()> {
+        let sealed = {
+            let mut current = self.current.lock().expect("lock");
+            let offset = current.0.len() as u64;
+            current.0.extend_from_slice(&compressed);
+            current.1.push((hash, offset, compressed.len() as u32));
+            if current.0.len() >= PACK_TARGET {
+                Some(std::mem::replace(&mut *current, (Vec::with_capacity(PACK_TARGET + (64 << 10)), Vec::new())))
+            } else {
+                None
+            }
+        };
+        self.blocks.fetch_add(1, Ordering::Relaxed);
+        if let Some((data, entries)) = sealed {
+            self.upload(data, entries)?;
+        }
+        Ok(())
+    }
+
+    fn upload(&self, data: Vec<u8>, entries: Vec<(Hash, u64, u32)>) -> Result<()> {
+        // Fail early if an earlier upload failed, rather than packing the whole directory.
+        self.reap(false)?;
+        let permit = self
+            .runtime
+            .block_on(Arc::clone(&self.permits).acquire_owned())
+            .expect("semaphore never closed");
+        let pack_id = hex::encode(Sha256::digest(&data));
+        let index = encode_index(&entries);
+        self.bytes.fetch_add((data.len() + index.len()) as u64, Ordering::Relaxed);
+        self.packs.fetch_add(1, Ordering::Relaxed);
+        let storage = Arc::clone(&self.storage);
+        let handle = self.runtime.spawn(async move {
+            let _permit = permit;
+            storage.put(&format!("packs/{pack_id}"), Bytes::from(data)).await?;
+            storage.put(&format!("index/{pack_id}.idx"), Bytes::from(index)).await?;
+            Ok(())
+        });
+        self.uploads.lock().expect("lock").push(handle);
+        Ok(())
+    }
+
+    /// Collects finished uploads (all of them when `wait`), returning the first error.
+    fn reap(&self, wait: bool) -> Result<()> {
+        let handles: Vec<_> = {
+            let mut uploads = self.uploads.lock().expect("lock");
+            if wait {
+                std::mem::take(&mut *uploads)
+            } else {
+                let (done, pending) = std::mem::take(&mut *uploads).into_iter().partition(|h| h.is_finished());
+                *uploads = pending;
+                done
+            }
+        };
+        for handle in handles {
+            self.runtime.block_on(handle).map_err(join_error)??;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<PackerStats> {
+        let (data, entries) = std::mem::take(&mut *self.current.lock().expect("lock"));
+        if !entries.is_empty() {
+            self.upload(data, entries)?;
+        }
+        self.reap(true)?;
+        Ok(PackerStats {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            blocks: self.blocks.load(Ordering::Relaxed),
+            packs: self.packs.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Every snapshot manifest in `storage`, oldest first.
+pub async fn list(storage: &dyn Storage) -> Result<Vec<Manifest>> {
+    let objects = storage.list("snapshots/").await?;
+    let mut out = Vec::new();
+    for object in objects.into_iter().filter(|o| o.key.ends_with(".json")) {
+        let bytes = storage.get_bytes(&object.key).await?;
+        out.push(Manifest::parse(&bytes, &format!("{}/{}", storage.url(), object.key))?);
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// Finds one snapshot by `LATEST`, name, or id prefix.
+pub async fn resolve(storage: &dyn Storage, reference: &str) -> Result<Manifest> {
+    let all = list(storage).await?;
+    let url = storage.url();
+    let not_found = || SnapshotError::NotFound { reference: reference.to_string(), url: url.clone() };
+    if reference == "LATEST" {
+        return all.into_iter().next_back().ok_or_else(not_found);
+    }
+    if let Some(found) = all.iter().rev().find(|m| m.name.as_deref() == Some(reference)) {
+        return Ok(found.clone());
+    }
+    let matches: Vec<&Manifest> = all.iter().filter(|m| m.id.starts_with(reference)).collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(not_found()),
+        many => Err(SnapshotError::Ambiguous {
+            reference: reference.to_string(),
+            url,
+            matches: many.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+/// What verify or unpack checked.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub blocks_checked: u64,
+    pub bytes_restored: u64,
+    pub packs_read: u64,
+}
+
+/// Writes `manifest`'s data directory to the new directory `target` (which must not exist,
+/// or be empty), checking every block. Nothing appears at `target` unless all checks pass.
+pub async fn unpack(storage: &dyn Storage, manifest: &Manifest, target: &Path) -> Result<CheckReport> {
+    if target.exists() && std::fs::read_dir(target).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(SnapshotError::Refused {
+            reason: format!("{} already exists and is not empty; choose a new directory", target.display()),
+        });
+    }
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| SnapshotError::io(parent, "create", e))?;
+    let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "pgdata".into());
+    let temp = parent.join(format!(".{name}.zenith-tmp-{:016x}", fastrand::u64(..)));
+    let result = async {
+        prepare_tree(manifest, &temp)?;
+        let report = restore_blocks(storage, manifest, Some(&temp)).await?;
+        sync_tree(manifest, &temp)?;
+        Ok::<_, SnapshotError>(report)
+    }
+    .await;
+    match result {
+        Ok(report) => {
+            if target.exists() {
+                std::fs::remove_dir(target).map_err(|e| SnapshotError::io(target, "replace", e))?;
+            }
+            std::fs::rename(&temp, target).map_err(|e| SnapshotError::io(target, "create", e))?;
+            File::open(parent).and_then(|d| d.sync_all()).map_err(|e| SnapshotError::io(parent, "sync", e))?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// Re-reads every pack a snapshot needs and checks every block against its hash.
+pub async fn verify(storage: &dyn Storage, manifest: &Manifest) -> Result<CheckReport> {
+    restore_blocks(storage, manifest, None).await
+}
+
+fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().mode(0o700).create(root).map_err(|e| SnapshotError::io(root, "create", e))?;
+    for entry in &manifest.entries {
+        let path = root.join(&entry.path);
+        let mode = entry.mode & 0o777;
+        match entry.kind {
+            EntryKind::Dir => std::fs::DirBuilder::new()
+                .mode(mode | 0o700)
+                .create(&path)
+                .map_err(|e| SnapshotError::io(&path, "create", e))?,
+            EntryKind::File => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode | 0o600)
+                    .open(&path)
+                    .map_err(|e| SnapshotError::io(&path, "create", e))?;
+                file.set_len(entry.size).map_err(|e| SnapshotError::io(&path, "size", e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sync_tree(manifest: &Manifest, root: &Path) -> Result<()> {
+    for entry in manifest.entries.iter().rev() {
+        let path = root.join(&entry.path);
+        File::open(&path).and_then(|f| f.sync_all()).map_err(|e| SnapshotError::io(&path, "sync", e))?;
+    }
+    File::open(root).and_then(|f| f.sync_all()).map_err(|e| SnapshotError::io(root, "sync", e))
+}
+
+/// Fetches every pack holding a block of `manifest`, checks each needed block, and (with a
+/// root) writes it at every position that uses it.
+async fn restore_blocks(storage: &dyn Storage, manifest: &Manifest, root: Option<&Path>) -> Result<CheckReport> {
+    let index = load_index(storage).await?;
+    let snapshot = format!("snapshot {} in {}", manifest.id, storage.url());
+    // block → every (entry, block number) that uses it, grouped by pack.
+    let mut by_pack: HashMap<usize, HashMap<Hash, Vec<(usize, u64)>>> = HashMap::new();
+    for (i, entry) in manifest.entries.iter().enumerate() {
+        for (n, hex_hash) in entry.blocks.iter().enumerate() {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| SnapshotError::Corrupt {
+                object: snapshot.clone(),
+                what: format!("{} lists a malformed block hash", entry.path),
+            })?;
+            let Some(location) = index.blocks.get(&hash) else {
+                return Err(SnapshotError::Corrupt {
+                    object: snapshot.clone(),
+                    what: format!("{} needs block {hex_hash}, which no pack in the storage holds (a missing pack?)", entry.path),
+                });
+            };
+            by_pack.entry(location.pack).or_default().entry(hash).or_default().push((i, n as u64));
+        }
+    }
+    let report = Mutex::new(CheckReport::default());
+    let index = &index;
+    let report_ref = &report;
+    let snapshot_ref = &snapshot;
+    let results: Vec<Result<()>> = futures::stream::iter(by_pack)
+        .map(|(pack, blocks)| async move {
+            let key = format!("packs/{}", index.packs[pack]);
+            let data = storage.get_bytes(&key).await?;
+            let source = format!("{}/{key}", storage.url());
+            let manifest = manifest.clone();
+            let root = root.map(Path::to_path_buf);
+            let snapshot = snapshot_ref.clone();
+            let locations: Vec<(Hash, Location, Vec<(usize, u64)>)> =
+                blocks.into_iter().map(|(h, uses)| (h, index.blocks[&h], uses)).collect();
+            let (checked, written) = tokio::task::spawn_blocking(move || {
+                check_and_write(&data, &source, &snapshot, &manifest, root.as_deref(), &locations)
+            })
+            .await
+            .map_err(join_error)??;
+            let mut r = report_ref.lock().expect("lock");
+            r.blocks_checked += checked;
+            r.bytes_restored += written;
+            r.packs_read += 1;
+            Ok(())
+        })
+        .buffer_unordered(TRANSFER_CONCURRENCY)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(report.into_inner().expect("lock"))
+}
+
+fn check_and_write(
+    pack: &[u8],
+    source: &str,
+    snapshot: &str,
+    manifest: &Manifest,
+    root: Option<&Path>,
+    locations: &[(Hash, Location, Vec<(usize, u64)>)],
+) -> Result<(u64, u64)> {
+    let corrupt = |what: String| SnapshotError::Corrupt { object: format!("{source} (used by {snapshot})"), what };
+    let mut open: HashMap<usize, File> = HashMap::new();
+    let (mut checked, mut written) = (0u64, 0u64);
+    for (hash, location, uses) in locations {
+        let start = location.offset as usize;
+        let end = start.checked_add(location.len as usize).filter(|&e| e <= pack.len()).ok_or_else(|| {
+            corrupt(format!("block {} lies outside the {}-byte pack (truncated?)", hex::encode(hash), pack.len()))
+        })?;
+        let first_user = &manifest.entries[uses[0].0].path;
+        let block = zstd::bulk::decompress(&pack[start..end], BLOCK_SIZE as usize)
+            .map_err(|e| corrupt(format!("a block of {first_user} does not decompress: {e}")))?;
+        if Sha256::digest(&block)[..] != hash[..] {
+            return Err(corrupt(format!("a block of {first_user} fails its SHA-256 check")));
+        }
+        checked += 1;
+        let Some(root) = root else { continue };
+        for &(entry_index, number) in uses {
+            let entry = &manifest.entries[entry_index];
+            let offset = number * BLOCK_SIZE;
+            let expected = (entry.size - offset).min(BLOCK_SIZE) as usize;
+            if block.len() != expected {
+                return Err(corrupt(format!("block {number} of {} has {} bytes, expected {expected}", entry.path, block.len())));
+            }
+            let file = match open.entry(entry_index) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let path: PathBuf = root.join(&entry.path);
+                    v.insert(std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| SnapshotError::io(&path, "open", e))?)
+                }
+            };
+            file.write_all_at(&block, offset).map_err(|e| SnapshotError::io(root.join(&entry.path), "write", e))?;
+            written += block.len() as u64;
+        }
+    }
+    Ok((checked, written))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_round_trips_and_detects_damage() {
+        let entries = vec![([1u8; 32], 0u64, 10u32), ([2u8; 32], 10, 20)];
+        let bytes = encode_index(&entries);
+        assert_eq!(decode_index(&bytes, "x").unwrap(), entries);
+        let mut bad = bytes.clone();
+        bad[20] ^= 1;
+        assert!(decode_index(&bad, "x").unwrap_err().to_string().contains("checksum"));
+        assert!(decode_index(&bytes[..bytes.len() - 1], "x").is_err());
+        assert!(decode_index(b"garbage", "x").is_err());
+    }
+}

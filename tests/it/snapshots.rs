@@ -1,0 +1,287 @@
+//! Snapshots of real PostgreSQL 15 clusters (data checksums on) in the `zenith` format,
+//! through the `zenith` binary, to a local directory, s3s-fs and a Garage cluster: the copy
+//! starts, holds exactly the committed content, passes pg_checksums and pg_amcheck; a second
+//! snapshot stores only changed pages; damaged or hostile snapshots are refused.
+
+use std::path::Path;
+use std::process::Command;
+
+use zenith::storage::Storage;
+
+use crate::support::pg::{pg_tempdir, PgCluster};
+use crate::support::s3::S3Server;
+use crate::support::{assert_clean_failure, run, text, zenith};
+
+/// A fingerprint of everything the tests write.
+fn content(pg: &PgCluster) -> String {
+    pg.sql(
+        "select (select md5(string_agg(id || ':' || encode(payload, 'hex'), ',' order by id)) from incompressible) \
+         || '|' || (select sum(abalance) || '/' || count(*) from pgbench_accounts) \
+         || '|' || (select count(*) from pgbench_history)",
+    )
+}
+
+/// pgbench tables plus 8 MB of random bytes.
+fn populate(pg: &PgCluster, scale: u32) {
+    pg.client("pgbench", &["-i", "-q", "-s", &scale.to_string(), "postgres"]);
+    pg.sql(
+        "create table incompressible (id int primary key, payload bytea); \
+         insert into incompressible select i, decode(string_agg(md5(random()::text || i || j), ''), 'hex') \
+         from generate_series(1, 8000) i, generate_series(1, 64) j group by i",
+    );
+    pg.client("pgbench", &["-n", "-t", "300", "-c", "2", "postgres"]);
+}
+
+fn zenith_with(env: &[(&'static str, String)]) -> Command {
+    let mut cmd = zenith();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "zenith failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+fn round_trip(url: &str, env: &[(&'static str, String)]) {
+    let Some(mut pg) = PgCluster::init() else { return };
+    pg.start();
+    populate(&pg, 2);
+    let before = content(&pg);
+    pg.stop();
+
+    let out = ok(zenith_with(env).args(["export", "--snapshot_path", url, "--name", "first", "--pgdata"]).arg(&pg.data));
+    assert!(out.contains("(first)") && out.contains("new blocks"), "{out}");
+    let listed = ok(zenith_with(env).args(["snapshot", "list", "--json", "--storage", url]));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["name"], "first");
+    assert_eq!(listed[0]["pg_version"], "15");
+    ok(zenith_with(env).args(["snapshot", "verify", "first", "--storage", url]));
+
+    let target = pg_tempdir();
+    let data = target.path().join("restored");
+    let out = ok(zenith_with(env).args(["import", "--snapshot_path", url, "--snapshot", "first", "--pgdata"]).arg(&data));
+    assert!(out.contains("blocks checked"), "{out}");
+    let mut copy = PgCluster::at(&pg.install, &data);
+    copy.start();
+    assert_eq!(content(&copy), before, "the restored cluster differs");
+    copy.client("pg_amcheck", &["--install-missing", "--heapallindexed", "-d", "postgres"]);
+    copy.client("pgbench", &["-n", "-t", "50", "postgres"]);
+    copy.stop();
+    assert!(copy.checksums_ok().contains("Bad checksums:  0"));
+}
+
+#[test]
+fn zenith_format_round_trip_on_a_local_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    round_trip(&format!("file://{}", dir.path().join("snapshots").display()), &[]);
+}
+
+#[test]
+fn zenith_format_round_trip_on_s3s_fs() {
+    let Some(server) = S3Server::s3s_fs() else { return };
+    round_trip(&server.url("snapshots"), &server.env());
+}
+
+#[test]
+fn zenith_format_round_trip_on_garage() {
+    let Some(server) = S3Server::garage(3) else { return };
+    round_trip(&server.url("snapshots"), &server.env());
+}
+
+fn stored_sizes(url: &str) -> Vec<u64> {
+    let listed: serde_json::Value = serde_json::from_str(&ok(zenith().args(["snapshot", "list", "--json", "--storage", url]))).unwrap();
+    listed.as_array().unwrap().iter().map(|m| m["stored_size"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn a_second_snapshot_stores_only_changed_pages() {
+    let Some(mut pg) = PgCluster::init() else { return };
+    pg.start();
+    populate(&pg, 10);
+    pg.sql("checkpoint");
+    pg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("s").display());
+    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+
+    // About 1% of pgbench_accounts' pages: one row in every hundredth page (61 rows a page).
+    pg.start();
+    let pages: u64 = pg.sql("select relpages from pg_class where relname = 'pgbench_accounts'").parse().unwrap();
+    pg.sql("update pgbench_accounts set abalance = abalance + 1 where aid % 6100 = 0");
+    pg.stop();
+    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    let sizes = stored_sizes(&url);
+    assert_eq!(sizes.len(), 2);
+    let ratio = sizes[1] as f64 / sizes[0] as f64;
+    eprintln!("{pages} pages; first snapshot stored {} bytes, second {} ({:.2}%)", sizes[0], sizes[1], ratio * 100.0);
+    assert!(ratio <= 0.05, "the second snapshot stored {:.1}% of the first", ratio * 100.0);
+
+    // Both restore, each to its own state.
+    let target = pg_tempdir();
+    let first_id = serde_json::from_str::<serde_json::Value>(&ok(zenith().args(["snapshot", "list", "--json", "--storage", &url])))
+        .unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(zenith().args(["import", "--snapshot_path", &url, "--snapshot", &first_id[..10], "--pgdata"]).arg(target.path().join("a")));
+    let mut a = PgCluster::at(&pg.install, &target.path().join("a"));
+    a.start();
+    assert_eq!(a.sql("select count(*) from pgbench_accounts where aid % 6100 = 0 and abalance = 0 and aid <= 6100"), "1");
+    a.stop();
+    ok(zenith().args(["import", "--snapshot_path", &url, "--snapshot", "LATEST", "--pgdata"]).arg(target.path().join("b")));
+    let mut b = PgCluster::at(&pg.install, &target.path().join("b"));
+    b.start();
+    pg.start();
+    assert_eq!(content(&b), content(&pg));
+}
+
+#[test]
+fn a_running_cluster_is_refused() {
+    let Some(mut pg) = PgCluster::init() else { return };
+    pg.start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("s").display());
+    let out = run(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    assert_clean_failure(&out, "belongs to a running PostgreSQL");
+    assert!(!dir.path().join("s/snapshots").exists());
+}
+
+fn first_file(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path()
+}
+
+#[test]
+fn damaged_snapshots_are_detected_and_never_restored() {
+    let Some(mut pg) = PgCluster::init() else { return };
+    pg.start();
+    populate(&pg, 1);
+    pg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    let url = format!("file://{}", store.display());
+    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    let manifest_path = first_file(&store.join("snapshots"));
+    let id = manifest_path.file_stem().unwrap().to_str().unwrap().to_string();
+    let target = pg_tempdir();
+    let restore = |name: &str| {
+        run(zenith().args(["import", "--snapshot_path", &url, "--pgdata"]).arg(target.path().join(name)))
+    };
+
+    // One flipped byte in a pack.
+    let pack = first_file(&store.join("packs"));
+    let original = std::fs::read(&pack).unwrap();
+    let mut damaged = original.clone();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0x40;
+    std::fs::write(&pack, &damaged).unwrap();
+    let out = run(zenith().args(["snapshot", "verify", &id, "--storage", &url]));
+    let err = assert_clean_failure(&out, "is corrupt");
+    assert!(err.contains(&id) && (err.contains("SHA-256") || err.contains("decompress")), "{err}");
+    assert!(err.contains("base/") || err.contains("global/") || err.contains("pg_"), "names no file: {err}");
+    assert_clean_failure(&restore("flipped"), "is corrupt");
+    assert!(!target.path().join("flipped").exists(), "a damaged snapshot left a directory behind");
+
+    // A truncated pack.
+    std::fs::write(&pack, &original[..original.len() / 3]).unwrap();
+    assert_clean_failure(&restore("truncated"), "truncated");
+    std::fs::write(&pack, &original).unwrap();
+
+    // A missing index (the blocks it lists are nowhere).
+    let index = first_file(&store.join("index"));
+    let index_bytes = std::fs::read(&index).unwrap();
+    std::fs::remove_file(&index).unwrap();
+    assert_clean_failure(&restore("missing"), "which no pack in the storage holds");
+    std::fs::write(&index, &index_bytes).unwrap();
+
+    // A manifest whose paths escape the target.
+    let manifest_bytes = std::fs::read(&manifest_path).unwrap();
+    let mut hostile: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    hostile["entries"][0]["path"] = "../../escaped".into();
+    std::fs::write(&manifest_path, serde_json::to_vec(&hostile).unwrap()).unwrap();
+    assert_clean_failure(&restore("hostile"), "'..'");
+    assert!(!target.path().join("escaped").exists() && !dir.path().join("escaped").exists());
+    std::fs::write(&manifest_path, &manifest_bytes).unwrap();
+
+    // Restored intact, it works again.
+    ok(zenith().args(["snapshot", "verify", &id, "--storage", &url]));
+    let out = restore("good");
+    assert!(out.status.success(), "{:?}", text(&out));
+}
+
+#[tokio::test]
+async fn decompression_bombs_are_refused() {
+    use bytes::Bytes;
+    use sha2::{Digest, Sha256};
+    let Some(mut pg) = PgCluster::init() else { return };
+    pg.start();
+    pg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    let url = format!("file://{}", store.display());
+    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    // Replace the only pack with one whose every block inflates to 64 MiB of zeros, with an
+    // index that is internally consistent, so only the size limit can stop it.
+    let storage = zenith::storage::LocalStorage::new(store.clone()).unwrap();
+    let index_key = storage.list("index/").await.unwrap()[0].key.clone();
+    let index = storage.get_bytes(&index_key).await.unwrap();
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    let count = u64::from_le_bytes(index[8..16].try_into().unwrap()) as usize;
+    let mut pack = Vec::new();
+    let mut body = index[..16].to_vec();
+    for i in 0..count {
+        let entry = &index[16 + i * 44..16 + (i + 1) * 44];
+        body.extend_from_slice(&entry[..32]);
+        body.extend_from_slice(&(pack.len() as u64).to_le_bytes());
+        body.extend_from_slice(&(bomb.len() as u32).to_le_bytes());
+        pack.extend_from_slice(&bomb);
+    }
+    let sum = Sha256::digest(&body);
+    body.extend_from_slice(&sum);
+    let pack_key = index_key.replace("index/", "packs/").replace(".idx", "");
+    storage.put(&pack_key, Bytes::from(pack)).await.unwrap();
+    storage.put(&index_key, Bytes::from(body)).await.unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let out = run(zenith().args(["import", "--snapshot_path", &url, "--pgdata"]).arg(target.path().join("x")));
+    assert_clean_failure(&out, "does not decompress");
+}
+
+#[test]
+fn a_killed_export_leaves_no_snapshot_and_the_rerun_reuses_its_packs() {
+    let Some(mut pg) = PgCluster::init() else { return };
+    pg.start();
+    populate(&pg, 20);
+    pg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    let url = format!("file://{}", store.display());
+    let mut child = zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let indexes = std::fs::read_dir(store.join("index")).map(|d| d.count()).unwrap_or(0);
+        if indexes >= 2 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the export finished before it could be killed; use a larger database");
+        assert!(std::time::Instant::now() < deadline, "no pack appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let listed = ok(zenith().args(["snapshot", "list", "--storage", &url]));
+    assert!(listed.contains("no snapshots"), "a killed export left a visible snapshot: {listed}");
+
+    let out = ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    // "stored X (N new blocks of M)": the packs the killed run finished are reused.
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "new").unwrap();
+    let new: u64 = words[at - 1].trim_start_matches('(').parse().unwrap();
+    let total: u64 = words[at + 3].trim_end_matches(')').parse().unwrap();
+    assert!(new < total, "nothing was reused: {out}");
+    ok(zenith().args(["snapshot", "verify", "LATEST", "--storage", &url]));
+}
