@@ -1,8 +1,9 @@
 //! `zenith export`, `zenith import` and `zenith snapshot ...` against a storage URL.
 //!
-//! Built: the `zenith` format from and to a stopped data directory, and listing, showing and
-//! verifying the snapshots of a storage. Online snapshots (`--connstr`), the `pgdata` and
-//! `basebackup` formats and snapshots inside a zenith repo answer "not implemented yet".
+//! Built: the `zenith` format from a stopped data directory or a running server (online),
+//! into a new data directory, and listing, showing and verifying the snapshots of a storage.
+//! The `pgdata` and `basebackup` formats, deleting, and snapshots inside a zenith repo
+//! answer "not implemented yet".
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -97,22 +98,27 @@ fn zenith_format_only(format: &str, what: &str) -> Result<(), CliError> {
 
 pub async fn export(args: ExportArgs) -> Result<(), CliError> {
     zenith_format_only(&args.snapshot_format, "export")?;
-    let Some(pgdata) = args.pgdata else {
-        return Err(CliError::NotImplemented(if args.connstr.is_some() {
-            "export --connstr".into()
-        } else {
-            "export of a repo snapshot".into()
-        }));
-    };
     let storage = storage::open(&args.snapshot_path).await.map_err(anyhow::Error::from)?;
     let options = native::PackOptions { name: args.name, parent: None };
-    let report = native::pack_stopped_dir(&pgdata, storage.clone(), &options).await.map_err(anyhow::Error::from)?;
+    let (report, source) = match (args.pgdata, args.connstr) {
+        (Some(pgdata), _) => {
+            let report = native::pack_stopped_dir(&pgdata, storage.clone(), &options).await;
+            (report, pgdata.display().to_string())
+        }
+        (None, Some(connstr)) => {
+            let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
+            let report = native::pack_running_server(&install, &connstr, storage.clone(), &options).await;
+            (report, native::redact_password(&connstr))
+        }
+        (None, None) => return Err(CliError::NotImplemented("export of a repo snapshot".into())),
+    };
+    let report = report.map_err(anyhow::Error::from)?;
     let m = &report.manifest;
     println!(
         "snapshot {}{} of {}: {} files, {}; stored {} ({} new blocks of {}) in {}",
         m.id,
         m.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(),
-        pgdata.display(),
+        source,
         m.entries.iter().filter(|e| e.kind == crate::snapshot::EntryKind::File).count(),
         format_size(m.total_size),
         format_size(m.stored_size),

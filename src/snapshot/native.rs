@@ -140,6 +140,90 @@ pub struct PackReport {
 /// Snapshots the stopped data directory `dir` into `storage` in the zenith format.
 pub async fn pack_stopped_dir(dir: &Path, storage: Arc<dyn Storage>, options: &PackOptions) -> Result<PackReport> {
     datadir::check_not_running(dir)?;
+    pack_dir(dir, storage, options, None).await
+}
+
+/// Snapshots a running server online, without stopping it: PostgreSQL's own
+/// `pg_basebackup` copies the cluster with the WAL from backup start to stop into a staging
+/// directory (under `ZENITH_STAGING_DIR`, else the system's temporary directory), which is
+/// packed and removed. Restoring it and starting PostgreSQL replays that WAL, so the copy
+/// holds every transaction committed before the snapshot began.
+pub async fn pack_running_server(
+    install: &crate::compute::PgInstall,
+    connstr: &str,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+) -> Result<PackReport> {
+    let base = std::env::var_os("ZENITH_STAGING_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let staging = base.join(format!("zenith-staging-{:016x}", fastrand::u64(..)));
+    let data = staging.join("data");
+    std::fs::create_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, "create", e))?;
+    let result = async {
+        let out = tokio::process::Command::new(install.bin("pg_basebackup"))
+            .arg("--dbname")
+            .arg(connstr)
+            .arg("--pgdata")
+            .arg(&data)
+            .args(["--format=plain", "--wal-method=stream", "--checkpoint=fast", "--no-sync", "--no-password"])
+            .env("PGAPPNAME", "zenith")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| SnapshotError::io(install.bin("pg_basebackup"), "run", e))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim();
+            return Err(SnapshotError::Refused {
+                reason: format!(
+                    "the online snapshot of {} failed: {last}; check the connection string, and that the server accepts replication connections (pg_hba.conf, max_wal_senders)",
+                    redact_password(connstr)
+                ),
+            });
+        }
+        let lsns = backup_lsns(&data)?;
+        pack_dir(&data, storage, options, Some(lsns)).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+/// Start and stop LSN of a base backup, from its `backup_manifest` (WAL-Ranges).
+fn backup_lsns(data: &Path) -> Result<(String, String)> {
+    let path = data.join("backup_manifest");
+    let text = std::fs::read_to_string(&path).map_err(|e| SnapshotError::io(&path, "read", e))?;
+    let manifest: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| SnapshotError::Corrupt { object: path.display().to_string(), what: e.to_string() })?;
+    let range = &manifest["WAL-Ranges"][0];
+    match (range["Start-LSN"].as_str(), range["End-LSN"].as_str()) {
+        (Some(start), Some(end)) => Ok((start.to_string(), end.to_string())),
+        _ => Err(SnapshotError::Corrupt { object: path.display().to_string(), what: "no WAL-Ranges".into() }),
+    }
+}
+
+/// A libpq URI or key=value string with its password replaced, for messages.
+pub fn redact_password(connstr: &str) -> String {
+    if let Some((scheme, rest)) = connstr.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+        return connstr.to_string();
+    }
+    connstr
+        .split_whitespace()
+        .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn pack_dir(
+    dir: &Path,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+    lsns: Option<(String, String)>,
+) -> Result<PackReport> {
     let pg_version = datadir::read_pg_version(dir)?;
     let control = datadir::read_control(dir)?;
     let walked = {
@@ -171,8 +255,8 @@ pub async fn pack_stopped_dir(dir: &Path, storage: Arc<dyn Storage>, options: &P
         pg_version,
         system_identifier: control.system_identifier,
         timeline: control.timeline,
-        start_lsn: datadir::format_lsn(control.checkpoint_lsn),
-        stop_lsn: datadir::format_lsn(control.checkpoint_lsn),
+        start_lsn: lsns.as_ref().map(|l| l.0.clone()).unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
+        stop_lsn: lsns.as_ref().map(|l| l.1.clone()).unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
         created_at: manifest::now_rfc3339(),
         entries,
         total_size,
@@ -602,6 +686,13 @@ fn check_and_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact_password("postgres://u:s3cret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_password("postgresql://u@h/db"), "postgresql://u@h/db");
+        assert_eq!(redact_password("host=h password=s3cret user=u"), "host=h password=*** user=u");
+    }
 
     #[test]
     fn index_round_trips_and_detects_damage() {

@@ -149,33 +149,15 @@ pub(crate) const TEMP_MARKER: &str = ".zenith-tmp-";
 
 /// Checks that `key` is a valid object key (see [`Storage`]).
 pub fn validate_key(key: &str) -> Result<()> {
-    let bad = |reason: &'static str| {
-        Err(Error::InvalidKey {
-            key: key.to_string(),
-            reason,
-        })
-    };
-    if key.is_empty() {
-        return bad("it is empty");
+    let reason = crate::util::relpath::check(key, 1024).err().or_else(|| {
+        key.split('/')
+            .any(|segment| segment.contains(TEMP_MARKER))
+            .then_some("it contains zenith's temporary-file marker")
+    });
+    match reason {
+        Some(reason) => Err(Error::InvalidKey { key: key.to_string(), reason }),
+        None => Ok(()),
     }
-    if key.len() > 1024 {
-        return bad("it is longer than 1024 bytes");
-    }
-    if key.contains('\0') || key.contains('\\') {
-        return bad("it contains a NUL or a backslash");
-    }
-    if key.starts_with('/') || key.ends_with('/') {
-        return bad("it starts or ends with '/'");
-    }
-    for segment in key.split('/') {
-        match segment {
-            "" => return bad("it has an empty path segment"),
-            "." | ".." => return bad("it has a '.' or '..' segment"),
-            s if s.contains(TEMP_MARKER) => return bad("it contains zenith's temporary-file marker"),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// Checks a listing prefix: like a key, but may be empty or end with `/`.

@@ -3,5 +3,6 @@
 //! PostgreSQL, storage formats or the command line.
 
 pub mod backoff;
+pub mod relpath;
 pub mod size;
 pub mod testdata;
