@@ -2,8 +2,8 @@
 //!
 //! Built: the `zenith` format from a stopped data directory or a running server (online),
 //! into a new data directory, and listing, showing and verifying the snapshots of a storage.
-//! The `pgdata` and `basebackup` formats, deleting, and snapshots inside a zenith repo
-//! answer "not implemented yet".
+//! Deleting a snapshot collects the data no other snapshot needs. The `pgdata` and
+//! `basebackup` formats and snapshots inside a zenith repo answer "not implemented yet".
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -78,6 +78,12 @@ pub enum SnapshotCommand {
         snapshot: String,
         #[arg(long, value_name = "URL")]
         storage: Option<String>,
+        /// Leave data younger than this alone (a concurrent export may still need it)
+        #[arg(long, default_value = "1h", value_parser = crate::util::size::parse_duration)]
+        grace: std::time::Duration,
+        /// Rewrite packs until at most this percentage of stored bytes is unused
+        #[arg(long, default_value_t = 5.0, value_name = "PERCENT")]
+        max_unused: f64,
     },
     /// Re-read every object of a snapshot and check every checksum
     Verify {
@@ -198,7 +204,24 @@ pub async fn run(cmd: SnapshotCommand) -> Result<(), CliError> {
         SnapshotCommand::List { storage: None, .. } => Err(words("snapshot list (of the repo)")),
         SnapshotCommand::Show { storage: None, .. } => Err(words("snapshot show (of the repo)")),
         SnapshotCommand::Verify { storage: None, .. } => Err(words("snapshot verify (of the repo)")),
-        SnapshotCommand::Delete { .. } => Err(words("snapshot delete")),
+        SnapshotCommand::Delete { snapshot, storage: Some(url), grace, max_unused } => {
+            let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
+            let m = native::resolve(storage.as_ref(), &snapshot).await.map_err(anyhow::Error::from)?;
+            let r = native::delete(storage, &m, grace, max_unused / 100.0).await.map_err(anyhow::Error::from)?;
+            println!("deleted snapshot {}", r.deleted);
+            match &r.gc.skipped {
+                Some(why) => println!("kept its data for now: {why}"),
+                None => println!(
+                    "freed {} ({} packs removed, {} rewritten); {} unused left",
+                    format_size(r.gc.bytes_freed),
+                    r.gc.packs_deleted,
+                    r.gc.packs_repacked,
+                    format_size(r.gc.bytes_unused_left)
+                ),
+            }
+            Ok(())
+        }
+        SnapshotCommand::Delete { storage: None, .. } => Err(words("snapshot delete (in the repo)")),
         SnapshotCommand::Diff { .. } => Err(words("snapshot diff")),
     }
 }

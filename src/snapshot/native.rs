@@ -93,9 +93,14 @@ fn decode_index(bytes: &[u8], source: &str) -> Result<Vec<(Hash, u64, u32)>> {
         .collect())
 }
 
-async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
+/// One pack as its index describes it.
+struct PackInfo {
+    id: String,
+    entries: Vec<(Hash, u64, u32)>,
+}
+
+async fn load_packs(storage: &dyn Storage) -> Result<Vec<PackInfo>> {
     let objects = storage.list("index/").await?;
-    let mut index = BlockIndex::default();
     let fetched: Vec<_> = futures::stream::iter(objects.into_iter().filter(|o| o.key.ends_with(".idx")))
         .map(|o| async move {
             let bytes = storage.get_bytes(&o.key).await?;
@@ -104,19 +109,27 @@ async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
         .buffered(TRANSFER_CONCURRENCY * 2)
         .collect()
         .await;
+    let mut packs = Vec::new();
     for item in fetched {
         let (key, bytes) = item?;
-        let pack = key.trim_start_matches("index/").trim_end_matches(".idx").to_string();
-        if !manifest::is_sha256_hex(&pack) {
+        let id = key.trim_start_matches("index/").trim_end_matches(".idx").to_string();
+        if !manifest::is_sha256_hex(&id) {
             continue;
         }
-        let source = format!("{}/{key}", storage.url());
-        let entries = decode_index(&bytes, &source)?;
+        let entries = decode_index(&bytes, &format!("{}/{key}", storage.url()))?;
+        packs.push(PackInfo { id, entries });
+    }
+    Ok(packs)
+}
+
+async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
+    let mut index = BlockIndex::default();
+    for pack in load_packs(storage).await? {
         let number = index.packs.len();
-        index.packs.push(pack);
-        for (hash, offset, len) in entries {
+        for (hash, offset, len) in pack.entries {
             index.blocks.entry(hash).or_insert(Location { pack: number, offset, len });
         }
+        index.packs.push(pack.id);
     }
     Ok(index)
 }
@@ -230,6 +243,25 @@ async fn pack_dir(
         let dir = dir.to_path_buf();
         tokio::task::spawn_blocking(move || datadir::walk(&dir)).await.map_err(join_error)??
     };
+    // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on.
+    let lock = format!("locks/{:016x}.lock", fastrand::u64(..));
+    storage.put(&lock, Bytes::from(manifest::now_rfc3339())).await?;
+    let result = pack_dir_locked(dir, Arc::clone(&storage), options, lsns, pg_version, control, walked).await;
+    if let Err(e) = storage.delete(&lock).await {
+        tracing::warn!("could not remove the lock {lock}: {e}");
+    }
+    result
+}
+
+async fn pack_dir_locked(
+    _dir: &Path,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+    lsns: Option<(String, String)>,
+    pg_version: String,
+    control: datadir::ControlInfo,
+    walked: Vec<DirEntry>,
+) -> Result<PackReport> {
     let index = load_index(storage.as_ref()).await?;
     let known: HashSet<Hash> = index.blocks.keys().copied().collect();
 
@@ -463,6 +495,158 @@ impl Packer {
             packs: self.packs.load(Ordering::Relaxed),
         })
     }
+}
+
+/// What deleting did.
+#[derive(Debug, Clone, Default)]
+pub struct DeleteReport {
+    pub deleted: String,
+    pub gc: GcReport,
+}
+
+/// What garbage collection did.
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    /// Packs removed because no snapshot uses any of their blocks.
+    pub packs_deleted: u64,
+    /// Packs rewritten without their unused blocks.
+    pub packs_repacked: u64,
+    /// Stored bytes freed.
+    pub bytes_freed: u64,
+    /// Unused bytes left in place (younger than the grace period, or under the threshold).
+    pub bytes_unused_left: u64,
+    /// Why collection was skipped, if it was.
+    pub skipped: Option<String>,
+}
+
+/// Deletes one snapshot (its manifest), then collects what no remaining snapshot needs.
+///
+/// Safety: blocks used by a remaining snapshot are never removed; packs younger than
+/// `grace` are left alone (a concurrent export may be about to reference them), and while
+/// any export holds a lock younger than `grace` nothing is collected at all. Packs whose
+/// unused share exceeds `max_unused` (0.0–1.0 of all stored bytes) are rewritten with only
+/// their used blocks, most-unused first.
+pub async fn delete(storage: Arc<dyn Storage>, manifest: &Manifest, grace: std::time::Duration, max_unused: f64) -> Result<DeleteReport> {
+    storage.delete(&manifest_key(&manifest.id)).await?;
+    let gc = collect_garbage(storage, grace, max_unused).await?;
+    Ok(DeleteReport { deleted: manifest.id.clone(), gc })
+}
+
+fn older_than(modified: Option<std::time::SystemTime>, grace: std::time::Duration) -> bool {
+    match modified {
+        Some(t) => t.elapsed().map(|age| age >= grace).unwrap_or(false),
+        // A store that reports no time: only collect with a zero grace period.
+        None => grace.is_zero(),
+    }
+}
+
+/// Removes or rewrites packs that hold blocks no snapshot uses (see [`delete`]).
+pub async fn collect_garbage(storage: Arc<dyn Storage>, grace: std::time::Duration, max_unused: f64) -> Result<GcReport> {
+    let mut report = GcReport::default();
+    let locks = storage.list("locks/").await?;
+    if locks.iter().any(|l| !older_than(l.last_modified, grace)) {
+        report.skipped = Some("an export is running (a lock in locks/); unused data is collected by a later delete".into());
+        return Ok(report);
+    }
+    let manifests = list(storage.as_ref()).await?;
+    let live: HashSet<Hash> = manifests
+        .iter()
+        .flat_map(|m| m.entries.iter().flat_map(|e| e.blocks.iter()))
+        .filter_map(|h| {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(h, &mut hash).ok().map(|()| hash)
+        })
+        .collect();
+    let ages: HashMap<String, Option<std::time::SystemTime>> = storage
+        .list("packs/")
+        .await?
+        .into_iter()
+        .map(|o| (o.key.trim_start_matches("packs/").to_string(), o.last_modified))
+        .collect();
+    let mut packs = load_packs(storage.as_ref()).await?;
+    // A block stored twice (two exports racing) is kept in the first pack only.
+    let mut kept: HashSet<Hash> = HashSet::new();
+    let mut candidates = Vec::new();
+    let mut total_bytes = 0u64;
+    let mut unused_bytes = 0u64;
+    for pack in packs.drain(..) {
+        let size: u64 = pack.entries.iter().map(|e| e.2 as u64).sum();
+        total_bytes += size;
+        let used: Vec<(Hash, u64, u32)> = pack.entries.iter().copied().filter(|e| live.contains(&e.0) && kept.insert(e.0)).collect();
+        let used_bytes: u64 = used.iter().map(|e| e.2 as u64).sum();
+        let unused = size - used_bytes;
+        unused_bytes += unused;
+        let old_enough = older_than(ages.get(&pack.id).copied().flatten(), grace);
+        if unused > 0 && old_enough {
+            candidates.push((unused, size, pack, used));
+        }
+    }
+    // Empty packs always go; partly used ones, most unused first, until what is left
+    // unused is within the threshold.
+    candidates.sort_by(|a, b| (b.0 as f64 / b.1 as f64).total_cmp(&(a.0 as f64 / a.1 as f64)));
+    let allowed = (total_bytes as f64 * max_unused.clamp(0.0, 1.0)) as u64;
+    let mut to_delete = Vec::new();
+    let mut to_repack = Vec::new();
+    let mut remaining_unused = unused_bytes;
+    for (unused, _size, pack, used) in candidates {
+        if used.is_empty() {
+            remaining_unused -= unused;
+            to_delete.push(pack.id);
+        } else if remaining_unused > allowed {
+            remaining_unused -= unused;
+            to_repack.push((pack.id, used));
+        }
+    }
+    // Rewrite first (new packs and indexes), then remove the old indexes, then old packs:
+    // at every moment each used block is reachable through some index.
+    let mut written = 0u64;
+    if !to_repack.is_empty() {
+        let runtime = tokio::runtime::Handle::current();
+        let url = storage.url();
+        let jobs = to_repack.clone();
+        let storage = Arc::clone(&storage);
+        let stats = tokio::task::spawn_blocking(move || {
+            let packer = Packer::new(runtime.clone(), Arc::clone(&storage));
+            for (pack_id, used) in &jobs {
+                let key = format!("packs/{pack_id}");
+                let data = runtime.block_on(storage.get_bytes(&key))?;
+                for (hash, offset, len) in used {
+                    let (start, end) = (*offset as usize, *offset as usize + *len as usize);
+                    let source = format!("{url}/{key}");
+                    let bytes = data.get(start..end).ok_or_else(|| SnapshotError::Corrupt {
+                        object: source.clone(),
+                        what: "a block lies outside the pack (truncated?)".into(),
+                    })?;
+                    let block = zstd::bulk::decompress(bytes, BLOCK_SIZE as usize)
+                        .map_err(|e| SnapshotError::Corrupt { object: source.clone(), what: format!("a block does not decompress: {e}") })?;
+                    if Sha256::digest(&block)[..] != hash[..] {
+                        return Err(SnapshotError::Corrupt { object: source, what: "a block fails its SHA-256 check".into() });
+                    }
+                    packer.add(*hash, bytes.to_vec())?;
+                }
+            }
+            packer.finish()
+        })
+        .await
+        .map_err(join_error)??;
+        report.packs_repacked = to_repack.len() as u64;
+        written = stats.bytes;
+    }
+    for pack_id in to_delete.iter().chain(to_repack.iter().map(|(id, _)| id)) {
+        storage.delete(&format!("index/{pack_id}.idx")).await?;
+    }
+    let mut freed = 0u64;
+    for pack_id in to_delete.iter().chain(to_repack.iter().map(|(id, _)| id)) {
+        let key = format!("packs/{pack_id}");
+        if let Ok(meta) = storage.head(&key).await {
+            freed += meta.size;
+        }
+        storage.delete(&key).await?;
+    }
+    report.packs_deleted = to_delete.len() as u64;
+    report.bytes_freed = freed.saturating_sub(written);
+    report.bytes_unused_left = remaining_unused;
+    Ok(report)
 }
 
 /// Every snapshot manifest in `storage`, oldest first.
