@@ -31,7 +31,13 @@ pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
 )]
 pub struct Cli {
     /// The repo directory [default: $ZENITH_REPO_DIR, else ~/.zenith]
-    #[arg(long, alias = "repo_dir", global = true, env = "ZENITH_REPO_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        alias = "repo_dir",
+        global = true,
+        env = "ZENITH_REPO_DIR",
+        value_name = "DIR"
+    )]
     pub repo_dir: Option<PathBuf>,
 
     /// Do not draw progress bars
@@ -202,7 +208,10 @@ pub enum CliError {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("zenith: error: cannot start the async runtime: {e}");

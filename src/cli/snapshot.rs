@@ -1,7 +1,8 @@
 //! `zenith export`, `zenith import` and `zenith snapshot ...` against a storage URL.
 //!
-//! Built: the `zenith` format from a stopped data directory or a running server (online),
-//! into a new data directory, and listing, showing and verifying the snapshots of a storage.
+//! Built: the `zenith` and `pgdata` formats from a stopped data directory or a running
+//! server (online), into a new data directory (or from an existing `$PGDATA`), and listing,
+//! showing and verifying the snapshots of a storage.
 //! Deleting a snapshot collects the data no other snapshot needs. The `pgdata` and
 //! `basebackup` formats and snapshots inside a zenith repo answer "not implemented yet".
 
@@ -9,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::CliError;
-use crate::snapshot::{native, Format, Manifest};
+use crate::snapshot::{native, pgdata, Format, Manifest};
 use crate::storage;
 use crate::util::size::format_size;
 
@@ -21,7 +22,12 @@ pub struct ExportArgs {
     #[arg(long, alias = "snapshot_path", value_name = "URL")]
     pub snapshot_path: String,
     /// pgdata, basebackup or zenith
-    #[arg(long, alias = "snapshot_format", value_name = "FORMAT", default_value = "zenith")]
+    #[arg(
+        long,
+        alias = "snapshot_format",
+        value_name = "FORMAT",
+        default_value = "zenith"
+    )]
     pub snapshot_format: String,
     /// A stopped PostgreSQL data directory to snapshot
     #[arg(long, value_name = "DIR", conflicts_with_all = ["connstr", "snapshot"])]
@@ -40,7 +46,12 @@ pub struct ImportArgs {
     #[arg(long, alias = "snapshot_path", value_name = "URL")]
     pub snapshot_path: String,
     /// pgdata, basebackup or zenith
-    #[arg(long, alias = "snapshot_format", value_name = "FORMAT", default_value = "zenith")]
+    #[arg(
+        long,
+        alias = "snapshot_format",
+        value_name = "FORMAT",
+        default_value = "zenith"
+    )]
     pub snapshot_format: String,
     /// Which snapshot: an id or id prefix, a name, or LATEST
     #[arg(long, default_value = "LATEST")]
@@ -95,78 +106,212 @@ pub enum SnapshotCommand {
     Diff { from: String, to: String },
 }
 
-fn zenith_format_only(format: &str, what: &str) -> Result<(), CliError> {
+fn parse_format(format: &str, what: &str) -> Result<Format, CliError> {
     match Format::parse(format).map_err(anyhow::Error::msg)? {
-        Format::Zenith => Ok(()),
-        other => Err(CliError::NotImplemented(format!("{what} --snapshot_format={}", other.as_str()))),
+        Format::Basebackup => Err(CliError::NotImplemented(format!(
+            "{what} --snapshot_format=basebackup"
+        ))),
+        other => Ok(other),
     }
 }
 
 pub async fn export(args: ExportArgs) -> Result<(), CliError> {
-    zenith_format_only(&args.snapshot_format, "export")?;
-    let storage = storage::open(&args.snapshot_path).await.map_err(anyhow::Error::from)?;
-    let options = native::PackOptions { name: args.name, parent: None };
-    let (report, source) = match (args.pgdata, args.connstr) {
+    let format = parse_format(&args.snapshot_format, "export")?;
+    let storage = storage::open(&args.snapshot_path)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let options = native::PackOptions {
+        name: args.name,
+        parent: None,
+    };
+    // Online sources are copied consistently first (stock pg_basebackup), then packed.
+    let (online, dir, source) = match (args.pgdata, args.connstr) {
         (Some(pgdata), _) => {
-            let report = native::pack_stopped_dir(&pgdata, storage.clone(), &options).await;
-            (report, pgdata.display().to_string())
+            crate::snapshot::datadir::check_not_running(&pgdata).map_err(anyhow::Error::from)?;
+            (None, pgdata.clone(), pgdata.display().to_string())
         }
         (None, Some(connstr)) => {
             let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
-            let report = native::pack_running_server(&install, &connstr, storage.clone(), &options).await;
-            (report, native::redact_password(&connstr))
+            let copy = native::online_copy(&install, &connstr)
+                .await
+                .map_err(anyhow::Error::from)?;
+            let dir = copy.data.clone();
+            (Some(copy), dir, native::redact_password(&connstr))
         }
         (None, None) => return Err(CliError::NotImplemented("export of a repo snapshot".into())),
     };
-    let report = report.map_err(anyhow::Error::from)?;
-    let m = &report.manifest;
+    let lsns = online.as_ref().map(|c| c.lsns.clone());
+    let (m, detail) = match format {
+        Format::Zenith => {
+            let report = native::pack_dir(&dir, storage.clone(), &options, lsns)
+                .await
+                .map_err(anyhow::Error::from)?;
+            let detail = format!(
+                "{} new blocks of {}",
+                report.blocks_new, report.blocks_total
+            );
+            (report.manifest, detail)
+        }
+        _ => {
+            let m = pgdata::pack_dir(&dir, storage.clone(), &options, lsns)
+                .await
+                .map_err(anyhow::Error::from)?;
+            (m, "plain files".to_string())
+        }
+    };
+    drop(online);
     println!(
-        "snapshot {}{} of {}: {} files, {}; stored {} ({} new blocks of {}) in {}",
+        "snapshot {}{} of {}: {} files, {}; stored {} ({detail}) in {}",
         m.id,
-        m.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(),
+        m.name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default(),
         source,
-        m.entries.iter().filter(|e| e.kind == crate::snapshot::EntryKind::File).count(),
+        m.entries
+            .iter()
+            .filter(|e| e.kind == crate::snapshot::EntryKind::File)
+            .count(),
         format_size(m.total_size),
         format_size(m.stored_size),
-        report.blocks_new,
-        report.blocks_total,
         storage.url()
     );
     Ok(())
 }
 
 pub async fn import(args: ImportArgs) -> Result<(), CliError> {
-    zenith_format_only(&args.snapshot_format, "import")?;
+    let format = parse_format(&args.snapshot_format, "import")?;
     let Some(pgdata) = args.pgdata else {
         return Err(CliError::NotImplemented("import into the repo".into()));
     };
-    let storage = storage::open(&args.snapshot_path).await.map_err(anyhow::Error::from)?;
-    let manifest = native::resolve(storage.as_ref(), &args.snapshot).await.map_err(anyhow::Error::from)?;
-    let report = native::unpack(storage.as_ref(), &manifest, &pgdata).await.map_err(anyhow::Error::from)?;
+    let storage = storage::open(&args.snapshot_path)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let (id, size, checked) = match format {
+        Format::Zenith => {
+            let m = native::resolve(storage.as_ref(), &args.snapshot)
+                .await
+                .map_err(anyhow::Error::from)?;
+            let r = native::unpack(storage.as_ref(), &m, &pgdata)
+                .await
+                .map_err(anyhow::Error::from)?;
+            (
+                m.id,
+                m.total_size,
+                format!("{} blocks checked", r.blocks_checked),
+            )
+        }
+        _ => match pgdata::read_manifest(storage.as_ref())
+            .await
+            .map_err(anyhow::Error::from)?
+        {
+            Some(m) => {
+                check_reference(&m, &args.snapshot, &storage.url())?;
+                let r = pgdata::unpack(storage.as_ref(), &m, &pgdata)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                (
+                    m.id,
+                    m.total_size,
+                    format!("{} files checked", r.blocks_checked),
+                )
+            }
+            None => match storage::StorageUrl::parse(&args.snapshot_path)
+                .map_err(anyhow::Error::from)?
+            {
+                storage::StorageUrl::Local(dir) => {
+                    let copied = pgdata::copy_plain_dir(&dir, &pgdata)
+                        .await
+                        .map_err(anyhow::Error::from)?;
+                    (
+                        format!("(data directory {})", dir.display()),
+                        copied,
+                        "copied".to_string(),
+                    )
+                }
+                _ => {
+                    return Err(anyhow::anyhow!(
+                        "{} holds no {}: it is not a pgdata snapshot",
+                        storage.url(),
+                        pgdata::MANIFEST_KEY
+                    )
+                    .into())
+                }
+            },
+        },
+    };
     crate::compute::hand_to_postgres_user(&pgdata).map_err(anyhow::Error::msg)?;
     println!(
-        "restored snapshot {} into {}: {}, {} blocks checked",
-        manifest.id,
+        "restored snapshot {id} into {}: {}, {checked}",
         pgdata.display(),
-        format_size(manifest.total_size),
-        report.blocks_checked
+        format_size(size)
     );
     Ok(())
+}
+
+fn check_reference(m: &Manifest, reference: &str, url: &str) -> Result<(), CliError> {
+    if reference == "LATEST" || m.id.starts_with(reference) || m.name.as_deref() == Some(reference)
+    {
+        Ok(())
+    } else {
+        Err(
+            anyhow::Error::from(crate::snapshot::SnapshotError::NotFound {
+                reference: reference.into(),
+                url: url.into(),
+            })
+            .into(),
+        )
+    }
+}
+
+/// The snapshots at a destination: its pgdata snapshot, or its zenith-format ones.
+async fn snapshots_at(storage: &dyn storage::Storage) -> Result<Vec<Manifest>, CliError> {
+    match pgdata::read_manifest(storage)
+        .await
+        .map_err(anyhow::Error::from)?
+    {
+        Some(m) => Ok(vec![m]),
+        None => Ok(native::list(storage).await.map_err(anyhow::Error::from)?),
+    }
+}
+
+async fn resolve_any(
+    storage: &dyn storage::Storage,
+    reference: &str,
+) -> Result<Manifest, CliError> {
+    match pgdata::read_manifest(storage)
+        .await
+        .map_err(anyhow::Error::from)?
+    {
+        Some(m) => check_reference(&m, reference, &storage.url()).map(|()| m),
+        None => Ok(native::resolve(storage, reference)
+            .await
+            .map_err(anyhow::Error::from)?),
+    }
 }
 
 pub async fn run(cmd: SnapshotCommand) -> Result<(), CliError> {
     let words = |w: &str| CliError::NotImplemented(w.to_string());
     match cmd {
-        SnapshotCommand::List { storage: Some(url), json } => {
+        SnapshotCommand::List {
+            storage: Some(url),
+            json,
+        } => {
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let all = native::list(storage.as_ref()).await.map_err(anyhow::Error::from)?;
+            let all = snapshots_at(storage.as_ref()).await?;
             if json {
                 let rows: Vec<_> = all.iter().map(summary).collect();
-                println!("{}", serde_json::to_string_pretty(&rows).context("formatting")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).context("formatting")?
+                );
             } else if all.is_empty() {
                 println!("no snapshots in {}", storage.url());
             } else {
-                println!("{:<20}  {:<20}  {:<16}  {:>10}  {:>10}", "ID", "CREATED", "NAME", "SIZE", "STORED");
+                println!(
+                    "{:<20}  {:<20}  {:<16}  {:>10}  {:>10}",
+                    "ID", "CREATED", "NAME", "SIZE", "STORED"
+                );
                 for m in &all {
                     println!(
                         "{:<20}  {:<20}  {:<16}  {:>10}  {:>10}",
@@ -180,34 +325,72 @@ pub async fn run(cmd: SnapshotCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
-        SnapshotCommand::Show { snapshot, storage: Some(url), json } => {
+        SnapshotCommand::Show {
+            snapshot,
+            storage: Some(url),
+            json,
+        } => {
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let m = native::resolve(storage.as_ref(), &snapshot).await.map_err(anyhow::Error::from)?;
+            let m = resolve_any(storage.as_ref(), &snapshot).await?;
             if json {
                 println!("{}", String::from_utf8_lossy(&m.to_json()));
             } else {
                 let s = summary(&m);
                 for (k, v) in s.as_object().expect("object") {
-                    println!("{k:<18} {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                    println!(
+                        "{k:<18} {}",
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    );
                 }
             }
             Ok(())
         }
-        SnapshotCommand::Verify { snapshot, storage: Some(url) } => {
+        SnapshotCommand::Verify {
+            snapshot,
+            storage: Some(url),
+        } => {
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let m = native::resolve(storage.as_ref(), &snapshot).await.map_err(anyhow::Error::from)?;
-            let r = native::verify(storage.as_ref(), &m).await.map_err(anyhow::Error::from)?;
-            println!("snapshot {} is intact: {} blocks in {} packs checked", m.id, r.blocks_checked, r.packs_read);
+            let m = resolve_any(storage.as_ref(), &snapshot).await?;
+            if m.format == Format::Pgdata {
+                let r = pgdata::verify(storage.as_ref(), &m)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                println!(
+                    "snapshot {} is intact: {} files checked",
+                    m.id, r.blocks_checked
+                );
+            } else {
+                let r = native::verify(storage.as_ref(), &m)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                println!(
+                    "snapshot {} is intact: {} blocks in {} packs checked",
+                    m.id, r.blocks_checked, r.packs_read
+                );
+            }
             Ok(())
         }
         SnapshotCommand::Create { .. } => Err(words("snapshot create")),
         SnapshotCommand::List { storage: None, .. } => Err(words("snapshot list (of the repo)")),
         SnapshotCommand::Show { storage: None, .. } => Err(words("snapshot show (of the repo)")),
-        SnapshotCommand::Verify { storage: None, .. } => Err(words("snapshot verify (of the repo)")),
-        SnapshotCommand::Delete { snapshot, storage: Some(url), grace, max_unused } => {
+        SnapshotCommand::Verify { storage: None, .. } => {
+            Err(words("snapshot verify (of the repo)"))
+        }
+        SnapshotCommand::Delete {
+            snapshot,
+            storage: Some(url),
+            grace,
+            max_unused,
+        } => {
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let m = native::resolve(storage.as_ref(), &snapshot).await.map_err(anyhow::Error::from)?;
-            let r = native::delete(storage, &m, grace, max_unused / 100.0).await.map_err(anyhow::Error::from)?;
+            let m = native::resolve(storage.as_ref(), &snapshot)
+                .await
+                .map_err(anyhow::Error::from)?;
+            let r = native::delete(storage, &m, grace, max_unused / 100.0)
+                .await
+                .map_err(anyhow::Error::from)?;
             println!("deleted snapshot {}", r.deleted);
             match &r.gc.skipped {
                 Some(why) => println!("kept its data for now: {why}"),
@@ -221,7 +404,9 @@ pub async fn run(cmd: SnapshotCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
-        SnapshotCommand::Delete { storage: None, .. } => Err(words("snapshot delete (in the repo)")),
+        SnapshotCommand::Delete { storage: None, .. } => {
+            Err(words("snapshot delete (in the repo)"))
+        }
         SnapshotCommand::Diff { .. } => Err(words("snapshot diff")),
     }
 }

@@ -69,34 +69,61 @@ pub async fn run(cmd: StorageCommand) -> Result<(), CliError> {
 }
 
 async fn check_cmd(args: CheckArgs) -> Result<(), CliError> {
-    let storage = storage::open(&args.url).await.map_err(anyhow::Error::from)?;
+    let storage = storage::open(&args.url)
+        .await
+        .map_err(anyhow::Error::from)?;
     let json = args.json;
     if !json {
         match &args.file {
             Some(file) => println!("checking {} with {}", storage.url(), file.display()),
-            None => println!("checking {} with a {} object", storage.url(), format_size(args.size)),
+            None => println!(
+                "checking {} with a {} object",
+                storage.url(),
+                format_size(args.size)
+            ),
         }
     }
     let mut print = |step: &check::Step| {
         if !json {
             let status = if step.ok { "ok  " } else { "FAIL" };
-            println!("  {status}  {:<13} {:>7} ms  {}", step.name, step.millis, step.detail);
+            println!(
+                "  {status}  {:<13} {:>7} ms  {}",
+                step.name, step.millis, step.detail
+            );
             let _ = std::io::stdout().flush();
         }
     };
-    let report = check::run(storage.as_ref(), &check::CheckOptions { size: args.size, file: args.file }, &mut print).await;
+    let report = check::run(
+        storage.as_ref(),
+        &check::CheckOptions {
+            size: args.size,
+            file: args.file,
+        },
+        &mut print,
+    )
+    .await;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).context("cannot format the report")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("cannot format the report")?
+        );
     } else {
         match (report.upload_mib_per_sec, report.download_mib_per_sec) {
-            (Some(up), Some(down)) => println!("throughput: upload {up:.1} MiB/s, download {down:.1} MiB/s"),
+            (Some(up), Some(down)) => {
+                println!("throughput: upload {up:.1} MiB/s, download {down:.1} MiB/s")
+            }
             (Some(up), None) => println!("throughput: upload {up:.1} MiB/s"),
             _ => {}
         }
         if report.ok() {
             println!("{} is usable", report.url);
         } else {
-            let failed: Vec<&str> = report.steps.iter().filter(|s| !s.ok).map(|s| s.name.as_str()).collect();
+            let failed: Vec<&str> = report
+                .steps
+                .iter()
+                .filter(|s| !s.ok)
+                .map(|s| s.name.as_str())
+                .collect();
             println!("{} is NOT usable: {} failed", report.url, failed.join(", "));
         }
     }

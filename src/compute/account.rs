@@ -27,12 +27,19 @@ pub fn lookup(name: &str) -> Option<Account> {
         return None;
     }
     let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    Some(Account { name: name.to_string(), uid, gid })
+    Some(Account {
+        name: name.to_string(),
+        uid,
+        gid,
+    })
 }
 
 /// The account to run PostgreSQL as when zenith is root.
 pub fn postgres_account() -> Result<Account, String> {
-    let name = std::env::var("ZENITH_PG_USER").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "postgres".into());
+    let name = std::env::var("ZENITH_PG_USER")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "postgres".into());
     lookup(&name).ok_or_else(|| {
         format!("zenith runs as root, and PostgreSQL refuses to; there is no account {name:?} to run it as: create it (useradd --system {name}) or set ZENITH_PG_USER")
     })
@@ -47,8 +54,15 @@ pub fn hand_to_postgres_user(dir: &Path) -> Result<(), String> {
     let account = postgres_account()?;
     for entry in walkdir::WalkDir::new(dir) {
         let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
-        std::os::unix::fs::lchown(entry.path(), Some(account.uid), Some(account.gid))
-            .map_err(|e| format!("{}: cannot give it to {}: {e}", entry.path().display(), account.name))?;
+        std::os::unix::fs::lchown(entry.path(), Some(account.uid), Some(account.gid)).map_err(
+            |e| {
+                format!(
+                    "{}: cannot give it to {}: {e}",
+                    entry.path().display(),
+                    account.name
+                )
+            },
+        )?;
     }
     Ok(())
 }

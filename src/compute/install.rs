@@ -74,8 +74,16 @@ pub fn find_postgres_with(env: &SearchEnv) -> Result<PgInstall, PgNotFound> {
             why,
         });
     }
-    let path_dirs: Vec<PathBuf> = env.path.as_ref().map(|p| std::env::split_paths(p).collect()).unwrap_or_default();
-    if let Some(pg_config) = path_dirs.iter().map(|d| d.join("pg_config")).find(|p| p.is_file()) {
+    let path_dirs: Vec<PathBuf> = env
+        .path
+        .as_ref()
+        .map(|p| std::env::split_paths(p).collect())
+        .unwrap_or_default();
+    if let Some(pg_config) = path_dirs
+        .iter()
+        .map(|d| d.join("pg_config"))
+        .find(|p| p.is_file())
+    {
         if let Ok(out) = Command::new(&pg_config).arg("--bindir").output() {
             let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
             if out.status.success() && !dir.is_empty() {
@@ -123,8 +131,13 @@ fn probe(dir: &Path, found_via: &'static str) -> Result<PgInstall, String> {
         .output()
         .map_err(|e| format!("cannot run postgres --version: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let version = parse_version(&text).ok_or_else(|| format!("unexpected `postgres --version` output {text:?}"))?;
-    let major = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    let version = parse_version(&text)
+        .ok_or_else(|| format!("unexpected `postgres --version` output {text:?}"))?;
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
     Ok(PgInstall {
         bin_dir: dir.to_path_buf(),
         version,
@@ -136,7 +149,10 @@ fn probe(dir: &Path, found_via: &'static str) -> Result<PgInstall, String> {
 /// `postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` → `15.18`.
 fn parse_version(text: &str) -> Option<String> {
     let rest = text.trim().strip_prefix("postgres (PostgreSQL) ")?;
-    let version: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let version: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     (!version.is_empty()).then_some(version)
 }
 
@@ -157,8 +173,14 @@ mod tests {
 
     #[test]
     fn parses_versions() {
-        assert_eq!(parse_version("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n").as_deref(), Some("15.18"));
-        assert_eq!(parse_version("postgres (PostgreSQL) 17beta1").as_deref(), Some("17"));
+        assert_eq!(
+            parse_version("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n").as_deref(),
+            Some("15.18")
+        );
+        assert_eq!(
+            parse_version("postgres (PostgreSQL) 17beta1").as_deref(),
+            Some("17")
+        );
         assert_eq!(parse_version("something else"), None);
     }
 
@@ -168,9 +190,16 @@ mod tests {
         fake_install(&root.path().join("14/bin"), "postgres (PostgreSQL) 14.9");
         fake_install(&root.path().join("15/bin"), "postgres (PostgreSQL) 15.18");
         std::fs::create_dir_all(root.path().join("16/bin")).unwrap(); // empty: skipped
-        let env = SearchEnv { pg_bin: None, path: Some("".into()), debian_root: root.path().into() };
+        let env = SearchEnv {
+            pg_bin: None,
+            path: Some("".into()),
+            debian_root: root.path().into(),
+        };
         let found = find_postgres_with(&env).unwrap();
-        assert_eq!((found.major, found.version.as_str(), found.found_via), (15, "15.18", "/usr/lib/postgresql"));
+        assert_eq!(
+            (found.major, found.version.as_str(), found.found_via),
+            (15, "15.18", "/usr/lib/postgresql")
+        );
     }
 
     #[test]
@@ -183,14 +212,24 @@ mod tests {
             debian_root: root.path().join("none"),
         };
         assert_eq!(find_postgres_with(&env).unwrap().found_via, "ZENITH_PG_BIN");
-        let env = SearchEnv { pg_bin: Some(root.path().join("nope").into()), ..env };
+        let env = SearchEnv {
+            pg_bin: Some(root.path().join("nope").into()),
+            ..env
+        };
         let e = find_postgres_with(&env).unwrap_err().to_string();
-        assert!(e.contains("ZENITH_PG_BIN") && e.contains("no postgres"), "{e}");
+        assert!(
+            e.contains("ZENITH_PG_BIN") && e.contains("no postgres"),
+            "{e}"
+        );
     }
 
     #[test]
     fn nothing_found_says_how_to_install() {
-        let env = SearchEnv { pg_bin: None, path: Some("".into()), debian_root: "/nonexistent".into() };
+        let env = SearchEnv {
+            pg_bin: None,
+            path: Some("".into()),
+            debian_root: "/nonexistent".into(),
+        };
         let e = find_postgres_with(&env).unwrap_err().to_string();
         assert!(e.contains("apt-get install postgresql-15"), "{e}");
     }

@@ -36,7 +36,11 @@ pub fn read_control(dir: &Path) -> Result<ControlInfo> {
     let bytes = std::fs::read(&path).map_err(|e| SnapshotError::io(&path, "read", e))?;
     if bytes.len() < 64 {
         return Err(SnapshotError::Refused {
-            reason: format!("{}: too short for a PostgreSQL control file; is {} a data directory?", path.display(), dir.display()),
+            reason: format!(
+                "{}: too short for a PostgreSQL control file; is {} a data directory?",
+                path.display(),
+                dir.display()
+            ),
         });
     }
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
@@ -55,13 +59,18 @@ pub fn read_pg_version(dir: &Path) -> Result<String> {
     let path = dir.join("PG_VERSION");
     let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => SnapshotError::Refused {
-            reason: format!("{} is not a PostgreSQL data directory (no PG_VERSION)", dir.display()),
+            reason: format!(
+                "{} is not a PostgreSQL data directory (no PG_VERSION)",
+                dir.display()
+            ),
         },
         _ => SnapshotError::io(&path, "read", e),
     })?;
     let version = text.trim().to_string();
     if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return Err(SnapshotError::Refused { reason: format!("{}: unexpected content {text:?}", path.display()) });
+        return Err(SnapshotError::Refused {
+            reason: format!("{}: unexpected content {text:?}", path.display()),
+        });
     }
     Ok(version)
 }
@@ -70,10 +79,20 @@ pub fn read_pg_version(dir: &Path) -> Result<String> {
 /// consistent. A stale `postmaster.pid` (its process gone) is fine.
 pub fn check_not_running(dir: &Path) -> Result<()> {
     let pidfile = dir.join("postmaster.pid");
-    let Ok(text) = std::fs::read_to_string(&pidfile) else { return Ok(()) };
-    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(&pidfile) else {
+        return Ok(());
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return Ok(());
+    };
     // kill(pid, 0): 0 means the process exists (EPERM also means it exists, as another user).
-    let alive = pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+    let alive = pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
     if alive {
         return Err(SnapshotError::Refused {
             reason: format!(
@@ -106,11 +125,18 @@ pub fn walk(dir: &Path) -> Result<Vec<DirEntry>> {
     for entry in walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name() {
         let entry = entry.map_err(|e| {
             let path = e.path().unwrap_or(dir).to_path_buf();
-            SnapshotError::io(path, "read", e.into_io_error().unwrap_or_else(|| std::io::Error::other("walk")))
+            SnapshotError::io(
+                path,
+                "read",
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("walk")),
+            )
         })?;
         let rel_path = entry.path().strip_prefix(dir).expect("below dir");
         let Some(rel) = rel_path.to_str().map(str::to_string) else {
-            return Err(SnapshotError::Refused { reason: format!("{}: the name is not UTF-8", entry.path().display()) });
+            return Err(SnapshotError::Refused {
+                reason: format!("{}: the name is not UTF-8", entry.path().display()),
+            });
         };
         if EXCLUDED.contains(&rel.as_str()) {
             continue;
@@ -128,7 +154,12 @@ pub fn walk(dir: &Path) -> Result<Vec<DirEntry>> {
             continue; // sockets or fifos: not database content
         }
         let meta = entry.metadata().map_err(|e| {
-            SnapshotError::io(entry.path(), "read", e.into_io_error().unwrap_or_else(|| std::io::Error::other("metadata")))
+            SnapshotError::io(
+                entry.path(),
+                "read",
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("metadata")),
+            )
         })?;
         out.push(DirEntry {
             rel,
@@ -156,9 +187,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("postmaster.pid"), "999999999\n/x\n").unwrap();
         check_not_running(dir.path()).unwrap();
-        std::fs::write(dir.path().join("postmaster.pid"), format!("{}\n/x\n", std::process::id())).unwrap();
+        std::fs::write(
+            dir.path().join("postmaster.pid"),
+            format!("{}\n/x\n", std::process::id()),
+        )
+        .unwrap();
         let e = check_not_running(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("running PostgreSQL") && e.contains("--connstr"), "{e}");
+        assert!(
+            e.contains("running PostgreSQL") && e.contains("--connstr"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -172,7 +210,10 @@ mod tests {
         bytes[48..52].copy_from_slice(&3u32.to_le_bytes());
         std::fs::write(dir.path().join("global/pg_control"), bytes).unwrap();
         let c = read_control(dir.path()).unwrap();
-        assert_eq!((c.system_identifier, c.timeline, c.checkpoint_lsn), (0x1122_3344_5566_7788, 3, 0x0100_0028));
+        assert_eq!(
+            (c.system_identifier, c.timeline, c.checkpoint_lsn),
+            (0x1122_3344_5566_7788, 3, 0x0100_0028)
+        );
         assert!(c.is_shut_down());
     }
 }

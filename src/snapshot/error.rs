@@ -10,7 +10,11 @@ pub enum SnapshotError {
     Storage(#[from] storage::Error),
 
     #[error("{path}: cannot {op}: {source}")]
-    Io { path: String, op: &'static str, source: std::io::Error },
+    Io {
+        path: String,
+        op: &'static str,
+        source: std::io::Error,
+    },
 
     /// Content that fails its checks: a flipped byte, a truncated object, a manifest that
     /// contradicts itself. Never retried; the snapshot must be pushed again.
@@ -25,11 +29,19 @@ pub enum SnapshotError {
     NotFound { reference: String, url: String },
 
     #[error("{reference:?} matches several snapshots in {url} ({matches}); use more of the id")]
-    Ambiguous { reference: String, url: String, matches: String },
+    Ambiguous {
+        reference: String,
+        url: String,
+        matches: String,
+    },
 }
 
 impl SnapshotError {
     pub fn io(path: impl AsRef<std::path::Path>, op: &'static str, source: std::io::Error) -> Self {
-        SnapshotError::Io { path: path.as_ref().display().to_string(), op, source }
+        SnapshotError::Io {
+            path: path.as_ref().display().to_string(),
+            op,
+            source,
+        }
     }
 }

@@ -32,7 +32,9 @@ impl Format {
             "pgdata" => Ok(Format::Pgdata),
             "basebackup" => Ok(Format::Basebackup),
             "zenith" => Ok(Format::Zenith),
-            other => Err(format!("unknown snapshot format {other:?}; use pgdata, basebackup or zenith")),
+            other => Err(format!(
+                "unknown snapshot format {other:?}; use pgdata, basebackup or zenith"
+            )),
         }
     }
 
@@ -104,12 +106,18 @@ pub struct Manifest {
 impl Manifest {
     /// Parses and validates an untrusted manifest.
     pub fn parse(bytes: &[u8], source: &str) -> Result<Manifest> {
-        let corrupt = |what: String| SnapshotError::Corrupt { object: source.to_string(), what };
+        let corrupt = |what: String| SnapshotError::Corrupt {
+            object: source.to_string(),
+            what,
+        };
         if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(corrupt(format!("the manifest is {} bytes, more than any real one", bytes.len())));
+            return Err(corrupt(format!(
+                "the manifest is {} bytes, more than any real one",
+                bytes.len()
+            )));
         }
-        let probe: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| corrupt(format!("the manifest is not valid JSON: {e}")))?;
+        let probe: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| corrupt(format!("the manifest is not valid JSON: {e}")))?;
         match probe.get("format_version").and_then(|v| v.as_u64()) {
             Some(v) if v as u32 == FORMAT_VERSION => {}
             Some(v) => {
@@ -121,8 +129,8 @@ impl Manifest {
             }
             None => return Err(corrupt("the manifest has no format_version".to_string())),
         }
-        let manifest: Manifest =
-            serde_json::from_value(probe).map_err(|e| corrupt(format!("the manifest does not match the format: {e}")))?;
+        let manifest: Manifest = serde_json::from_value(probe)
+            .map_err(|e| corrupt(format!("the manifest does not match the format: {e}")))?;
         manifest.validate().map_err(corrupt)?;
         Ok(manifest)
     }
@@ -136,7 +144,8 @@ impl Manifest {
         let mut seen = std::collections::HashSet::new();
         let mut total = 0u64;
         for entry in &self.entries {
-            check_relative_path(&entry.path).map_err(|why| format!("entry {:?}: {why}", entry.path))?;
+            check_relative_path(&entry.path)
+                .map_err(|why| format!("entry {:?}: {why}", entry.path))?;
             if !seen.insert(entry.path.as_str()) {
                 return Err(format!("entry {:?} appears twice", entry.path));
             }
@@ -168,14 +177,20 @@ impl Manifest {
                             ));
                         }
                         if let Some(bad) = entry.blocks.iter().find(|b| !is_sha256_hex(b)) {
-                            return Err(format!("file {:?} lists a malformed block hash {bad:?}", entry.path));
+                            return Err(format!(
+                                "file {:?} lists a malformed block hash {bad:?}",
+                                entry.path
+                            ));
                         }
                     }
                 }
             }
         }
         if total != self.total_size {
-            return Err(format!("total_size {} does not match the files' {total}", self.total_size));
+            return Err(format!(
+                "total_size {} does not match the files' {total}",
+                self.total_size
+            ));
         }
         Ok(())
     }
@@ -200,11 +215,16 @@ pub fn new_id() -> String {
 
 /// Ids are 20 lowercase hex digits.
 pub fn valid_id(id: &str) -> bool {
-    id.len() == 20 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == 20
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The current time as RFC 3339 UTC, without a date crate.
@@ -250,7 +270,14 @@ mod tests {
             stop_lsn: "0/1000028".into(),
             created_at: now_rfc3339(),
             entries: vec![
-                Entry { path: "base".into(), kind: EntryKind::Dir, mode: 0o700, size: 0, sha256: None, blocks: vec![] },
+                Entry {
+                    path: "base".into(),
+                    kind: EntryKind::Dir,
+                    mode: 0o700,
+                    size: 0,
+                    sha256: None,
+                    blocks: vec![],
+                },
                 Entry {
                     path: "base/1".into(),
                     kind: EntryKind::File,
@@ -274,10 +301,22 @@ mod tests {
     #[test]
     fn refuses_hostile_or_inconsistent_manifests() {
         let cases: Vec<(Box<dyn Fn(&mut Manifest)>, &str)> = vec![
-            (Box::new(|m| m.entries[1].path = "../etc/passwd".into()), "'..'"),
-            (Box::new(|m| m.entries[1].path = "/etc/passwd".into()), "absolute"),
-            (Box::new(|m| m.entries[1].blocks.pop().map(|_| ()).unwrap()), "lists 1 blocks"),
-            (Box::new(|m| m.entries[1].blocks[0] = "zz".into()), "malformed block hash"),
+            (
+                Box::new(|m| m.entries[1].path = "../etc/passwd".into()),
+                "'..'",
+            ),
+            (
+                Box::new(|m| m.entries[1].path = "/etc/passwd".into()),
+                "absolute",
+            ),
+            (
+                Box::new(|m| m.entries[1].blocks.pop().map(|_| ()).unwrap()),
+                "lists 1 blocks",
+            ),
+            (
+                Box::new(|m| m.entries[1].blocks[0] = "zz".into()),
+                "malformed block hash",
+            ),
             (Box::new(|m| m.total_size = 1), "total_size"),
             (Box::new(|m| m.entries.swap(0, 1)), "before its directory"),
             (Box::new(|m| m.id = "x".into()), "id"),
@@ -285,14 +324,21 @@ mod tests {
         for (mutate, needle) in cases {
             let mut m = sample();
             mutate(&mut m);
-            let e = Manifest::parse(&m.to_json(), "snap").unwrap_err().to_string();
+            let e = Manifest::parse(&m.to_json(), "snap")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{needle}: {e}");
         }
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
         v["format_version"] = 99.into();
-        let e = Manifest::parse(v.to_string().as_bytes(), "snap").unwrap_err().to_string();
+        let e = Manifest::parse(v.to_string().as_bytes(), "snap")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("upgrade zenith"), "{e}");
-        assert!(Manifest::parse(b"{not json", "snap").unwrap_err().to_string().contains("not valid JSON"));
+        assert!(Manifest::parse(b"{not json", "snap")
+            .unwrap_err()
+            .to_string()
+            .contains("not valid JSON"));
     }
 
     #[test]

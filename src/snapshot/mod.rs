@@ -1,16 +1,18 @@
 //! Snapshots: the manifest model shared by every format, reading PostgreSQL data
 //! directories, and the format codecs between a data directory and a storage destination.
 //!
-//! Built so far: the manifest, and the native `zenith` format for stopped data directories
-//! ([`native`]): page-deduplicated, compressed, checksummed packs with the manifest written
-//! last. Not built yet: online snapshots of a running server, and the `pgdata` and
-//! `basebackup` codecs; the commands that need them say so.
+//! Built so far: the manifest; the native `zenith` format ([`native`]): page-deduplicated,
+//! compressed, checksummed packs with the manifest written last; the `pgdata` format
+//! ([`pgdata`]): plain files plus a manifest; sources that are stopped data directories or
+//! running servers (online, through stock `pg_basebackup`). Not built yet: the
+//! `basebackup` codec; the commands that need it say so.
 
 pub mod datadir;
 mod error;
 mod manifest;
 pub mod native;
 mod paths;
+pub mod pgdata;
 
 pub use error::{Result, SnapshotError};
 pub use manifest::{Entry, EntryKind, Format, Manifest, BLOCK_SIZE, FORMAT_VERSION};

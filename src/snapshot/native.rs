@@ -70,7 +70,10 @@ fn encode_index(entries: &[(Hash, u64, u32)]) -> Vec<u8> {
 }
 
 fn decode_index(bytes: &[u8], source: &str) -> Result<Vec<(Hash, u64, u32)>> {
-    let corrupt = |what: &str| SnapshotError::Corrupt { object: source.to_string(), what: what.to_string() };
+    let corrupt = |what: &str| SnapshotError::Corrupt {
+        object: source.to_string(),
+        what: what.to_string(),
+    };
     if bytes.len() < 16 + 32 || &bytes[..8] != INDEX_MAGIC {
         return Err(corrupt("not a zenith pack index"));
     }
@@ -101,18 +104,22 @@ struct PackInfo {
 
 async fn load_packs(storage: &dyn Storage) -> Result<Vec<PackInfo>> {
     let objects = storage.list("index/").await?;
-    let fetched: Vec<_> = futures::stream::iter(objects.into_iter().filter(|o| o.key.ends_with(".idx")))
-        .map(|o| async move {
-            let bytes = storage.get_bytes(&o.key).await?;
-            Ok::<_, SnapshotError>((o.key, bytes))
-        })
-        .buffered(TRANSFER_CONCURRENCY * 2)
-        .collect()
-        .await;
+    let fetched: Vec<_> =
+        futures::stream::iter(objects.into_iter().filter(|o| o.key.ends_with(".idx")))
+            .map(|o| async move {
+                let bytes = storage.get_bytes(&o.key).await?;
+                Ok::<_, SnapshotError>((o.key, bytes))
+            })
+            .buffered(TRANSFER_CONCURRENCY * 2)
+            .collect()
+            .await;
     let mut packs = Vec::new();
     for item in fetched {
         let (key, bytes) = item?;
-        let id = key.trim_start_matches("index/").trim_end_matches(".idx").to_string();
+        let id = key
+            .trim_start_matches("index/")
+            .trim_end_matches(".idx")
+            .to_string();
         if !manifest::is_sha256_hex(&id) {
             continue;
         }
@@ -127,7 +134,11 @@ async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
     for pack in load_packs(storage).await? {
         let number = index.packs.len();
         for (hash, offset, len) in pack.entries {
-            index.blocks.entry(hash).or_insert(Location { pack: number, offset, len });
+            index.blocks.entry(hash).or_insert(Location {
+                pack: number,
+                offset,
+                len,
+            });
         }
         index.packs.push(pack.id);
     }
@@ -151,7 +162,11 @@ pub struct PackReport {
 }
 
 /// Snapshots the stopped data directory `dir` into `storage` in the zenith format.
-pub async fn pack_stopped_dir(dir: &Path, storage: Arc<dyn Storage>, options: &PackOptions) -> Result<PackReport> {
+pub async fn pack_stopped_dir(
+    dir: &Path,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+) -> Result<PackReport> {
     datadir::check_not_running(dir)?;
     pack_dir(dir, storage, options, None).await
 }
@@ -167,50 +182,90 @@ pub async fn pack_running_server(
     storage: Arc<dyn Storage>,
     options: &PackOptions,
 ) -> Result<PackReport> {
-    let base = std::env::var_os("ZENITH_STAGING_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    let staging = base.join(format!("zenith-staging-{:016x}", fastrand::u64(..)));
-    let data = staging.join("data");
-    std::fs::create_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, "create", e))?;
-    let result = async {
-        let out = tokio::process::Command::new(install.bin("pg_basebackup"))
-            .arg("--dbname")
-            .arg(connstr)
-            .arg("--pgdata")
-            .arg(&data)
-            .args(["--format=plain", "--wal-method=stream", "--checkpoint=fast", "--no-sync", "--no-password"])
-            .env("PGAPPNAME", "zenith")
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| SnapshotError::io(install.bin("pg_basebackup"), "run", e))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim();
-            return Err(SnapshotError::Refused {
-                reason: format!(
-                    "the online snapshot of {} failed: {last}; check the connection string, and that the server accepts replication connections (pg_hba.conf, max_wal_senders)",
-                    redact_password(connstr)
-                ),
-            });
-        }
-        let lsns = backup_lsns(&data)?;
-        pack_dir(&data, storage, options, Some(lsns)).await
+    let copy = online_copy(install, connstr).await?;
+    pack_dir(&copy.data, storage, options, Some(copy.lsns.clone())).await
+}
+
+/// A consistent copy of a running server in a staging directory, removed when dropped.
+pub struct OnlineCopy {
+    staging: PathBuf,
+    /// The copied data directory (with the WAL needed to make it consistent).
+    pub data: PathBuf,
+    /// Start and stop LSN of the copy.
+    pub lsns: (String, String),
+}
+
+impl Drop for OnlineCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.staging);
     }
-    .await;
-    let _ = std::fs::remove_dir_all(&staging);
-    result
+}
+
+/// Copies a running server with stock `pg_basebackup` (plain format, WAL streamed) into a
+/// staging directory under `ZENITH_STAGING_DIR`, else the system's temporary directory.
+pub async fn online_copy(install: &crate::compute::PgInstall, connstr: &str) -> Result<OnlineCopy> {
+    let base = std::env::var_os("ZENITH_STAGING_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let staging = base.join(format!("zenith-staging-{:016x}", fastrand::u64(..)));
+    std::fs::create_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, "create", e))?;
+    let mut copy = OnlineCopy {
+        data: staging.join("data"),
+        staging,
+        lsns: (String::new(), String::new()),
+    };
+    let out = tokio::process::Command::new(install.bin("pg_basebackup"))
+        .arg("--dbname")
+        .arg(connstr)
+        .arg("--pgdata")
+        .arg(&copy.data)
+        .args([
+            "--format=plain",
+            "--wal-method=stream",
+            "--checkpoint=fast",
+            "--no-sync",
+            "--no-password",
+        ])
+        .env("PGAPPNAME", "zenith")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| SnapshotError::io(install.bin("pg_basebackup"), "run", e))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output")
+            .trim();
+        return Err(SnapshotError::Refused {
+            reason: format!(
+                "the online snapshot of {} failed: {last}; check the connection string, and that the server accepts replication connections (pg_hba.conf, max_wal_senders)",
+                redact_password(connstr)
+            ),
+        });
+    }
+    copy.lsns = backup_lsns(&copy.data)?;
+    Ok(copy)
 }
 
 /// Start and stop LSN of a base backup, from its `backup_manifest` (WAL-Ranges).
 fn backup_lsns(data: &Path) -> Result<(String, String)> {
     let path = data.join("backup_manifest");
     let text = std::fs::read_to_string(&path).map_err(|e| SnapshotError::io(&path, "read", e))?;
-    let manifest: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| SnapshotError::Corrupt { object: path.display().to_string(), what: e.to_string() })?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| SnapshotError::Corrupt {
+            object: path.display().to_string(),
+            what: e.to_string(),
+        })?;
     let range = &manifest["WAL-Ranges"][0];
     match (range["Start-LSN"].as_str(), range["End-LSN"].as_str()) {
         (Some(start), Some(end)) => Ok((start.to_string(), end.to_string())),
-        _ => Err(SnapshotError::Corrupt { object: path.display().to_string(), what: "no WAL-Ranges".into() }),
+        _ => Err(SnapshotError::Corrupt {
+            object: path.display().to_string(),
+            what: "no WAL-Ranges".into(),
+        }),
     }
 }
 
@@ -226,12 +281,19 @@ pub fn redact_password(connstr: &str) -> String {
     }
     connstr
         .split_whitespace()
-        .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-async fn pack_dir(
+/// Snapshots the data directory `dir` (stopped, or an online copy with its WAL range).
+pub async fn pack_dir(
     dir: &Path,
     storage: Arc<dyn Storage>,
     options: &PackOptions,
@@ -241,12 +303,25 @@ async fn pack_dir(
     let control = datadir::read_control(dir)?;
     let walked = {
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || datadir::walk(&dir)).await.map_err(join_error)??
+        tokio::task::spawn_blocking(move || datadir::walk(&dir))
+            .await
+            .map_err(join_error)??
     };
     // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on.
     let lock = format!("locks/{:016x}.lock", fastrand::u64(..));
-    storage.put(&lock, Bytes::from(manifest::now_rfc3339())).await?;
-    let result = pack_dir_locked(dir, Arc::clone(&storage), options, lsns, pg_version, control, walked).await;
+    storage
+        .put(&lock, Bytes::from(manifest::now_rfc3339()))
+        .await?;
+    let result = pack_dir_locked(
+        dir,
+        Arc::clone(&storage),
+        options,
+        lsns,
+        pg_version,
+        control,
+        walked,
+    )
+    .await;
     if let Err(e) = storage.delete(&lock).await {
         tracing::warn!("could not remove the lock {lock}: {e}");
     }
@@ -287,8 +362,14 @@ async fn pack_dir_locked(
         pg_version,
         system_identifier: control.system_identifier,
         timeline: control.timeline,
-        start_lsn: lsns.as_ref().map(|l| l.0.clone()).unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
-        stop_lsn: lsns.as_ref().map(|l| l.1.clone()).unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
+        start_lsn: lsns
+            .as_ref()
+            .map(|l| l.0.clone())
+            .unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
+        stop_lsn: lsns
+            .as_ref()
+            .map(|l| l.1.clone())
+            .unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
         created_at: manifest::now_rfc3339(),
         entries,
         total_size,
@@ -298,14 +379,19 @@ async fn pack_dir_locked(
     storage
         .put(&manifest_key(&manifest.id), Bytes::from(manifest.to_json()))
         .await?;
-    Ok(PackReport { blocks_total, blocks_new: stats.blocks, packs_written: stats.packs, manifest })
+    Ok(PackReport {
+        blocks_total,
+        blocks_new: stats.blocks,
+        packs_written: stats.packs,
+        manifest,
+    })
 }
 
-fn manifest_key(id: &str) -> String {
+pub(crate) fn manifest_key(id: &str) -> String {
     format!("snapshots/{id}.json")
 }
 
-fn join_error(e: tokio::task::JoinError) -> SnapshotError {
+pub(crate) fn join_error(e: tokio::task::JoinError) -> SnapshotError {
     match e.try_into_panic() {
         Ok(panic) => std::panic::resume_unwind(panic),
         Err(_) => SnapshotError::Storage(storage::Error::Cancelled),
@@ -317,20 +403,36 @@ fn hash_and_pack(walked: &[DirEntry], known: HashSet<Hash>, packer: &Packer) -> 
     let claimed = Mutex::new(known);
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Entry>>> = Mutex::new(vec![None; walked.len()]);
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let failure: Mutex<Option<SnapshotError>> = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= walked.len() || failure.lock().expect("lock").is_some() {
-                    return;
-                }
-                match hash_one(&walked[i], &claimed, packer) {
-                    Ok(entry) => results.lock().expect("lock")[i] = Some(entry),
+            scope.spawn(|| {
+                // One compression context per worker: creating one per block costs more
+                // than compressing the block.
+                let mut compressor = match zstd::bulk::Compressor::new(1) {
+                    Ok(c) => c,
                     Err(e) => {
-                        failure.lock().expect("lock").get_or_insert(e);
+                        failure
+                            .lock()
+                            .expect("lock")
+                            .get_or_insert(SnapshotError::io("zstd", "initialize", e));
                         return;
+                    }
+                };
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= walked.len() || failure.lock().expect("lock").is_some() {
+                        return;
+                    }
+                    match hash_one(&walked[i], &claimed, packer, &mut compressor) {
+                        Ok(entry) => results.lock().expect("lock")[i] = Some(entry),
+                        Err(e) => {
+                            failure.lock().expect("lock").get_or_insert(e);
+                            return;
+                        }
                     }
                 }
             });
@@ -339,12 +441,29 @@ fn hash_and_pack(walked: &[DirEntry], known: HashSet<Hash>, packer: &Packer) -> 
     if let Some(e) = failure.into_inner().expect("lock") {
         return Err(e);
     }
-    Ok(results.into_inner().expect("lock").into_iter().map(|e| e.expect("every entry processed")).collect())
+    Ok(results
+        .into_inner()
+        .expect("lock")
+        .into_iter()
+        .map(|e| e.expect("every entry processed"))
+        .collect())
 }
 
-fn hash_one(item: &DirEntry, claimed: &Mutex<HashSet<Hash>>, packer: &Packer) -> Result<Entry> {
+fn hash_one(
+    item: &DirEntry,
+    claimed: &Mutex<HashSet<Hash>>,
+    packer: &Packer,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+) -> Result<Entry> {
     if item.is_dir {
-        return Ok(Entry { path: item.rel.clone(), kind: EntryKind::Dir, mode: item.mode, size: 0, sha256: None, blocks: vec![] });
+        return Ok(Entry {
+            path: item.rel.clone(),
+            kind: EntryKind::Dir,
+            mode: item.mode,
+            size: 0,
+            sha256: None,
+            blocks: vec![],
+        });
     }
     let file = File::open(&item.abs).map_err(|e| SnapshotError::io(&item.abs, "open", e))?;
     let mut whole = Sha256::new();
@@ -352,7 +471,8 @@ fn hash_one(item: &DirEntry, claimed: &Mutex<HashSet<Hash>>, packer: &Packer) ->
     let mut buf = vec![0u8; 128 * BLOCK_SIZE as usize];
     let mut offset = 0u64;
     loop {
-        let n = read_full_at(&file, &mut buf, offset).map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
+        let n = read_full_at(&file, &mut buf, offset)
+            .map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
         if n == 0 {
             break;
         }
@@ -361,7 +481,9 @@ fn hash_one(item: &DirEntry, claimed: &Mutex<HashSet<Hash>>, packer: &Packer) ->
             let hash: Hash = Sha256::digest(block).into();
             blocks.push(hex::encode(hash));
             if claimed.lock().expect("lock").insert(hash) {
-                let compressed = zstd::bulk::compress(block, 1).map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
+                let compressed = compressor
+                    .compress(block)
+                    .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
                 packer.add(hash, compressed)?;
             }
         }
@@ -431,7 +553,10 @@ impl Packer {
             current.0.extend_from_slice(&compressed);
             current.1.push((hash, offset, compressed.len() as u32));
             if current.0.len() >= PACK_TARGET {
-                Some(std::mem::replace(&mut *current, (Vec::with_capacity(PACK_TARGET + (64 << 10)), Vec::new())))
+                Some(std::mem::replace(
+                    &mut *current,
+                    (Vec::with_capacity(PACK_TARGET + (64 << 10)), Vec::new()),
+                ))
             } else {
                 None
             }
@@ -452,13 +577,18 @@ impl Packer {
             .expect("semaphore never closed");
         let pack_id = hex::encode(Sha256::digest(&data));
         let index = encode_index(&entries);
-        self.bytes.fetch_add((data.len() + index.len()) as u64, Ordering::Relaxed);
+        self.bytes
+            .fetch_add((data.len() + index.len()) as u64, Ordering::Relaxed);
         self.packs.fetch_add(1, Ordering::Relaxed);
         let storage = Arc::clone(&self.storage);
         let handle = self.runtime.spawn(async move {
             let _permit = permit;
-            storage.put(&format!("packs/{pack_id}"), Bytes::from(data)).await?;
-            storage.put(&format!("index/{pack_id}.idx"), Bytes::from(index)).await?;
+            storage
+                .put(&format!("packs/{pack_id}"), Bytes::from(data))
+                .await?;
+            storage
+                .put(&format!("index/{pack_id}.idx"), Bytes::from(index))
+                .await?;
             Ok(())
         });
         self.uploads.lock().expect("lock").push(handle);
@@ -472,7 +602,9 @@ impl Packer {
             if wait {
                 std::mem::take(&mut *uploads)
             } else {
-                let (done, pending) = std::mem::take(&mut *uploads).into_iter().partition(|h| h.is_finished());
+                let (done, pending) = std::mem::take(&mut *uploads)
+                    .into_iter()
+                    .partition(|h| h.is_finished());
                 *uploads = pending;
                 done
             }
@@ -526,10 +658,18 @@ pub struct GcReport {
 /// any export holds a lock younger than `grace` nothing is collected at all. Packs whose
 /// unused share exceeds `max_unused` (0.0–1.0 of all stored bytes) are rewritten with only
 /// their used blocks, most-unused first.
-pub async fn delete(storage: Arc<dyn Storage>, manifest: &Manifest, grace: std::time::Duration, max_unused: f64) -> Result<DeleteReport> {
+pub async fn delete(
+    storage: Arc<dyn Storage>,
+    manifest: &Manifest,
+    grace: std::time::Duration,
+    max_unused: f64,
+) -> Result<DeleteReport> {
     storage.delete(&manifest_key(&manifest.id)).await?;
     let gc = collect_garbage(storage, grace, max_unused).await?;
-    Ok(DeleteReport { deleted: manifest.id.clone(), gc })
+    Ok(DeleteReport {
+        deleted: manifest.id.clone(),
+        gc,
+    })
 }
 
 fn older_than(modified: Option<std::time::SystemTime>, grace: std::time::Duration) -> bool {
@@ -541,11 +681,18 @@ fn older_than(modified: Option<std::time::SystemTime>, grace: std::time::Duratio
 }
 
 /// Removes or rewrites packs that hold blocks no snapshot uses (see [`delete`]).
-pub async fn collect_garbage(storage: Arc<dyn Storage>, grace: std::time::Duration, max_unused: f64) -> Result<GcReport> {
+pub async fn collect_garbage(
+    storage: Arc<dyn Storage>,
+    grace: std::time::Duration,
+    max_unused: f64,
+) -> Result<GcReport> {
     let mut report = GcReport::default();
     let locks = storage.list("locks/").await?;
     if locks.iter().any(|l| !older_than(l.last_modified, grace)) {
-        report.skipped = Some("an export is running (a lock in locks/); unused data is collected by a later delete".into());
+        report.skipped = Some(
+            "an export is running (a lock in locks/); unused data is collected by a later delete"
+                .into(),
+        );
         return Ok(report);
     }
     let manifests = list(storage.as_ref()).await?;
@@ -561,7 +708,12 @@ pub async fn collect_garbage(storage: Arc<dyn Storage>, grace: std::time::Durati
         .list("packs/")
         .await?
         .into_iter()
-        .map(|o| (o.key.trim_start_matches("packs/").to_string(), o.last_modified))
+        .map(|o| {
+            (
+                o.key.trim_start_matches("packs/").to_string(),
+                o.last_modified,
+            )
+        })
         .collect();
     let mut packs = load_packs(storage.as_ref()).await?;
     // A block stored twice (two exports racing) is kept in the first pack only.
@@ -572,7 +724,12 @@ pub async fn collect_garbage(storage: Arc<dyn Storage>, grace: std::time::Durati
     for pack in packs.drain(..) {
         let size: u64 = pack.entries.iter().map(|e| e.2 as u64).sum();
         total_bytes += size;
-        let used: Vec<(Hash, u64, u32)> = pack.entries.iter().copied().filter(|e| live.contains(&e.0) && kept.insert(e.0)).collect();
+        let used: Vec<(Hash, u64, u32)> = pack
+            .entries
+            .iter()
+            .copied()
+            .filter(|e| live.contains(&e.0) && kept.insert(e.0))
+            .collect();
         let used_bytes: u64 = used.iter().map(|e| e.2 as u64).sum();
         let unused = size - used_bytes;
         unused_bytes += unused;
@@ -617,10 +774,18 @@ pub async fn collect_garbage(storage: Arc<dyn Storage>, grace: std::time::Durati
                         object: source.clone(),
                         what: "a block lies outside the pack (truncated?)".into(),
                     })?;
-                    let block = zstd::bulk::decompress(bytes, BLOCK_SIZE as usize)
-                        .map_err(|e| SnapshotError::Corrupt { object: source.clone(), what: format!("a block does not decompress: {e}") })?;
+                    let block =
+                        zstd::bulk::decompress(bytes, BLOCK_SIZE as usize).map_err(|e| {
+                            SnapshotError::Corrupt {
+                                object: source.clone(),
+                                what: format!("a block does not decompress: {e}"),
+                            }
+                        })?;
                     if Sha256::digest(&block)[..] != hash[..] {
-                        return Err(SnapshotError::Corrupt { object: source, what: "a block fails its SHA-256 check".into() });
+                        return Err(SnapshotError::Corrupt {
+                            object: source,
+                            what: "a block fails its SHA-256 check".into(),
+                        });
                     }
                     packer.add(*hash, bytes.to_vec())?;
                 }
@@ -655,7 +820,10 @@ pub async fn list(storage: &dyn Storage) -> Result<Vec<Manifest>> {
     let mut out = Vec::new();
     for object in objects.into_iter().filter(|o| o.key.ends_with(".json")) {
         let bytes = storage.get_bytes(&object.key).await?;
-        out.push(Manifest::parse(&bytes, &format!("{}/{}", storage.url(), object.key))?);
+        out.push(Manifest::parse(
+            &bytes,
+            &format!("{}/{}", storage.url(), object.key),
+        )?);
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
@@ -665,11 +833,18 @@ pub async fn list(storage: &dyn Storage) -> Result<Vec<Manifest>> {
 pub async fn resolve(storage: &dyn Storage, reference: &str) -> Result<Manifest> {
     let all = list(storage).await?;
     let url = storage.url();
-    let not_found = || SnapshotError::NotFound { reference: reference.to_string(), url: url.clone() };
+    let not_found = || SnapshotError::NotFound {
+        reference: reference.to_string(),
+        url: url.clone(),
+    };
     if reference == "LATEST" {
         return all.into_iter().next_back().ok_or_else(not_found);
     }
-    if let Some(found) = all.iter().rev().find(|m| m.name.as_deref() == Some(reference)) {
+    if let Some(found) = all
+        .iter()
+        .rev()
+        .find(|m| m.name.as_deref() == Some(reference))
+    {
         return Ok(found.clone());
     }
     let matches: Vec<&Manifest> = all.iter().filter(|m| m.id.starts_with(reference)).collect();
@@ -679,7 +854,11 @@ pub async fn resolve(storage: &dyn Storage, reference: &str) -> Result<Manifest>
         many => Err(SnapshotError::Ambiguous {
             reference: reference.to_string(),
             url,
-            matches: many.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", "),
+            matches: many
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }
@@ -694,31 +873,60 @@ pub struct CheckReport {
 
 /// Writes `manifest`'s data directory to the new directory `target` (which must not exist,
 /// or be empty), checking every block. Nothing appears at `target` unless all checks pass.
-pub async fn unpack(storage: &dyn Storage, manifest: &Manifest, target: &Path) -> Result<CheckReport> {
-    if target.exists() && std::fs::read_dir(target).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(SnapshotError::Refused {
-            reason: format!("{} already exists and is not empty; choose a new directory", target.display()),
-        });
-    }
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| SnapshotError::io(parent, "create", e))?;
-    let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "pgdata".into());
-    let temp = parent.join(format!(".{name}.zenith-tmp-{:016x}", fastrand::u64(..)));
-    let result = async {
+pub async fn unpack(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    target: &Path,
+) -> Result<CheckReport> {
+    into_new_dir(target, |temp| async move {
         prepare_tree(manifest, &temp)?;
         let report = restore_blocks(storage, manifest, Some(&temp)).await?;
         sync_tree(manifest, &temp)?;
-        Ok::<_, SnapshotError>(report)
+        Ok(report)
+    })
+    .await
+}
+
+/// Fills a temporary sibling of `target` with `fill` and renames it into place only when
+/// `fill` succeeded: a failure never leaves something that looks like a data directory.
+/// `target` must not exist, or be an empty directory.
+pub(crate) async fn into_new_dir<T, F, Fut>(target: &Path, fill: F) -> Result<T>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    if target.exists()
+        && std::fs::read_dir(target)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(SnapshotError::Refused {
+            reason: format!(
+                "{} already exists and is not empty; choose a new directory",
+                target.display()
+            ),
+        });
     }
-    .await;
-    match result {
-        Ok(report) => {
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| SnapshotError::io(parent, "create", e))?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "pgdata".into());
+    let temp = parent.join(format!(".{name}.zenith-tmp-{:016x}", fastrand::u64(..)));
+    match fill(temp.clone()).await {
+        Ok(value) => {
             if target.exists() {
                 std::fs::remove_dir(target).map_err(|e| SnapshotError::io(target, "replace", e))?;
             }
             std::fs::rename(&temp, target).map_err(|e| SnapshotError::io(target, "create", e))?;
-            File::open(parent).and_then(|d| d.sync_all()).map_err(|e| SnapshotError::io(parent, "sync", e))?;
-            Ok(report)
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| SnapshotError::io(parent, "sync", e))?;
+            Ok(value)
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&temp);
@@ -732,9 +940,12 @@ pub async fn verify(storage: &dyn Storage, manifest: &Manifest) -> Result<CheckR
     restore_blocks(storage, manifest, None).await
 }
 
-fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
+pub(crate) fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new().mode(0o700).create(root).map_err(|e| SnapshotError::io(root, "create", e))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(root)
+        .map_err(|e| SnapshotError::io(root, "create", e))?;
     for entry in &manifest.entries {
         let path = root.join(&entry.path);
         let mode = entry.mode & 0o777;
@@ -750,24 +961,33 @@ fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
                     .mode(mode | 0o600)
                     .open(&path)
                     .map_err(|e| SnapshotError::io(&path, "create", e))?;
-                file.set_len(entry.size).map_err(|e| SnapshotError::io(&path, "size", e))?;
+                file.set_len(entry.size)
+                    .map_err(|e| SnapshotError::io(&path, "size", e))?;
             }
         }
     }
     Ok(())
 }
 
-fn sync_tree(manifest: &Manifest, root: &Path) -> Result<()> {
+pub(crate) fn sync_tree(manifest: &Manifest, root: &Path) -> Result<()> {
     for entry in manifest.entries.iter().rev() {
         let path = root.join(&entry.path);
-        File::open(&path).and_then(|f| f.sync_all()).map_err(|e| SnapshotError::io(&path, "sync", e))?;
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| SnapshotError::io(&path, "sync", e))?;
     }
-    File::open(root).and_then(|f| f.sync_all()).map_err(|e| SnapshotError::io(root, "sync", e))
+    File::open(root)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| SnapshotError::io(root, "sync", e))
 }
 
 /// Fetches every pack holding a block of `manifest`, checks each needed block, and (with a
 /// root) writes it at every position that uses it.
-async fn restore_blocks(storage: &dyn Storage, manifest: &Manifest, root: Option<&Path>) -> Result<CheckReport> {
+async fn restore_blocks(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    root: Option<&Path>,
+) -> Result<CheckReport> {
     let index = load_index(storage).await?;
     let snapshot = format!("snapshot {} in {}", manifest.id, storage.url());
     // block → every (entry, block number) that uses it, grouped by pack.
@@ -785,25 +1005,48 @@ async fn restore_blocks(storage: &dyn Storage, manifest: &Manifest, root: Option
                     what: format!("{} needs block {hex_hash}, which no pack in the storage holds (a missing pack?)", entry.path),
                 });
             };
-            by_pack.entry(location.pack).or_default().entry(hash).or_default().push((i, n as u64));
+            by_pack
+                .entry(location.pack)
+                .or_default()
+                .entry(hash)
+                .or_default()
+                .push((i, n as u64));
         }
     }
     let report = Mutex::new(CheckReport::default());
     let index = &index;
     let report_ref = &report;
     let snapshot_ref = &snapshot;
+    // Paths and sizes only: the blocking workers need no copy of the block lists.
+    let files: Arc<Vec<(String, u64)>> = Arc::new(
+        manifest
+            .entries
+            .iter()
+            .map(|e| (e.path.clone(), e.size))
+            .collect(),
+    );
+    let files_ref = &files;
     let results: Vec<Result<()>> = futures::stream::iter(by_pack)
         .map(|(pack, blocks)| async move {
             let key = format!("packs/{}", index.packs[pack]);
             let data = storage.get_bytes(&key).await?;
             let source = format!("{}/{key}", storage.url());
-            let manifest = manifest.clone();
+            let files = Arc::clone(files_ref);
             let root = root.map(Path::to_path_buf);
             let snapshot = snapshot_ref.clone();
-            let locations: Vec<(Hash, Location, Vec<(usize, u64)>)> =
-                blocks.into_iter().map(|(h, uses)| (h, index.blocks[&h], uses)).collect();
+            let locations: Vec<(Hash, Location, Vec<(usize, u64)>)> = blocks
+                .into_iter()
+                .map(|(h, uses)| (h, index.blocks[&h], uses))
+                .collect();
             let (checked, written) = tokio::task::spawn_blocking(move || {
-                check_and_write(&data, &source, &snapshot, &manifest, root.as_deref(), &locations)
+                check_and_write(
+                    &data,
+                    &source,
+                    &snapshot,
+                    &files,
+                    root.as_deref(),
+                    &locations,
+                )
             })
             .await
             .map_err(join_error)??;
@@ -826,41 +1069,65 @@ fn check_and_write(
     pack: &[u8],
     source: &str,
     snapshot: &str,
-    manifest: &Manifest,
+    files: &[(String, u64)],
     root: Option<&Path>,
     locations: &[(Hash, Location, Vec<(usize, u64)>)],
 ) -> Result<(u64, u64)> {
-    let corrupt = |what: String| SnapshotError::Corrupt { object: format!("{source} (used by {snapshot})"), what };
+    let corrupt = |what: String| SnapshotError::Corrupt {
+        object: format!("{source} (used by {snapshot})"),
+        what,
+    };
     let mut open: HashMap<usize, File> = HashMap::new();
     let (mut checked, mut written) = (0u64, 0u64);
+    let mut decompressor =
+        zstd::bulk::Decompressor::new().map_err(|e| SnapshotError::io("zstd", "initialize", e))?;
     for (hash, location, uses) in locations {
         let start = location.offset as usize;
-        let end = start.checked_add(location.len as usize).filter(|&e| e <= pack.len()).ok_or_else(|| {
-            corrupt(format!("block {} lies outside the {}-byte pack (truncated?)", hex::encode(hash), pack.len()))
-        })?;
-        let first_user = &manifest.entries[uses[0].0].path;
-        let block = zstd::bulk::decompress(&pack[start..end], BLOCK_SIZE as usize)
+        let end = start
+            .checked_add(location.len as usize)
+            .filter(|&e| e <= pack.len())
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "block {} lies outside the {}-byte pack (truncated?)",
+                    hex::encode(hash),
+                    pack.len()
+                ))
+            })?;
+        let first_user = &files[uses[0].0].0;
+        let block = decompressor
+            .decompress(&pack[start..end], BLOCK_SIZE as usize)
             .map_err(|e| corrupt(format!("a block of {first_user} does not decompress: {e}")))?;
         if Sha256::digest(&block)[..] != hash[..] {
-            return Err(corrupt(format!("a block of {first_user} fails its SHA-256 check")));
+            return Err(corrupt(format!(
+                "a block of {first_user} fails its SHA-256 check"
+            )));
         }
         checked += 1;
         let Some(root) = root else { continue };
         for &(entry_index, number) in uses {
-            let entry = &manifest.entries[entry_index];
+            let (path, size) = &files[entry_index];
             let offset = number * BLOCK_SIZE;
-            let expected = (entry.size - offset).min(BLOCK_SIZE) as usize;
+            let expected = (size - offset).min(BLOCK_SIZE) as usize;
             if block.len() != expected {
-                return Err(corrupt(format!("block {number} of {} has {} bytes, expected {expected}", entry.path, block.len())));
+                return Err(corrupt(format!(
+                    "block {number} of {path} has {} bytes, expected {expected}",
+                    block.len()
+                )));
             }
             let file = match open.entry(entry_index) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    let path: PathBuf = root.join(&entry.path);
-                    v.insert(std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| SnapshotError::io(&path, "open", e))?)
+                    let full: PathBuf = root.join(path);
+                    v.insert(
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&full)
+                            .map_err(|e| SnapshotError::io(&full, "open", e))?,
+                    )
                 }
             };
-            file.write_all_at(&block, offset).map_err(|e| SnapshotError::io(root.join(&entry.path), "write", e))?;
+            file.write_all_at(&block, offset)
+                .map_err(|e| SnapshotError::io(root.join(path), "write", e))?;
             written += block.len() as u64;
         }
     }
@@ -873,9 +1140,18 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_messages() {
-        assert_eq!(redact_password("postgres://u:s3cret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact_password("postgresql://u@h/db"), "postgresql://u@h/db");
-        assert_eq!(redact_password("host=h password=s3cret user=u"), "host=h password=*** user=u");
+        assert_eq!(
+            redact_password("postgres://u:s3cret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_password("postgresql://u@h/db"),
+            "postgresql://u@h/db"
+        );
+        assert_eq!(
+            redact_password("host=h password=s3cret user=u"),
+            "host=h password=*** user=u"
+        );
     }
 
     #[test]
@@ -885,7 +1161,10 @@ mod tests {
         assert_eq!(decode_index(&bytes, "x").unwrap(), entries);
         let mut bad = bytes.clone();
         bad[20] ^= 1;
-        assert!(decode_index(&bad, "x").unwrap_err().to_string().contains("checksum"));
+        assert!(decode_index(&bad, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
         assert!(decode_index(&bytes[..bytes.len() - 1], "x").is_err());
         assert!(decode_index(b"garbage", "x").is_err());
     }

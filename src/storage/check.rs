@@ -30,7 +30,10 @@ pub struct CheckOptions {
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        CheckOptions { size: 64 << 20, file: None }
+        CheckOptions {
+            size: 64 << 20,
+            file: None,
+        }
     }
 }
 
@@ -116,9 +119,18 @@ impl Probe<'_> {
 }
 
 /// Runs the probe against `storage`, calling `on_step` as each step finishes.
-pub async fn run(storage: &dyn Storage, options: &CheckOptions, on_step: &mut (dyn FnMut(&Step) + Send)) -> Report {
+pub async fn run(
+    storage: &dyn Storage,
+    options: &CheckOptions,
+    on_step: &mut (dyn FnMut(&Step) + Send),
+) -> Report {
     let prefix = format!("zenith-check-{:016x}/", fastrand::u64(..));
-    let mut p = Probe { storage, prefix: prefix.clone(), steps: Vec::new(), on_step };
+    let mut p = Probe {
+        storage,
+        prefix: prefix.clone(),
+        steps: Vec::new(),
+        on_step,
+    };
     let (upload, download) = probe(&mut p, options).await;
     // When even the first put failed nothing was written (puts are atomic): no cleanup.
     let wrote = p.steps.first().is_some_and(|s| s.ok);
@@ -138,7 +150,11 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
     let small = Bytes::from(PseudoRandom::new(1, 1024).to_vec());
 
     let t = Instant::now();
-    let r = p.storage.put(&small_key, small.clone()).await.map(|()| "1 KiB".to_string());
+    let r = p
+        .storage
+        .put(&small_key, small.clone())
+        .await
+        .map(|()| "1 KiB".to_string());
     if !p.record("put", t, r.map_err(|e| e.to_string())) {
         return (None, None); // nothing else can work; cleanup still runs
     }
@@ -146,7 +162,10 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
     let t = Instant::now();
     let r = match p.storage.get_bytes(&small_key).await {
         Ok(b) if b == small => Ok("content matches".to_string()),
-        Ok(b) => Err(format!("read back {} bytes that differ from what was written", b.len())),
+        Ok(b) => Err(format!(
+            "read back {} bytes that differ from what was written",
+            b.len()
+        )),
         Err(e) => Err(e.to_string()),
     };
     p.record("get", t, r);
@@ -174,29 +193,47 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
     let big_key = p.key("large");
     let payload = match &options.file {
         Some(path) => match std::fs::metadata(path) {
-            Ok(meta) => Payload::File { path: path.clone(), size: meta.len() },
+            Ok(meta) => Payload::File {
+                path: path.clone(),
+                size: meta.len(),
+            },
             Err(e) => {
                 let r = Err(format!("{}: cannot read: {e}", path.display()));
                 p.record("streamed put", Instant::now(), r);
                 return (None, None);
             }
         },
-        None => Payload::Generated { seed: 3, size: options.size },
+        None => Payload::Generated {
+            seed: 3,
+            size: options.size,
+        },
     };
     let size = payload.size();
     let t = Instant::now();
     let r = match &payload {
-        Payload::Generated { seed, size } => p.storage.put_stream(&big_key, Box::pin(PseudoRandom::new(*seed, *size))).await,
+        Payload::Generated { seed, size } => {
+            p.storage
+                .put_stream(&big_key, Box::pin(PseudoRandom::new(*seed, *size)))
+                .await
+        }
         Payload::File { path, .. } => p.storage.put_file(&big_key, path).await,
     };
     let upload = match r {
         Ok(n) if n == size => {
             let rate = mib_per_sec(n, t.elapsed());
-            p.record("streamed put", t, Ok(format!("{} at {rate:.1} MiB/s", format_size(n))));
+            p.record(
+                "streamed put",
+                t,
+                Ok(format!("{} at {rate:.1} MiB/s", format_size(n))),
+            );
             Some(rate)
         }
         Ok(n) => {
-            p.record("streamed put", t, Err(format!("stored {n} bytes of {size}")));
+            p.record(
+                "streamed put",
+                t,
+                Err(format!("stored {n} bytes of {size}")),
+            );
             None
         }
         Err(e) => {
@@ -209,22 +246,37 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
     if upload.is_some() {
         let t = Instant::now();
         let r = match &payload {
-            Payload::Generated { seed, size } => read_and_compare(p.storage, &big_key, *seed, *size).await.map(|()| t.elapsed()),
+            Payload::Generated { seed, size } => {
+                read_and_compare(p.storage, &big_key, *seed, *size)
+                    .await
+                    .map(|()| t.elapsed())
+            }
             Payload::File { path, .. } => download_and_compare(p.storage, &big_key, path).await,
         };
         let r = r.map(|elapsed| {
             let rate = mib_per_sec(size, elapsed);
             download = Some(rate);
-            format!("{} at {rate:.1} MiB/s, every byte matches", format_size(size))
+            format!(
+                "{} at {rate:.1} MiB/s, every byte matches",
+                format_size(size)
+            )
         });
         p.record("streamed get", t, r);
 
         let t = Instant::now();
         let start = size / 3;
         let end = (start + 100_000).min(size);
-        let r = match (p.storage.get_range(&big_key, start..end).await, payload.range(start..end)) {
-            (Ok(b), Ok(want)) if b[..] == want[..] => Ok(format!("{} bytes at offset {start} match", b.len())),
-            (Ok(b), Ok(_)) => Err(format!("{} bytes at offset {start} differ from what was written", b.len())),
+        let r = match (
+            p.storage.get_range(&big_key, start..end).await,
+            payload.range(start..end),
+        ) {
+            (Ok(b), Ok(want)) if b[..] == want[..] => {
+                Ok(format!("{} bytes at offset {start} match", b.len()))
+            }
+            (Ok(b), Ok(_)) => Err(format!(
+                "{} bytes at offset {start} differ from what was written",
+                b.len()
+            )),
             (Err(e), _) => Err(e.to_string()),
             (_, Err(e)) => Err(format!("cannot read the source file: {e}")),
         };
@@ -275,7 +327,12 @@ async fn probe(p: &mut Probe<'_>, options: &CheckOptions) -> (Option<f64>, Optio
 
 /// Streams `key` and compares it byte for byte with the generator that wrote it (cheaper
 /// than hashing, so the measured rate is the storage's, not SHA-256's).
-async fn read_and_compare(storage: &dyn Storage, key: &str, seed: u64, size: u64) -> Result<(), String> {
+async fn read_and_compare(
+    storage: &dyn Storage,
+    key: &str,
+    seed: u64,
+    size: u64,
+) -> Result<(), String> {
     let mut reader = storage.get(key).await.map_err(|e| e.to_string())?;
     let mut expected = PseudoRandom::new(seed, size);
     let mut buf = vec![0u8; 1 << 20];
@@ -290,7 +347,9 @@ async fn read_and_compare(storage: &dyn Storage, key: &str, seed: u64, size: u64
             break;
         }
         if expected.fill(&mut want[..n]) != n || buf[..n] != want[..n] {
-            return Err(format!("the bytes read back differ from those written, from offset {total} on"));
+            return Err(format!(
+                "the bytes read back differ from those written, from offset {total} on"
+            ));
         }
         total += n as u64;
     }
@@ -302,7 +361,11 @@ async fn read_and_compare(storage: &dyn Storage, key: &str, seed: u64, size: u64
 
 /// Downloads `key` next to `source` (timed), then compares the two files (not timed) and
 /// removes the download.
-async fn download_and_compare(storage: &dyn Storage, key: &str, source: &Path) -> Result<std::time::Duration, String> {
+async fn download_and_compare(
+    storage: &dyn Storage,
+    key: &str,
+    source: &Path,
+) -> Result<std::time::Duration, String> {
     let mut name = source.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".zenith-check-{:016x}", fastrand::u64(..)));
     let target = source.with_file_name(name);
@@ -356,12 +419,19 @@ async fn cleanup(p: &mut Probe<'_>) -> bool {
             for object in p.storage.list(&p.prefix).await? {
                 p.storage.delete(&object.key).await?;
             }
-            Ok(p.storage.list(&p.prefix).await?.into_iter().map(|o| o.key).collect())
+            Ok(p.storage
+                .list(&p.prefix)
+                .await?
+                .into_iter()
+                .map(|o| o.key)
+                .collect())
         }
         .await;
         outcome = match r {
             Ok(left) if left.is_empty() && pass == 1 => Ok("nothing left behind".to_string()),
-            Ok(left) if left.is_empty() => Ok(format!("nothing left behind (deleted keys stayed listed for {pass} passes)")),
+            Ok(left) if left.is_empty() => Ok(format!(
+                "nothing left behind (deleted keys stayed listed for {pass} passes)"
+            )),
             Ok(left) => Err(format!("still listed after delete: {}", left.join(", "))),
             Err(e) => Err(format!("{e} (remove {} by hand)", p.prefix)),
         };

@@ -27,7 +27,12 @@ pub enum Error {
     NotFound { url: String },
 
     #[error("{url}: range {start}..{end} starts past the end of the {size}-byte object")]
-    InvalidRange { url: String, start: u64, end: u64, size: u64 },
+    InvalidRange {
+        url: String,
+        start: u64,
+        end: u64,
+        size: u64,
+    },
 
     #[error("{url}: no credentials found ({detail}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (see docs/storages.md)")]
     NoCredentials { url: String, detail: String },
@@ -39,13 +44,25 @@ pub enum Error {
     NoSuchBucket { url: String, bucket: String },
 
     #[error("{url}: the server refused the request ({detail}); {hint}")]
-    Rejected { url: String, detail: String, hint: &'static str },
+    Rejected {
+        url: String,
+        detail: String,
+        hint: &'static str,
+    },
 
     #[error("{url}: storage unavailable after {attempts} attempt(s): {detail}; check that the endpoint is up and reachable (AWS_ENDPOINT_URL), or raise ZENITH_RETRY_ATTEMPTS")]
-    Unavailable { url: String, detail: String, attempts: u32 },
+    Unavailable {
+        url: String,
+        detail: String,
+        attempts: u32,
+    },
 
     #[error("{}", local_message(path, op, source))]
-    Local { path: String, op: &'static str, source: io::Error },
+    Local {
+        path: String,
+        op: &'static str,
+        source: io::Error,
+    },
 
     #[error("{url}: reading the stream failed: {detail}")]
     Stream { url: String, detail: String },
@@ -58,8 +75,12 @@ fn local_message(path: &str, op: &str, source: &io::Error) -> String {
     let hint = match source.kind() {
         io::ErrorKind::PermissionDenied => "; check the directory's owner and permissions",
         io::ErrorKind::StorageFull => "; the disk is full: free some space and try again",
-        io::ErrorKind::NotADirectory => "; a file stands where a directory is expected: choose another path",
-        io::ErrorKind::ReadOnlyFilesystem => "; the file system is read-only: choose a writable path",
+        io::ErrorKind::NotADirectory => {
+            "; a file stands where a directory is expected: choose another path"
+        }
+        io::ErrorKind::ReadOnlyFilesystem => {
+            "; the file system is read-only: choose a writable path"
+        }
         _ => "",
     };
     format!("{path}: cannot {op}: {source}{hint}")
@@ -92,7 +113,9 @@ impl Error {
     pub fn from_stream(url: String, key: &str, e: io::Error) -> Self {
         if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
             let inner = e.into_inner().expect("checked by get_ref above");
-            return *inner.downcast::<Error>().expect("checked by is::<Error>() above");
+            return *inner
+                .downcast::<Error>()
+                .expect("checked by is::<Error>() above");
         }
         Error::Stream {
             url: format!("{url}/{key}"),
@@ -117,7 +140,11 @@ impl Error {
             RetryError::Failed {
                 error: Error::Unavailable { url, detail, .. },
                 attempts,
-            } => Error::Unavailable { url, detail, attempts },
+            } => Error::Unavailable {
+                url,
+                detail,
+                attempts,
+            },
             RetryError::Failed { error, .. } => error,
         }
     }
@@ -135,17 +162,27 @@ mod tests {
 
     #[test]
     fn messages_say_what_to_do() {
-        let e = Error::local("/x", "create", io::Error::from(io::ErrorKind::PermissionDenied));
+        let e = Error::local(
+            "/x",
+            "create",
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        );
         assert!(e.to_string().contains("permissions"), "{e}");
         assert!(e.is_permanent());
-        let e = Error::Unavailable { url: "s3://b".into(), detail: "connection refused".into(), attempts: 3 };
+        let e = Error::Unavailable {
+            url: "s3://b".into(),
+            detail: "connection refused".into(),
+            attempts: 3,
+        };
         assert!(e.to_string().contains("after 3 attempt"), "{e}");
         assert!(!e.is_permanent());
     }
 
     #[test]
     fn storage_errors_survive_an_io_round_trip() {
-        let e = Error::NotFound { url: "file:///x/k".into() };
+        let e = Error::NotFound {
+            url: "file:///x/k".into(),
+        };
         let back = Error::from_stream("file:///x".into(), "k", e.into_io());
         assert!(matches!(back, Error::NotFound { .. }), "{back:?}");
     }

@@ -122,13 +122,20 @@ impl Storage for LocalStorage {
                 Err(e) if is_missing(&e) => return Err(not_found),
                 Err(e) => return Err(Error::local(&path, "open", e)),
             };
-            let meta = file.metadata().map_err(|e| Error::local(&path, "read", e))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::local(&path, "read", e))?;
             if !meta.is_file() {
                 return Err(not_found);
             }
             let size = meta.len();
             if range.start > size {
-                return Err(Error::InvalidRange { url, start: range.start, end: range.end, size });
+                return Err(Error::InvalidRange {
+                    url,
+                    start: range.start,
+                    end: range.end,
+                    size,
+                });
             }
             let end = range.end.clamp(range.start, size);
             let mut buf = vec![0u8; (end - range.start) as usize];
@@ -171,11 +178,14 @@ impl Storage for LocalStorage {
                 Ok(()) => {}
                 // Not an object: missing, below a file, or a "directory" of other keys (S3
                 // has no directories; deleting a prefix that is not a key is a no-op there).
-                Err(e) if is_missing(&e) || e.kind() == io::ErrorKind::IsADirectory => return Ok(()),
+                Err(e) if is_missing(&e) || e.kind() == io::ErrorKind::IsADirectory => {
+                    return Ok(())
+                }
                 Err(_) if path.is_dir() => return Ok(()),
                 Err(e) => return Err(Error::local(&path, "delete", e)),
             }
-            fsync_dir(path.parent().unwrap_or(&root)).map_err(|e| Error::local(&path, "delete", e))?;
+            fsync_dir(path.parent().unwrap_or(&root))
+                .map_err(|e| Error::local(&path, "delete", e))?;
             // Tidy up directories the delete emptied. A concurrent put may recreate one right
             // after; write_atomic retries its create for exactly that race.
             let mut dir = path.parent();
@@ -193,12 +203,21 @@ impl Storage for LocalStorage {
 
 /// The directory a file at `path` goes into; a bare file name's is the current directory.
 fn parent_dir(path: &Path) -> Option<&Path> {
-    path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+    path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    })
 }
 
 /// The key names no object: the path is absent, or a file stands where a directory would be.
 fn is_missing(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -213,7 +232,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 /// Streams `reader` into a new file at `path` (temporary sibling, fsync, rename). Errors of
 /// the reader are reported as the source's, not as the disk's.
-pub(crate) async fn write_reader_atomic(path: PathBuf, reader: ByteReader, url: String, key: String) -> Result<u64> {
+pub(crate) async fn write_reader_atomic(
+    path: PathBuf,
+    reader: ByteReader,
+    url: String,
+    key: String,
+) -> Result<u64> {
     blocking(move || {
         let mut source = SyncIoBridge::new(reader);
         let mut written = 0u64;
@@ -259,7 +283,11 @@ fn copy_file_atomic(source: &Path, target: &Path) -> Result<u64> {
 /// Writes a new file at `path` through a temporary sibling, then renames it into place.
 fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
     let (Some(dir), Some(name)) = (parent_dir(path), path.file_name()) else {
-        return Err(Error::local(path, "write", io::Error::from(io::ErrorKind::InvalidInput)));
+        return Err(Error::local(
+            path,
+            "write",
+            io::Error::from(io::ErrorKind::InvalidInput),
+        ));
     };
     let name = name.to_string_lossy();
     let temp = dir.join(format!(".{name}{TEMP_MARKER}{:016x}", fastrand::u64(..)));
@@ -328,26 +356,55 @@ fn list_dir(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let entry = match entry {
             Ok(entry) => entry,
             // Removed while we walked (a concurrent delete): not an object any more.
-            Err(e) if e.io_error().is_some_and(|io| io.kind() == io::ErrorKind::NotFound) => continue,
+            Err(e)
+                if e.io_error()
+                    .is_some_and(|io| io.kind() == io::ErrorKind::NotFound) =>
+            {
+                continue
+            }
             Err(e) => {
                 let path = e.path().unwrap_or(&start).to_path_buf();
-                return Err(Error::local(path, "list", e.into_io_error().unwrap_or_else(|| io::Error::other("loop"))));
+                return Err(Error::local(
+                    path,
+                    "list",
+                    e.into_io_error()
+                        .unwrap_or_else(|| io::Error::other("loop")),
+                ));
             }
         };
-        if !entry.file_type().is_file() || entry.file_name().to_string_lossy().contains(TEMP_MARKER) {
+        if !entry.file_type().is_file() || entry.file_name().to_string_lossy().contains(TEMP_MARKER)
+        {
             continue;
         }
-        let Ok(rel) = entry.path().strip_prefix(root) else { continue };
-        let Some(key) = rel.to_str().map(|s| s.replace(std::path::MAIN_SEPARATOR, "/")) else {
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            continue;
+        };
+        let Some(key) = rel
+            .to_str()
+            .map(|s| s.replace(std::path::MAIN_SEPARATOR, "/"))
+        else {
             continue; // not UTF-8: never written by zenith
         };
         if !key.starts_with(prefix) {
             continue;
         }
         match entry.metadata() {
-            Ok(meta) => out.push(ObjectMeta { key, size: meta.len(), last_modified: meta.modified().ok() }),
-            Err(e) if e.io_error().is_some_and(|io| io.kind() == io::ErrorKind::NotFound) => {}
-            Err(e) => return Err(Error::local(entry.path(), "list", e.into_io_error().unwrap_or_else(|| io::Error::other("metadata")))),
+            Ok(meta) => out.push(ObjectMeta {
+                key,
+                size: meta.len(),
+                last_modified: meta.modified().ok(),
+            }),
+            Err(e)
+                if e.io_error()
+                    .is_some_and(|io| io.kind() == io::ErrorKind::NotFound) => {}
+            Err(e) => {
+                return Err(Error::local(
+                    entry.path(),
+                    "list",
+                    e.into_io_error()
+                        .unwrap_or_else(|| io::Error::other("metadata")),
+                ))
+            }
         }
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -367,9 +424,16 @@ mod tests {
     }
 
     impl AsyncRead for Failing {
-        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
             if self.good == 0 {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "peer went away")));
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "peer went away",
+                )));
             }
             let n = self.good.min(buf.remaining()).min(64 << 10);
             buf.put_slice(&vec![7u8; n]);
@@ -383,19 +447,41 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = LocalStorage::new(dir.path().join("s")).unwrap();
         storage.put("k", Bytes::from_static(b"old")).await.unwrap();
-        let err = storage.put_stream("k", Box::pin(Failing { good: 3 << 20 })).await.unwrap_err();
-        assert!(matches!(err, Error::Stream { .. }) && err.to_string().contains("peer went away"), "{err:?}");
-        assert_eq!(&storage.get_bytes("k").await.unwrap()[..], b"old", "the old object must survive");
-        let names: Vec<_> = fs::read_dir(dir.path().join("s")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let err = storage
+            .put_stream("k", Box::pin(Failing { good: 3 << 20 }))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Stream { .. }) && err.to_string().contains("peer went away"),
+            "{err:?}"
+        );
+        assert_eq!(
+            &storage.get_bytes("k").await.unwrap()[..],
+            b"old",
+            "the old object must survive"
+        );
+        let names: Vec<_> = fs::read_dir(dir.path().join("s"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("k")]);
 
         let target = dir.path().join("download");
-        let err = write_reader_atomic(target.clone(), Box::pin(Failing { good: 1 << 20 }), "u".into(), "k".into())
-            .await
-            .unwrap_err();
+        let err = write_reader_atomic(
+            target.clone(),
+            Box::pin(Failing { good: 1 << 20 }),
+            "u".into(),
+            "k".into(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::Stream { .. }), "{err:?}");
         assert!(!target.exists());
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "a temp file was left behind");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "a temp file was left behind"
+        );
     }
 
     #[tokio::test]
@@ -404,9 +490,18 @@ mod tests {
         let storage = LocalStorage::new(dir.path().to_path_buf()).unwrap();
         storage.put("a", Bytes::from_static(b"x")).await.unwrap();
         storage.put("d/e", Bytes::from_static(b"y")).await.unwrap();
-        assert!(matches!(storage.get_bytes("a/b").await, Err(Error::NotFound { .. })));
-        assert!(matches!(storage.get_range("a/b", 0..1).await, Err(Error::NotFound { .. })));
-        assert!(matches!(storage.head("a/b").await, Err(Error::NotFound { .. })));
+        assert!(matches!(
+            storage.get_bytes("a/b").await,
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            storage.get_range("a/b", 0..1).await,
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            storage.head("a/b").await,
+            Err(Error::NotFound { .. })
+        ));
         storage.delete("a/b").await.unwrap();
         storage.delete("d").await.unwrap();
         assert_eq!(&storage.get_bytes("d/e").await.unwrap()[..], b"y");

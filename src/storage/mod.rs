@@ -155,7 +155,10 @@ pub fn validate_key(key: &str) -> Result<()> {
             .then_some("it contains zenith's temporary-file marker")
     });
     match reason {
-        Some(reason) => Err(Error::InvalidKey { key: key.to_string(), reason }),
+        Some(reason) => Err(Error::InvalidKey {
+            key: key.to_string(),
+            reason,
+        }),
         None => Ok(()),
     }
 }
@@ -181,10 +184,27 @@ mod tests {
 
     #[test]
     fn keys() {
-        for ok in ["a", "a/b", "snapshots/0123/manifest.json", "pg_wal/000000010000000000000001", ".hidden"] {
+        for ok in [
+            "a",
+            "a/b",
+            "snapshots/0123/manifest.json",
+            "pg_wal/000000010000000000000001",
+            ".hidden",
+        ] {
             validate_key(ok).unwrap();
         }
-        for bad in ["", "/a", "a/", "a//b", "../a", "a/../b", "a/./b", "a\\b", "a\0b", "x/.zenith-tmp-1"] {
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "../a",
+            "a/../b",
+            "a/./b",
+            "a\\b",
+            "a\0b",
+            "x/.zenith-tmp-1",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_key(&"a".repeat(1025)).is_err());

@@ -25,7 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::{
-    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation, StalledStreamProtectionConfig,
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -67,7 +68,10 @@ impl fmt::Debug for StaticCredentials {
         f.debug_struct("StaticCredentials")
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &"<redacted>")
-            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -178,7 +182,9 @@ fn parse_bool(name: &str, v: &str) -> std::result::Result<bool, String> {
 fn parse_count(name: &str, v: &str) -> std::result::Result<usize, String> {
     match v.trim().parse::<usize>() {
         Ok(n) if (1..=1024).contains(&n) => Ok(n),
-        _ => Err(format!("{name}={v:?} must be a whole number from 1 to 1024")),
+        _ => Err(format!(
+            "{name}={v:?} must be a whole number from 1 to 1024"
+        )),
     }
 }
 
@@ -259,10 +265,12 @@ impl S3Storage {
             ));
         }
         let sdk = loader.load().await;
-        let provider = sdk.credentials_provider().ok_or_else(|| Error::NoCredentials {
-            url: url.clone(),
-            detail: "no credentials provider".to_string(),
-        })?;
+        let provider = sdk
+            .credentials_provider()
+            .ok_or_else(|| Error::NoCredentials {
+                url: url.clone(),
+                detail: "no credentials provider".to_string(),
+            })?;
         use aws_credential_types::provider::ProvideCredentials;
         if let Err(e) = provider.provide_credentials().await {
             use aws_credential_types::provider::error::CredentialsError;
@@ -345,7 +353,11 @@ impl Inner {
     async fn head(&self, full_key: &str) -> Result<(ObjectMeta, Option<String>)> {
         let result = self
             .call(full_key, || {
-                self.client.head_object().bucket(&self.bucket).key(full_key).send()
+                self.client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(full_key)
+                    .send()
             })
             .await;
         let out = match result {
@@ -353,12 +365,16 @@ impl Inner {
             // A HEAD answer has no body, so a missing bucket looks like a missing key: ask
             // the bucket itself, so a typo in the bucket name is reported as such.
             Err(e @ Error::NotFound { .. }) => {
-                let bucket = self.call("", || self.client.head_bucket().bucket(&self.bucket).send()).await;
+                let bucket = self
+                    .call("", || self.client.head_bucket().bucket(&self.bucket).send())
+                    .await;
                 return Err(match bucket {
-                    Err(Error::NotFound { .. } | Error::NoSuchBucket { .. }) => Error::NoSuchBucket {
-                        url: self.object_url(full_key),
-                        bucket: self.bucket.clone(),
-                    },
+                    Err(Error::NotFound { .. } | Error::NoSuchBucket { .. }) => {
+                        Error::NoSuchBucket {
+                            url: self.object_url(full_key),
+                            bucket: self.bucket.clone(),
+                        }
+                    }
                     _ => e,
                 });
             }
@@ -367,7 +383,9 @@ impl Inner {
         let meta = ObjectMeta {
             key: full_key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
-            last_modified: out.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+            last_modified: out
+                .last_modified()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
         };
         Ok((meta, out.e_tag().map(str::to_string)))
     }
@@ -386,7 +404,10 @@ impl Inner {
             if let Some(etag) = etag {
                 req = req.if_match(etag);
             }
-            let mut out = req.send().await.map_err(|e| classify(&url, &self.bucket, e))?;
+            let mut out = req
+                .send()
+                .await
+                .map_err(|e| classify(&url, &self.bucket, e))?;
             // Read straight into one buffer of the range's size: no second copy, so memory
             // per request in flight is the range length.
             // A range reaching past the end is answered with fewer bytes: trust the length
@@ -399,7 +420,10 @@ impl Inner {
             while let Some(chunk) = out.body.next().await {
                 let chunk = chunk.map_err(|e| Error::Unavailable {
                     url: url.clone(),
-                    detail: format!("the response body broke off: {}", one_line(&DisplayErrorContext(&e).to_string())),
+                    detail: format!(
+                        "the response body broke off: {}",
+                        one_line(&DisplayErrorContext(&e).to_string())
+                    ),
                     attempts: 1,
                 })?;
                 buf.extend_from_slice(&chunk);
@@ -407,18 +431,29 @@ impl Inner {
             if buf.len() as u64 != expected {
                 return Err(Error::Unavailable {
                     url: url.clone(),
-                    detail: format!("the response announced {expected} bytes but carried {}", buf.len()),
+                    detail: format!(
+                        "the response announced {expected} bytes but carried {}",
+                        buf.len()
+                    ),
                     attempts: 1,
                 });
             }
-            self.stats.bytes_received.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.stats
+                .bytes_received
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
             Ok::<_, Error>(buf.freeze())
         })
         .await
         .map_err(Error::from_retry)
     }
 
-    async fn upload_part(&self, full_key: &str, upload_id: &str, number: i32, data: Bytes) -> Result<CompletedPart> {
+    async fn upload_part(
+        &self,
+        full_key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+    ) -> Result<CompletedPart> {
         let out = self
             .call(full_key, || {
                 self.client
@@ -432,7 +467,9 @@ impl Inner {
                     .send()
             })
             .await?;
-        self.stats.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_sent
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(CompletedPart::builder()
             .part_number(number)
             .set_e_tag(out.e_tag().map(str::to_string))
@@ -440,21 +477,35 @@ impl Inner {
     }
 
     /// Uploads what `reader` yields after `first` as parts and completes the upload.
-    async fn multipart(self: &Arc<Self>, full_key: &str, first: Bytes, reader: &mut ByteReader) -> Result<u64> {
+    async fn multipart(
+        self: &Arc<Self>,
+        full_key: &str,
+        first: Bytes,
+        reader: &mut ByteReader,
+    ) -> Result<u64> {
         let upload = self
             .call(full_key, || {
                 self.client
                     .create_multipart_upload()
                     .bucket(&self.bucket)
                     .key(full_key)
-                    .set_storage_class(self.options.storage_class.as_deref().map(StorageClass::from))
+                    .set_storage_class(
+                        self.options
+                            .storage_class
+                            .as_deref()
+                            .map(StorageClass::from),
+                    )
                     .send()
             })
             .await?;
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
         // If this future is dropped (cancelled) before the upload completes, abort it in the
         // background so the parts do not hold space.
-        let mut guard = AbortOnDrop { inner: Some(Arc::clone(self)), key: full_key.to_string(), upload_id: upload_id.clone() };
+        let mut guard = AbortOnDrop {
+            inner: Some(Arc::clone(self)),
+            key: full_key.to_string(),
+            upload_id: upload_id.clone(),
+        };
         let result = self.upload_parts(full_key, &upload_id, first, reader).await;
         guard.inner = None;
         if result.is_err() {
@@ -463,7 +514,13 @@ impl Inner {
         result
     }
 
-    async fn upload_parts(self: &Arc<Self>, full_key: &str, upload_id: &str, first: Bytes, reader: &mut ByteReader) -> Result<u64> {
+    async fn upload_parts(
+        self: &Arc<Self>,
+        full_key: &str,
+        upload_id: &str,
+        first: Bytes,
+        reader: &mut ByteReader,
+    ) -> Result<u64> {
         // A permit is taken before a part is read, so at most `upload_concurrency` parts are
         // in memory at once.
         let permits = Arc::new(Semaphore::new(self.options.upload_concurrency));
@@ -516,7 +573,11 @@ impl Inner {
                     .bucket(&self.bucket)
                     .key(full_key)
                     .upload_id(upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts.clone())).build())
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts.clone()))
+                            .build(),
+                    )
                     .send()
             })
             .await;
@@ -548,7 +609,10 @@ impl Inner {
             })
             .await;
         if let Err(e) = result {
-            tracing::warn!(upload_id, "could not abort an unfinished multipart upload: {e}");
+            tracing::warn!(
+                upload_id,
+                "could not abort an unfinished multipart upload: {e}"
+            );
         }
     }
 }
@@ -562,8 +626,13 @@ struct AbortOnDrop {
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        if let (Some(inner), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
-            let (key, id) = (std::mem::take(&mut self.key), std::mem::take(&mut self.upload_id));
+        if let (Some(inner), Ok(runtime)) =
+            (self.inner.take(), tokio::runtime::Handle::try_current())
+        {
+            let (key, id) = (
+                std::mem::take(&mut self.key),
+                std::mem::take(&mut self.upload_id),
+            );
             runtime.spawn(async move { inner.abort(&key, &id).await });
         }
     }
@@ -578,7 +647,9 @@ fn part_size_for(base: u64, number: i32) -> u64 {
     (base << doublings).min(MAX_PART_SIZE)
 }
 
-fn joined(done: std::result::Result<Result<CompletedPart>, tokio::task::JoinError>) -> Result<CompletedPart> {
+fn joined(
+    done: std::result::Result<Result<CompletedPart>, tokio::task::JoinError>,
+) -> Result<CompletedPart> {
     match done {
         Ok(part) => part,
         Err(e) => match e.try_into_panic() {
@@ -620,7 +691,13 @@ impl Storage for S3Storage {
                     .bucket(&inner.bucket)
                     .key(&full)
                     .content_length(data.len() as i64)
-                    .set_storage_class(inner.options.storage_class.as_deref().map(StorageClass::from))
+                    .set_storage_class(
+                        inner
+                            .options
+                            .storage_class
+                            .as_deref()
+                            .map(StorageClass::from),
+                    )
                     .body(ByteStream::from(data.clone()))
                     .send()
             })
@@ -630,7 +707,12 @@ impl Storage for S3Storage {
 
     async fn put_stream(&self, key: &str, mut reader: ByteReader) -> Result<u64> {
         let full = self.full_key(key)?;
-        let first = read_part(&mut reader, self.inner.options.part_size, &self.inner.object_url(&full)).await?;
+        let first = read_part(
+            &mut reader,
+            self.inner.options.part_size,
+            &self.inner.object_url(&full),
+        )
+        .await?;
         if (first.len() as u64) < self.inner.options.part_size {
             let len = first.len() as u64;
             self.put(key, first).await?;
@@ -652,7 +734,12 @@ impl Storage for S3Storage {
                 let inner = Arc::clone(&inner);
                 let full = full.clone();
                 let etag = etag.clone();
-                async move { inner.fetch(&full, range, etag.as_deref()).await.map_err(Error::into_io) }
+                async move {
+                    inner
+                        .fetch(&full, range, etag.as_deref())
+                        .await
+                        .map_err(Error::into_io)
+                }
             })
             .buffered(self.inner.options.download_concurrency);
         Ok(Box::pin(StreamReader::new(chunks)))
@@ -683,7 +770,11 @@ impl Storage for S3Storage {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         validate_prefix(prefix)?;
         let inner = &self.inner;
-        let root = if inner.prefix.is_empty() { String::new() } else { format!("{}/", inner.prefix) };
+        let root = if inner.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", inner.prefix)
+        };
         let full_prefix = format!("{root}{prefix}");
         let mut out = Vec::new();
         let mut token: Option<String> = None;
@@ -700,11 +791,15 @@ impl Storage for S3Storage {
                 })
                 .await?;
             for object in page.contents() {
-                let Some(key) = object.key().and_then(|k| k.strip_prefix(&root)) else { continue };
+                let Some(key) = object.key().and_then(|k| k.strip_prefix(&root)) else {
+                    continue;
+                };
                 out.push(ObjectMeta {
                     key: key.to_string(),
                     size: object.size().unwrap_or(0).max(0) as u64,
-                    last_modified: object.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                    last_modified: object
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 });
             }
             match page.next_continuation_token() {
@@ -720,7 +815,14 @@ impl Storage for S3Storage {
         let full = self.full_key(key)?;
         let inner = &self.inner;
         match inner
-            .call(&full, || inner.client.delete_object().bucket(&inner.bucket).key(&full).send())
+            .call(&full, || {
+                inner
+                    .client
+                    .delete_object()
+                    .bucket(&inner.bucket)
+                    .key(&full)
+                    .send()
+            })
             .await
         {
             Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
@@ -731,7 +833,12 @@ impl Storage for S3Storage {
 
 fn check_empty_range(url: &str, range: Range<u64>, size: u64) -> Result<Bytes> {
     if range.start > size {
-        return Err(Error::InvalidRange { url: url.to_string(), start: range.start, end: range.end, size });
+        return Err(Error::InvalidRange {
+            url: url.to_string(),
+            start: range.start,
+            end: range.end,
+            size,
+        });
     }
     Ok(Bytes::new())
 }
@@ -757,19 +864,31 @@ where
     let url = url.to_string();
     let detail = || one_line(&DisplayErrorContext(&err).to_string());
     match &err {
-        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => Error::Unavailable { url, detail: detail(), attempts: 1 },
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => Error::Unavailable {
+            url,
+            detail: detail(),
+            attempts: 1,
+        },
         SdkError::DispatchFailure(d) if d.is_user() => Error::Rejected {
             url,
             detail: detail(),
             hint: "check the endpoint URL (AWS_ENDPOINT_URL) and the credentials",
         },
-        SdkError::DispatchFailure(_) => Error::Unavailable { url, detail: detail(), attempts: 1 },
+        SdkError::DispatchFailure(_) => Error::Unavailable {
+            url,
+            detail: detail(),
+            attempts: 1,
+        },
         SdkError::ConstructionFailure(_) => {
             let detail = detail();
             if detail.to_ascii_lowercase().contains("credential") {
                 Error::NoCredentials { url, detail }
             } else {
-                Error::Rejected { url, detail, hint: "check the storage settings in docs/storages.md" }
+                Error::Rejected {
+                    url,
+                    detail,
+                    hint: "check the storage settings in docs/storages.md",
+                }
             }
         }
         SdkError::ServiceError(service) => {
@@ -809,7 +928,11 @@ where
                 _ => Error::Rejected { url, detail: what, hint: "check the URL, the bucket's settings and the endpoint" },
             }
         }
-        _ => Error::Unavailable { url, detail: detail(), attempts: 1 },
+        _ => Error::Unavailable {
+            url,
+            detail: detail(),
+            attempts: 1,
+        },
     }
 }
 
@@ -819,16 +942,27 @@ mod tests {
     use std::collections::HashMap;
 
     fn opts(vars: &[(&str, &str)]) -> std::result::Result<S3Options, String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         S3Options::from_lookup(|k| map.get(k).cloned())
     }
 
     #[test]
     fn endpoint_precedence_and_path_style_default() {
-        let o = opts(&[("AWS_ENDPOINT", "http://a:1"), ("AWS_ENDPOINT_URL", "http://b:2/")]).unwrap();
+        let o = opts(&[
+            ("AWS_ENDPOINT", "http://a:1"),
+            ("AWS_ENDPOINT_URL", "http://b:2/"),
+        ])
+        .unwrap();
         assert_eq!(o.endpoint.as_deref(), Some("http://b:2"));
         assert!(o.force_path_style);
-        let o = opts(&[("AWS_ENDPOINT", "http://a:1"), ("AWS_S3_FORCE_PATH_STYLE", "false")]).unwrap();
+        let o = opts(&[
+            ("AWS_ENDPOINT", "http://a:1"),
+            ("AWS_S3_FORCE_PATH_STYLE", "false"),
+        ])
+        .unwrap();
         assert_eq!(o.endpoint.as_deref(), Some("http://a:1"));
         assert!(!o.force_path_style);
         let o = opts(&[]).unwrap();
@@ -837,8 +971,18 @@ mod tests {
 
     #[test]
     fn region_falls_back_to_default_region() {
-        assert_eq!(opts(&[("AWS_DEFAULT_REGION", "eu-west-3")]).unwrap().region.as_deref(), Some("eu-west-3"));
-        let o = opts(&[("AWS_DEFAULT_REGION", "eu-west-3"), ("AWS_REGION", "garage")]).unwrap();
+        assert_eq!(
+            opts(&[("AWS_DEFAULT_REGION", "eu-west-3")])
+                .unwrap()
+                .region
+                .as_deref(),
+            Some("eu-west-3")
+        );
+        let o = opts(&[
+            ("AWS_DEFAULT_REGION", "eu-west-3"),
+            ("AWS_REGION", "garage"),
+        ])
+        .unwrap();
         assert_eq!(o.region.as_deref(), Some("garage"));
     }
 
@@ -851,13 +995,26 @@ mod tests {
             ("ZENITH_S3_STORAGE_CLASS", "STANDARD_IA"),
         ])
         .unwrap();
-        assert_eq!((o.part_size, o.upload_concurrency, o.download_concurrency), (64 << 20, 8, 2));
+        assert_eq!(
+            (o.part_size, o.upload_concurrency, o.download_concurrency),
+            (64 << 20, 8, 2)
+        );
         assert_eq!(o.storage_class.as_deref(), Some("STANDARD_IA"));
-        assert!(opts(&[("ZENITH_S3_PART_SIZE", "1MiB")]).unwrap_err().contains("5MiB"));
-        assert!(opts(&[("ZENITH_S3_PART_SIZE", "1TiB")]).unwrap_err().contains("1GiB"));
-        assert!(opts(&[("ZENITH_S3_UPLOAD_CONCURRENCY", "0")]).unwrap_err().contains("ZENITH_S3_UPLOAD_CONCURRENCY"));
-        assert!(opts(&[("AWS_ENDPOINT_URL", "localhost:9000")]).unwrap_err().contains("http://"));
-        assert!(opts(&[("AWS_S3_FORCE_PATH_STYLE", "maybe")]).unwrap_err().contains("true or false"));
+        assert!(opts(&[("ZENITH_S3_PART_SIZE", "1MiB")])
+            .unwrap_err()
+            .contains("5MiB"));
+        assert!(opts(&[("ZENITH_S3_PART_SIZE", "1TiB")])
+            .unwrap_err()
+            .contains("1GiB"));
+        assert!(opts(&[("ZENITH_S3_UPLOAD_CONCURRENCY", "0")])
+            .unwrap_err()
+            .contains("ZENITH_S3_UPLOAD_CONCURRENCY"));
+        assert!(opts(&[("AWS_ENDPOINT_URL", "localhost:9000")])
+            .unwrap_err()
+            .contains("http://"));
+        assert!(opts(&[("AWS_S3_FORCE_PATH_STYLE", "maybe")])
+            .unwrap_err()
+            .contains("true or false"));
     }
 
     #[test]
@@ -881,6 +1038,9 @@ mod tests {
             session_token: Some("token-value".into()),
         });
         let text = format!("{o:?}");
-        assert!(!text.contains("very-secret-value") && !text.contains("token-value"), "{text}");
+        assert!(
+            !text.contains("very-secret-value") && !text.contains("token-value"),
+            "{text}"
+        );
     }
 }

@@ -37,7 +37,11 @@ impl StorageUrl {
                 ));
             }
             let prefix = prefix.trim_end_matches('/');
-            if !prefix.is_empty() && prefix.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+            if !prefix.is_empty()
+                && prefix
+                    .split('/')
+                    .any(|s| s.is_empty() || s == "." || s == "..")
+            {
                 return Err(invalid("the prefix has an empty, '.' or '..' path segment"));
             }
             return Ok(StorageUrl::S3 {
@@ -145,16 +149,30 @@ mod tests {
     use super::*;
 
     fn s3(bucket: &str, prefix: &str) -> StorageUrl {
-        StorageUrl::S3 { bucket: bucket.into(), prefix: prefix.into() }
+        StorageUrl::S3 {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        }
     }
 
     #[test]
     fn s3_forms() {
         assert_eq!(StorageUrl::parse("s3://bucket").unwrap(), s3("bucket", ""));
         assert_eq!(StorageUrl::parse("s3://bucket/").unwrap(), s3("bucket", ""));
-        assert_eq!(StorageUrl::parse("s3://bucket/team/app/").unwrap(), s3("bucket", "team/app"));
-        assert_eq!(StorageUrl::parse("S3://my.bucket-1/x").unwrap(), s3("my.bucket-1", "x"));
-        assert_eq!(StorageUrl::parse("s3://bucket/team/app").unwrap().to_string(), "s3://bucket/team/app");
+        assert_eq!(
+            StorageUrl::parse("s3://bucket/team/app/").unwrap(),
+            s3("bucket", "team/app")
+        );
+        assert_eq!(
+            StorageUrl::parse("S3://my.bucket-1/x").unwrap(),
+            s3("my.bucket-1", "x")
+        );
+        assert_eq!(
+            StorageUrl::parse("s3://bucket/team/app")
+                .unwrap()
+                .to_string(),
+            "s3://bucket/team/app"
+        );
     }
 
     #[test]
@@ -174,26 +192,59 @@ mod tests {
 
     #[test]
     fn file_forms() {
-        assert_eq!(StorageUrl::parse("file:///var/x").unwrap(), StorageUrl::Local("/var/x".into()));
-        assert_eq!(StorageUrl::parse("file:///var/a%20b/").unwrap(), StorageUrl::Local("/var/a b".into()));
-        assert_eq!(StorageUrl::parse("/var/./y/../x").unwrap(), StorageUrl::Local("/var/x".into()));
+        assert_eq!(
+            StorageUrl::parse("file:///var/x").unwrap(),
+            StorageUrl::Local("/var/x".into())
+        );
+        assert_eq!(
+            StorageUrl::parse("file:///var/a%20b/").unwrap(),
+            StorageUrl::Local("/var/a b".into())
+        );
+        assert_eq!(
+            StorageUrl::parse("/var/./y/../x").unwrap(),
+            StorageUrl::Local("/var/x".into())
+        );
         let cwd = std::env::current_dir().unwrap();
-        assert_eq!(StorageUrl::parse("rel/dir").unwrap(), StorageUrl::Local(cwd.join("rel/dir")));
-        assert_eq!(StorageUrl::parse("/var/x").unwrap().to_string(), "file:///var/x");
+        assert_eq!(
+            StorageUrl::parse("rel/dir").unwrap(),
+            StorageUrl::Local(cwd.join("rel/dir"))
+        );
+        assert_eq!(
+            StorageUrl::parse("/var/x").unwrap().to_string(),
+            "file:///var/x"
+        );
     }
 
     #[test]
     fn other_refusals() {
-        assert!(StorageUrl::parse("").unwrap_err().to_string().contains("empty"));
-        assert!(StorageUrl::parse("ftp://x").unwrap_err().to_string().contains("\"ftp\" is not supported"));
-        assert!(StorageUrl::parse("file://relative").unwrap_err().to_string().contains("absolute"));
-        assert!(StorageUrl::parse("file:///bad%zz").unwrap_err().to_string().contains("%-escape"));
+        assert!(StorageUrl::parse("")
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(StorageUrl::parse("ftp://x")
+            .unwrap_err()
+            .to_string()
+            .contains("\"ftp\" is not supported"));
+        assert!(StorageUrl::parse("file://relative")
+            .unwrap_err()
+            .to_string()
+            .contains("absolute"));
+        assert!(StorageUrl::parse("file:///bad%zz")
+            .unwrap_err()
+            .to_string()
+            .contains("%-escape"));
         for typo in ["s3:/bucket/app", "s3:bucket", "file:/var/backups", "S3:x"] {
             let e = StorageUrl::parse(typo).unwrap_err().to_string();
             assert!(e.contains("without '//'"), "{typo}: {e}");
         }
         let cwd = std::env::current_dir().unwrap();
-        assert_eq!(StorageUrl::parse("./s3:x").unwrap(), StorageUrl::Local(cwd.join("s3:x")));
-        assert_eq!(StorageUrl::parse("dir/a:b").unwrap(), StorageUrl::Local(cwd.join("dir/a:b")));
+        assert_eq!(
+            StorageUrl::parse("./s3:x").unwrap(),
+            StorageUrl::Local(cwd.join("s3:x"))
+        );
+        assert_eq!(
+            StorageUrl::parse("dir/a:b").unwrap(),
+            StorageUrl::Local(cwd.join("dir/a:b"))
+        );
     }
 }

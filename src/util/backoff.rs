@@ -97,7 +97,10 @@ where
         match result {
             Ok(value) => return Ok(value),
             Err(error) if error.is_permanent() || attempt >= policy.max_attempts.max(1) => {
-                return Err(RetryError::Failed { error, attempts: attempt });
+                return Err(RetryError::Failed {
+                    error,
+                    attempts: attempt,
+                });
             }
             Err(error) => {
                 let wait = policy.delay(attempt);
@@ -180,7 +183,8 @@ mod tests {
     async fn cancellation_stops_the_loop() {
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let r: Result<(), RetryError<E>> = retry(&fast(5), &cancel, || async { Err(E(false)) }).await;
+        let r: Result<(), RetryError<E>> =
+            retry(&fast(5), &cancel, || async { Err(E(false)) }).await;
         assert!(matches!(r, Err(RetryError::Cancelled)));
     }
 
@@ -194,7 +198,10 @@ mod tests {
         for attempt in 1..12 {
             let d = p.delay(attempt);
             let full = (Duration::from_millis(100) * (1 << (attempt - 1).min(20))).min(p.max_delay);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?} vs {full:?}");
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} vs {full:?}"
+            );
         }
     }
 }

@@ -19,7 +19,10 @@ pub fn check(path: &str, max_len: usize) -> Result<(), &'static str> {
     if path.split('/').any(|segment| segment.is_empty()) {
         return Err("the path has an empty segment");
     }
-    if path.split('/').any(|segment| segment == "." || segment == "..") {
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
         return Err("the path has a '.' or '..' segment");
     }
     Ok(())
@@ -31,14 +34,29 @@ mod tests {
 
     #[test]
     fn accepts_relative_paths() {
-        for ok in ["a", "base/1/1259", ".hidden", "pg_wal/000000010000000000000001"] {
+        for ok in [
+            "a",
+            "base/1/1259",
+            ".hidden",
+            "pg_wal/000000010000000000000001",
+        ] {
             check(ok, 4096).unwrap();
         }
     }
 
     #[test]
     fn refuses_escapes_and_oddities() {
-        for bad in ["", "/etc/passwd", "../x", "base/../../x", "a//b", "a/./b", "a\\b", "a\0b", "base/"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "base/../../x",
+            "a//b",
+            "a/./b",
+            "a\\b",
+            "a\0b",
+            "base/",
+        ] {
             assert!(check(bad, 4096).is_err(), "{bad:?}");
         }
         assert_eq!(check("abcd", 3), Err("the path is too long"));

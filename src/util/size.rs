@@ -8,7 +8,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() {
-        return Err(format!("{text:?} is not a size; use e.g. 16MiB, 512KiB or 1048576"));
+        return Err(format!(
+            "{text:?} is not a size; use e.g. 16MiB, 512KiB or 1048576"
+        ));
     }
     let n: u64 = digits
         .parse()
@@ -19,7 +21,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("{text:?} has an unknown unit; use B, KiB, MiB, GiB or TiB")),
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit; use B, KiB, MiB, GiB or TiB"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{text:?} is too large a size"))

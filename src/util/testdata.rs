@@ -20,16 +20,26 @@ pub struct PseudoRandom {
 impl PseudoRandom {
     /// `len` bytes derived from `seed`.
     pub fn new(seed: u64, len: u64) -> Self {
-        PseudoRandom { seed, offset: 0, end: len }
+        PseudoRandom {
+            seed,
+            offset: 0,
+            end: len,
+        }
     }
 
     /// The bytes `range` of the stream `new(seed, _)`.
     pub fn range(seed: u64, range: std::ops::Range<u64>) -> Self {
-        PseudoRandom { seed, offset: range.start, end: range.end.max(range.start) }
+        PseudoRandom {
+            seed,
+            offset: range.start,
+            end: range.end.max(range.start),
+        }
     }
 
     fn word(&self, index: u64) -> [u8; 8] {
-        let mut z = self.seed.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut z = self
+            .seed
+            .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         (z ^ (z >> 31)).to_le_bytes()
@@ -115,7 +125,10 @@ mod tests {
         let whole = PseudoRandom::new(5, 100).to_vec();
         for start in 0..20 {
             for end in start..40 {
-                assert_eq!(PseudoRandom::range(5, start..end).to_vec(), &whole[start as usize..end as usize]);
+                assert_eq!(
+                    PseudoRandom::range(5, start..end).to_vec(),
+                    &whole[start as usize..end as usize]
+                );
             }
         }
     }

@@ -15,18 +15,40 @@ fn help_shows_the_whole_command_surface() {
     assert!(out.status.success());
     let (stdout, _) = text(&out);
     for cmd in [
-        "init", "start", "stop", "status", "import", "export", "push", "pull", "snapshot", "pg", "storage",
-        "wal-push", "wal-fetch",
+        "init",
+        "start",
+        "stop",
+        "status",
+        "import",
+        "export",
+        "push",
+        "pull",
+        "snapshot",
+        "pg",
+        "storage",
+        "wal-push",
+        "wal-fetch",
     ] {
-        assert!(stdout.contains(&format!("\n  {cmd} ")), "--help lacks {cmd}:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("\n  {cmd} ")),
+            "--help lacks {cmd}:\n{stdout}"
+        );
     }
     let (pg_help, _) = text(&run(zenith().args(["pg", "--help"])));
-    for sub in ["create", "start", "stop", "promote", "destroy", "list", "show", "checkout"] {
-        assert!(pg_help.contains(&format!("\n  {sub} ")), "pg --help lacks {sub}");
+    for sub in [
+        "create", "start", "stop", "promote", "destroy", "list", "show", "checkout",
+    ] {
+        assert!(
+            pg_help.contains(&format!("\n  {sub} ")),
+            "pg --help lacks {sub}"
+        );
     }
     let (storage_help, _) = text(&run(zenith().args(["storage", "--help"])));
     for sub in ["attach", "detach", "list", "show", "check"] {
-        assert!(storage_help.contains(&format!("\n  {sub} ")), "storage --help lacks {sub}");
+        assert!(
+            storage_help.contains(&format!("\n  {sub} ")),
+            "storage --help lacks {sub}"
+        );
     }
 }
 
@@ -44,7 +66,10 @@ fn commands_not_built_yet_say_so_with_exit_code_2() {
         let out = run(zenith().args(&args));
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let (_, stderr) = text(&out);
-        assert!(stderr.contains("is not implemented yet"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("is not implemented yet"),
+            "{args:?}: {stderr}"
+        );
     }
 }
 
@@ -86,7 +111,9 @@ fn bad_settings_name_the_variable() {
         .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
         .env("ZENITH_S3_PART_SIZE", "1MiB"));
     assert_clean_failure(&out, "ZENITH_S3_PART_SIZE");
-    let out = run(zenith().args(["storage", "check", "s3://some-bucket/prefix"]).env("AWS_ENDPOINT", "localhost:9000"));
+    let out = run(zenith()
+        .args(["storage", "check", "s3://some-bucket/prefix"])
+        .env("AWS_ENDPOINT", "localhost:9000"));
     assert_clean_failure(&out, "must start with http:// or https://");
 }
 
@@ -104,7 +131,9 @@ fn storage_check_on_an_unwritable_directory_fails_and_says_why() {
         std::fs::copy(env!("CARGO_BIN_EXE_zenith"), &bin).unwrap();
         let mut c = zenith();
         let mut wrapped = Command::new("setpriv");
-        wrapped.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&bin);
+        wrapped
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
         for (k, v) in c.get_envs() {
             match v {
                 Some(v) => wrapped.env(k, v),
@@ -116,11 +145,23 @@ fn storage_check_on_an_unwritable_directory_fails_and_says_why() {
     } else {
         zenith()
     };
-    let out = run(cmd.args(["storage", "check", "--size", "6MiB"]).arg(&target));
+    let out = run(cmd
+        .args(["storage", "check", "--size", "6MiB"])
+        .arg(&target));
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("FAIL  put") && stdout.contains("Permission denied"), "{stdout}");
-    assert!(stdout.contains("permissions") && stdout.contains("NOT usable"), "{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("FAIL  put") && stdout.contains("Permission denied"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("permissions") && stdout.contains("NOT usable"),
+        "{stdout}"
+    );
     assert!(!stderr.contains("panicked"));
     assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
 }
@@ -128,13 +169,28 @@ fn storage_check_on_an_unwritable_directory_fails_and_says_why() {
 fn check_json(cmd: &mut Command) -> serde_json::Value {
     let out = run(cmd.arg("--json"));
     let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "storage check failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "storage check failed:\n{stdout}\n{stderr}"
+    );
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let steps = report["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["put", "get", "head", "overwrite", "streamed put", "streamed get", "ranged get", "list", "delete", "missing key", "cleanup"]
+        [
+            "put",
+            "get",
+            "head",
+            "overwrite",
+            "streamed put",
+            "streamed get",
+            "ranged get",
+            "list",
+            "delete",
+            "missing key",
+            "cleanup"
+        ]
     );
     assert!(steps.iter().all(|s| s["ok"] == true), "{report:#}");
     assert!(report["upload_mib_per_sec"].as_f64().unwrap() > 0.0);
@@ -148,15 +204,34 @@ fn storage_check_passes_on_a_local_directory_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("dest").display());
     check_json(zenith().args(["storage", "check", "--size", "12MiB", &url]));
-    let leftovers: Vec<_> = walkdir::WalkDir::new(dir.path()).into_iter().flatten().filter(|e| e.file_type().is_file()).collect();
+    let leftovers: Vec<_> = walkdir::WalkDir::new(dir.path())
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 
     // --file: the user's own file goes up and comes back beside it, then is removed.
     let source = dir.path().join("mine.bin");
-    std::fs::write(&source, zenith::util::testdata::PseudoRandom::new(5, 7 << 20).to_vec()).unwrap();
-    let report = check_json(zenith().args(["storage", "check", "--file", source.to_str().unwrap(), &url]));
-    assert!(report["steps"][4]["detail"].as_str().unwrap().contains("7.0 MiB"), "{report:#}");
-    let files: Vec<_> = walkdir::WalkDir::new(dir.path()).into_iter().flatten().filter(|e| e.file_type().is_file()).collect();
+    std::fs::write(
+        &source,
+        zenith::util::testdata::PseudoRandom::new(5, 7 << 20).to_vec(),
+    )
+    .unwrap();
+    let report =
+        check_json(zenith().args(["storage", "check", "--file", source.to_str().unwrap(), &url]));
+    assert!(
+        report["steps"][4]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("7.0 MiB"),
+        "{report:#}"
+    );
+    let files: Vec<_> = walkdir::WalkDir::new(dir.path())
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .collect();
     assert_eq!(files.len(), 1, "only the source may remain: {files:?}");
 }
 
@@ -185,17 +260,24 @@ async fn check_s3(server: S3Server) {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stdout.contains("access denied"), "{stdout}");
-    assert!(!stdout.contains(secret) && !stderr.contains(secret), "secret leaked");
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "secret leaked"
+    );
 }
 
 #[tokio::test]
 async fn storage_check_passes_on_s3s_fs() {
-    let Some(server) = S3Server::s3s_fs() else { return };
+    let Some(server) = S3Server::s3s_fs() else {
+        return;
+    };
     check_s3(server).await;
 }
 
 #[tokio::test]
 async fn storage_check_passes_on_garage() {
-    let Some(server) = S3Server::garage(3) else { return };
+    let Some(server) = S3Server::garage(3) else {
+        return;
+    };
     check_s3(server).await;
 }

@@ -5,7 +5,7 @@
 mod support;
 
 mod cli;
-mod snapshots;
 mod postgres;
+mod snapshots;
 mod storage_conformance;
 mod storage_faults;

@@ -23,7 +23,10 @@ fn content(pg: &PgCluster) -> String {
 
 /// pgbench tables plus 8 MB of random bytes.
 fn populate(pg: &PgCluster, scale: u32) {
-    pg.client("pgbench", &["-i", "-q", "-s", &scale.to_string(), "postgres"]);
+    pg.client(
+        "pgbench",
+        &["-i", "-q", "-s", &scale.to_string(), "postgres"],
+    );
     pg.sql(
         "create table incompressible (id int primary key, payload bytea); \
          insert into incompressible select i, decode(string_agg(md5(random()::text || i || j), ''), 'hex') \
@@ -48,14 +51,28 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 fn round_trip(url: &str, env: &[(&'static str, String)]) {
-    let Some(mut pg) = PgCluster::init() else { return };
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
     pg.start();
     populate(&pg, 2);
     let before = content(&pg);
     pg.stop();
 
-    let out = ok(zenith_with(env).args(["export", "--snapshot_path", url, "--name", "first", "--pgdata"]).arg(&pg.data));
-    assert!(out.contains("(first)") && out.contains("new blocks"), "{out}");
+    let out = ok(zenith_with(env)
+        .args([
+            "export",
+            "--snapshot_path",
+            url,
+            "--name",
+            "first",
+            "--pgdata",
+        ])
+        .arg(&pg.data));
+    assert!(
+        out.contains("(first)") && out.contains("new blocks"),
+        "{out}"
+    );
     let listed = ok(zenith_with(env).args(["snapshot", "list", "--json", "--storage", url]));
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
@@ -65,12 +82,24 @@ fn round_trip(url: &str, env: &[(&'static str, String)]) {
 
     let target = pg_tempdir();
     let data = target.path().join("restored");
-    let out = ok(zenith_with(env).args(["import", "--snapshot_path", url, "--snapshot", "first", "--pgdata"]).arg(&data));
+    let out = ok(zenith_with(env)
+        .args([
+            "import",
+            "--snapshot_path",
+            url,
+            "--snapshot",
+            "first",
+            "--pgdata",
+        ])
+        .arg(&data));
     assert!(out.contains("blocks checked"), "{out}");
     let mut copy = PgCluster::at(&pg.install, &data);
     copy.start();
     assert_eq!(content(&copy), before, "the restored cluster differs");
-    copy.client("pg_amcheck", &["--install-missing", "--heapallindexed", "-d", "postgres"]);
+    copy.client(
+        "pg_amcheck",
+        &["--install-missing", "--heapallindexed", "-d", "postgres"],
+    );
     copy.client("pgbench", &["-n", "-t", "50", "postgres"]);
     copy.stop();
     assert!(copy.checksums_ok().contains("Bad checksums:  0"));
@@ -79,62 +108,123 @@ fn round_trip(url: &str, env: &[(&'static str, String)]) {
 #[test]
 fn zenith_format_round_trip_on_a_local_directory() {
     let dir = tempfile::tempdir().unwrap();
-    round_trip(&format!("file://{}", dir.path().join("snapshots").display()), &[]);
+    round_trip(
+        &format!("file://{}", dir.path().join("snapshots").display()),
+        &[],
+    );
 }
 
 #[test]
 fn zenith_format_round_trip_on_s3s_fs() {
-    let Some(server) = S3Server::s3s_fs() else { return };
+    let Some(server) = S3Server::s3s_fs() else {
+        return;
+    };
     round_trip(&server.url("snapshots"), &server.env());
 }
 
 #[test]
 fn zenith_format_round_trip_on_garage() {
-    let Some(server) = S3Server::garage(3) else { return };
+    let Some(server) = S3Server::garage(3) else {
+        return;
+    };
     round_trip(&server.url("snapshots"), &server.env());
 }
 
 fn stored_sizes(url: &str) -> Vec<u64> {
-    let listed: serde_json::Value = serde_json::from_str(&ok(zenith().args(["snapshot", "list", "--json", "--storage", url]))).unwrap();
-    listed.as_array().unwrap().iter().map(|m| m["stored_size"].as_u64().unwrap()).collect()
+    let listed: serde_json::Value = serde_json::from_str(&ok(zenith().args([
+        "snapshot",
+        "list",
+        "--json",
+        "--storage",
+        url,
+    ])))
+    .unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["stored_size"].as_u64().unwrap())
+        .collect()
 }
 
 #[test]
 fn a_second_snapshot_stores_only_changed_pages() {
-    let Some(mut pg) = PgCluster::init() else { return };
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
     pg.start();
     populate(&pg, 10);
     pg.sql("checkpoint");
     pg.stop();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("s").display());
-    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    ok(zenith()
+        .args(["export", "--snapshot_path", &url, "--pgdata"])
+        .arg(&pg.data));
 
     // About 1% of pgbench_accounts' pages: one row in every hundredth page (61 rows a page).
     pg.start();
-    let pages: u64 = pg.sql("select relpages from pg_class where relname = 'pgbench_accounts'").parse().unwrap();
+    let pages: u64 = pg
+        .sql("select relpages from pg_class where relname = 'pgbench_accounts'")
+        .parse()
+        .unwrap();
     pg.sql("update pgbench_accounts set abalance = abalance + 1 where aid % 6100 = 0");
     pg.stop();
-    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    ok(zenith()
+        .args(["export", "--snapshot_path", &url, "--pgdata"])
+        .arg(&pg.data));
     let sizes = stored_sizes(&url);
     assert_eq!(sizes.len(), 2);
     let ratio = sizes[1] as f64 / sizes[0] as f64;
-    eprintln!("{pages} pages; first snapshot stored {} bytes, second {} ({:.2}%)", sizes[0], sizes[1], ratio * 100.0);
-    assert!(ratio <= 0.05, "the second snapshot stored {:.1}% of the first", ratio * 100.0);
+    eprintln!(
+        "{pages} pages; first snapshot stored {} bytes, second {} ({:.2}%)",
+        sizes[0],
+        sizes[1],
+        ratio * 100.0
+    );
+    assert!(
+        ratio <= 0.05,
+        "the second snapshot stored {:.1}% of the first",
+        ratio * 100.0
+    );
 
     // Both restore, each to its own state.
     let target = pg_tempdir();
-    let first_id = serde_json::from_str::<serde_json::Value>(&ok(zenith().args(["snapshot", "list", "--json", "--storage", &url])))
-        .unwrap()[0]["id"]
+    let first_id = serde_json::from_str::<serde_json::Value>(&ok(zenith().args([
+        "snapshot",
+        "list",
+        "--json",
+        "--storage",
+        &url,
+    ])))
+    .unwrap()[0]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    ok(zenith().args(["import", "--snapshot_path", &url, "--snapshot", &first_id[..10], "--pgdata"]).arg(target.path().join("a")));
+    ok(zenith()
+        .args([
+            "import",
+            "--snapshot_path",
+            &url,
+            "--snapshot",
+            &first_id[..10],
+            "--pgdata",
+        ])
+        .arg(target.path().join("a")));
     let mut a = PgCluster::at(&pg.install, &target.path().join("a"));
     a.start();
     assert_eq!(a.sql("select count(*) from pgbench_accounts where aid % 6100 = 0 and abalance = 0 and aid <= 6100"), "1");
     a.stop();
-    ok(zenith().args(["import", "--snapshot_path", &url, "--snapshot", "LATEST", "--pgdata"]).arg(target.path().join("b")));
+    ok(zenith()
+        .args([
+            "import",
+            "--snapshot_path",
+            &url,
+            "--snapshot",
+            "LATEST",
+            "--pgdata",
+        ])
+        .arg(target.path().join("b")));
     let mut b = PgCluster::at(&pg.install, &target.path().join("b"));
     b.start();
     pg.start();
@@ -145,58 +235,122 @@ fn a_second_snapshot_stores_only_changed_pages() {
 
     // Deleting the first snapshot with the default grace period keeps its (fresh) data...
     let stored = |d: &Path| {
-        walkdir::WalkDir::new(d).into_iter().flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum::<u64>()
+        walkdir::WalkDir::new(d)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum::<u64>()
     };
     let before = stored(&dir.path().join("s"));
     let out = ok(zenith().args(["snapshot", "delete", &first_id, "--storage", &url]));
-    assert!(out.contains("deleted snapshot") && out.contains("freed 0 B"), "{out}");
+    assert!(
+        out.contains("deleted snapshot") && out.contains("freed 0 B"),
+        "{out}"
+    );
     assert_eq!(stored_sizes(&url).len(), 1);
     // ...a third snapshot of the same data shares every block with the second; deleting it
     // with no grace period and no unused data allowed frees what only the first used, and
     // keeps everything the second needs.
-    ok(zenith().args(["export", "--snapshot_path", &url, "--name", "third", "--pgdata"]).arg(&pg.data));
-    let out = ok(zenith().args(["snapshot", "delete", "third", "--storage", &url, "--grace", "0s", "--max-unused", "0"]));
+    ok(zenith()
+        .args([
+            "export",
+            "--snapshot_path",
+            &url,
+            "--name",
+            "third",
+            "--pgdata",
+        ])
+        .arg(&pg.data));
+    let out = ok(zenith().args([
+        "snapshot",
+        "delete",
+        "third",
+        "--storage",
+        &url,
+        "--grace",
+        "0s",
+        "--max-unused",
+        "0",
+    ]));
     assert!(out.contains("rewritten"), "{out}");
     let after = stored(&dir.path().join("s"));
     eprintln!("store: {before} bytes before the deletes, {after} after");
-    assert!(after < before, "deleting freed nothing: {before} -> {after}");
+    assert!(
+        after < before,
+        "deleting freed nothing: {before} -> {after}"
+    );
     ok(zenith().args(["snapshot", "verify", "LATEST", "--storage", &url]));
-    ok(zenith().args(["import", "--snapshot_path", &url, "--snapshot", "LATEST", "--pgdata"]).arg(target.path().join("c")));
+    ok(zenith()
+        .args([
+            "import",
+            "--snapshot_path",
+            &url,
+            "--snapshot",
+            "LATEST",
+            "--pgdata",
+        ])
+        .arg(target.path().join("c")));
     let mut c = PgCluster::at(&pg.install, &target.path().join("c"));
     c.start();
-    assert_eq!(content(&c), latest, "the remaining snapshot changed after deletes");
+    assert_eq!(
+        content(&c),
+        latest,
+        "the remaining snapshot changed after deletes"
+    );
 }
 
 #[test]
 fn a_running_cluster_is_refused() {
-    let Some(mut pg) = PgCluster::init() else { return };
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
     pg.start();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("s").display());
-    let out = run(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    let out = run(zenith()
+        .args(["export", "--snapshot_path", &url, "--pgdata"])
+        .arg(&pg.data));
     assert_clean_failure(&out, "belongs to a running PostgreSQL");
     assert!(!dir.path().join("s/snapshots").exists());
 }
 
 fn first_file(dir: &Path) -> std::path::PathBuf {
-    std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
 }
 
 #[test]
 fn damaged_snapshots_are_detected_and_never_restored() {
-    let Some(mut pg) = PgCluster::init() else { return };
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
     pg.start();
     populate(&pg, 1);
     pg.stop();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
     let url = format!("file://{}", store.display());
-    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    ok(zenith()
+        .args(["export", "--snapshot_path", &url, "--pgdata"])
+        .arg(&pg.data));
     let manifest_path = first_file(&store.join("snapshots"));
-    let id = manifest_path.file_stem().unwrap().to_str().unwrap().to_string();
+    let id = manifest_path
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     let target = pg_tempdir();
     let restore = |name: &str| {
-        run(zenith().args(["import", "--snapshot_path", &url, "--pgdata"]).arg(target.path().join(name)))
+        run(zenith()
+            .args(["import", "--snapshot_path", &url, "--pgdata"])
+            .arg(target.path().join(name)))
     };
 
     // One flipped byte in a pack.
@@ -208,10 +362,19 @@ fn damaged_snapshots_are_detected_and_never_restored() {
     std::fs::write(&pack, &damaged).unwrap();
     let out = run(zenith().args(["snapshot", "verify", &id, "--storage", &url]));
     let err = assert_clean_failure(&out, "is corrupt");
-    assert!(err.contains(&id) && (err.contains("SHA-256") || err.contains("decompress")), "{err}");
-    assert!(err.contains("base/") || err.contains("global/") || err.contains("pg_"), "names no file: {err}");
+    assert!(
+        err.contains(&id) && (err.contains("SHA-256") || err.contains("decompress")),
+        "{err}"
+    );
+    assert!(
+        err.contains("base/") || err.contains("global/") || err.contains("pg_"),
+        "names no file: {err}"
+    );
     assert_clean_failure(&restore("flipped"), "is corrupt");
-    assert!(!target.path().join("flipped").exists(), "a damaged snapshot left a directory behind");
+    assert!(
+        !target.path().join("flipped").exists(),
+        "a damaged snapshot left a directory behind"
+    );
 
     // A truncated pack.
     std::fs::write(&pack, &original[..original.len() / 3]).unwrap();
@@ -244,13 +407,17 @@ fn damaged_snapshots_are_detected_and_never_restored() {
 async fn decompression_bombs_are_refused() {
     use bytes::Bytes;
     use sha2::{Digest, Sha256};
-    let Some(mut pg) = PgCluster::init() else { return };
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
     pg.start();
     pg.stop();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
     let url = format!("file://{}", store.display());
-    ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    ok(zenith()
+        .args(["export", "--snapshot_path", &url, "--pgdata"])
+        .arg(&pg.data));
     // Replace the only pack with one whose every block inflates to 64 MiB of zeros, with an
     // index that is internally consistent, so only the size limit can stop it.
     let storage = zenith::storage::LocalStorage::new(store.clone()).unwrap();
@@ -273,36 +440,54 @@ async fn decompression_bombs_are_refused() {
     storage.put(&pack_key, Bytes::from(pack)).await.unwrap();
     storage.put(&index_key, Bytes::from(body)).await.unwrap();
     let target = tempfile::tempdir().unwrap();
-    let out = run(zenith().args(["import", "--snapshot_path", &url, "--pgdata"]).arg(target.path().join("x")));
+    let out = run(zenith()
+        .args(["import", "--snapshot_path", &url, "--pgdata"])
+        .arg(target.path().join("x")));
     assert_clean_failure(&out, "does not decompress");
 }
 
 #[test]
 fn a_killed_export_leaves_no_snapshot_and_the_rerun_reuses_its_packs() {
-    let Some(mut pg) = PgCluster::init() else { return };
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
     pg.start();
     populate(&pg, 20);
     pg.stop();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
     let url = format!("file://{}", store.display());
-    let mut child = zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data).spawn().unwrap();
+    let mut child = zenith()
+        .args(["export", "--snapshot_path", &url, "--pgdata"])
+        .arg(&pg.data)
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let indexes = std::fs::read_dir(store.join("index")).map(|d| d.count()).unwrap_or(0);
+        let indexes = std::fs::read_dir(store.join("index"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         if indexes >= 2 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the export finished before it could be killed; use a larger database");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the export finished before it could be killed; use a larger database"
+        );
         assert!(std::time::Instant::now() < deadline, "no pack appeared");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     child.kill().unwrap();
     child.wait().unwrap();
     let listed = ok(zenith().args(["snapshot", "list", "--storage", &url]));
-    assert!(listed.contains("no snapshots"), "a killed export left a visible snapshot: {listed}");
+    assert!(
+        listed.contains("no snapshots"),
+        "a killed export left a visible snapshot: {listed}"
+    );
 
-    let out = ok(zenith().args(["export", "--snapshot_path", &url, "--pgdata"]).arg(&pg.data));
+    let out = ok(zenith()
+        .args(["export", "--snapshot_path", &url, "--pgdata"])
+        .arg(&pg.data));
     // "stored X (N new blocks of M)": the packs the killed run finished are reused.
     let words: Vec<&str> = out.split_whitespace().collect();
     let at = words.iter().position(|w| *w == "new").unwrap();
@@ -313,14 +498,27 @@ fn a_killed_export_leaves_no_snapshot_and_the_rerun_reuses_its_packs() {
 }
 
 fn online_snapshot_while_pgbench_writes(url: &str, env: &[(&'static str, String)]) {
-    let Some(mut pg) = PgCluster::init() else { return };
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
     pg.start();
     populate(&pg, 2);
     pg.sql("create table marker (id int primary key)");
     let mut load = crate::support::pg::as_pg(&pg.install, "pgbench")
         .arg("-h")
         .arg(pg.dir.path())
-        .args(["-p", &pg.port.to_string(), "-U", "postgres", "-n", "-T", "6", "-c", "2", "postgres"])
+        .args([
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-n",
+            "-T",
+            "6",
+            "-c",
+            "2",
+            "postgres",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -328,32 +526,80 @@ fn online_snapshot_while_pgbench_writes(url: &str, env: &[(&'static str, String)
     std::thread::sleep(std::time::Duration::from_millis(1500));
     // Committed before the snapshot begins: must all be in the copy.
     pg.sql("insert into marker values (1)");
-    let history_before: u64 = pg.sql("select count(*) from pgbench_history").parse().unwrap();
+    let history_before: u64 = pg
+        .sql("select count(*) from pgbench_history")
+        .parse()
+        .unwrap();
     let connstr = format!("postgresql://postgres@127.0.0.1:{}/postgres", pg.port);
-    let out = ok(zenith_with(env).args(["export", "--snapshot_path", url, "--name", "online", "--connstr", &connstr]));
+    let out = ok(zenith_with(env).args([
+        "export",
+        "--snapshot_path",
+        url,
+        "--name",
+        "online",
+        "--connstr",
+        &connstr,
+    ]));
     assert!(out.contains("(online)"), "{out}");
-    let writes_during: u64 = pg.sql("select count(*) from pgbench_history").parse().unwrap();
-    assert!(load.wait().unwrap().success(), "pgbench failed while the snapshot ran");
-    assert!(writes_during > history_before, "pgbench was not writing during the snapshot");
+    let writes_during: u64 = pg
+        .sql("select count(*) from pgbench_history")
+        .parse()
+        .unwrap();
+    assert!(
+        load.wait().unwrap().success(),
+        "pgbench failed while the snapshot ran"
+    );
+    assert!(
+        writes_during > history_before,
+        "pgbench was not writing during the snapshot"
+    );
 
-    let shown: serde_json::Value =
-        serde_json::from_str(&ok(zenith_with(env).args(["snapshot", "show", "online", "--json", "--storage", url]))).unwrap();
-    assert_ne!(shown["start_lsn"], shown["stop_lsn"], "an online snapshot spans WAL");
+    let shown: serde_json::Value = serde_json::from_str(&ok(zenith_with(env).args([
+        "snapshot",
+        "show",
+        "online",
+        "--json",
+        "--storage",
+        url,
+    ])))
+    .unwrap();
+    assert_ne!(
+        shown["start_lsn"], shown["stop_lsn"],
+        "an online snapshot spans WAL"
+    );
 
     let target = pg_tempdir();
     let data = target.path().join("restored");
-    ok(zenith_with(env).args(["import", "--snapshot_path", url, "--snapshot", "online", "--pgdata"]).arg(&data));
+    ok(zenith_with(env)
+        .args([
+            "import",
+            "--snapshot_path",
+            url,
+            "--snapshot",
+            "online",
+            "--pgdata",
+        ])
+        .arg(&data));
     let mut copy = PgCluster::at(&pg.install, &data);
     copy.start();
     assert_eq!(copy.sql("select count(*) from marker"), "1");
-    let history_copy: u64 = copy.sql("select count(*) from pgbench_history").parse().unwrap();
-    assert!(history_copy >= history_before, "lost commits: {history_copy} < {history_before}");
+    let history_copy: u64 = copy
+        .sql("select count(*) from pgbench_history")
+        .parse()
+        .unwrap();
+    assert!(
+        history_copy >= history_before,
+        "lost commits: {history_copy} < {history_before}"
+    );
     // Consistent: pgbench keeps balances summed equal across its tables.
     assert_eq!(
         copy.sql("select sum(abalance) from pgbench_accounts"),
         copy.sql("select sum(bbalance) from pgbench_branches")
     );
-    copy.client("pg_amcheck", &["--install-missing", "--heapallindexed", "-d", "postgres"]);
+    copy.client(
+        "pg_amcheck",
+        &["--install-missing", "--heapallindexed", "-d", "postgres"],
+    );
     copy.stop();
     assert!(copy.checksums_ok().contains("Bad checksums:  0"));
 }
@@ -361,12 +607,17 @@ fn online_snapshot_while_pgbench_writes(url: &str, env: &[(&'static str, String)
 #[test]
 fn online_snapshot_on_a_local_directory() {
     let dir = tempfile::tempdir().unwrap();
-    online_snapshot_while_pgbench_writes(&format!("file://{}", dir.path().join("s").display()), &[]);
+    online_snapshot_while_pgbench_writes(
+        &format!("file://{}", dir.path().join("s").display()),
+        &[],
+    );
 }
 
 #[test]
 fn online_snapshot_on_garage() {
-    let Some(server) = S3Server::garage(3) else { return };
+    let Some(server) = S3Server::garage(3) else {
+        return;
+    };
     online_snapshot_while_pgbench_writes(&server.url("online"), &server.env());
 }
 
@@ -381,5 +632,148 @@ fn an_unreachable_server_is_one_clear_line_without_the_password() {
         return;
     }
     let err = assert_clean_failure(&out, "online snapshot");
-    assert!(!err.contains("hunter2secret") && err.contains("***"), "{err}");
+    assert!(
+        !err.contains("hunter2secret") && err.contains("***"),
+        "{err}"
+    );
+}
+
+fn pgdata_round_trip(url: &str, env: &[(&'static str, String)], local_root: Option<&Path>) {
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
+    pg.start();
+    populate(&pg, 1);
+    let connstr = format!("postgresql://postgres@127.0.0.1:{}/postgres", pg.port);
+    ok(zenith_with(env).args([
+        "export",
+        "--snapshot_format",
+        "pgdata",
+        "--snapshot_path",
+        url,
+        "--name",
+        "plain",
+        "--connstr",
+        &connstr,
+    ]));
+    let before = content(&pg);
+    pg.stop();
+    let shown: serde_json::Value = serde_json::from_str(&ok(zenith_with(env).args([
+        "snapshot",
+        "show",
+        "plain",
+        "--json",
+        "--storage",
+        url,
+    ])))
+    .unwrap();
+    assert_eq!(shown["format"], "pgdata");
+    ok(zenith_with(env).args(["snapshot", "verify", "LATEST", "--storage", url]));
+
+    let target = pg_tempdir();
+    let data = target.path().join("restored");
+    let out = ok(zenith_with(env)
+        .args([
+            "import",
+            "--snapshot_format",
+            "pgdata",
+            "--snapshot_path",
+            url,
+            "--pgdata",
+        ])
+        .arg(&data));
+    assert!(out.contains("files checked"), "{out}");
+    let mut copy = PgCluster::at(&pg.install, &data);
+    copy.start();
+    assert_eq!(content(&copy), before);
+    copy.stop();
+    assert!(copy.checksums_ok().contains("Bad checksums:  0"));
+
+    // On a local destination, the export itself is a data directory stock PostgreSQL starts
+    // on (which changes it, so this comes last).
+    if let Some(root) = local_root {
+        let mut direct = PgCluster::at(&pg.install, root);
+        direct.start();
+        assert_eq!(content(&direct), before);
+        direct.stop();
+    }
+}
+
+#[test]
+fn pgdata_format_on_a_local_directory_is_a_startable_data_directory() {
+    let dir = pg_tempdir();
+    let root = dir.path().join("plain");
+    pgdata_round_trip(&format!("file://{}", root.display()), &[], Some(&root));
+}
+
+#[test]
+fn pgdata_format_on_s3s_fs() {
+    let Some(server) = S3Server::s3s_fs() else {
+        return;
+    };
+    pgdata_round_trip(&server.url("plain"), &server.env(), None);
+}
+
+#[test]
+fn an_existing_pgdata_imports_and_a_damaged_pgdata_snapshot_is_refused() {
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
+    pg.start();
+    populate(&pg, 1);
+    pg.stop();
+    let target = pg_tempdir();
+    // A plain, stopped $PGDATA without any zenith manifest.
+    let out = ok(zenith()
+        .args(["import", "--snapshot_format", "pgdata", "--snapshot_path"])
+        .arg(&pg.data)
+        .arg("--pgdata")
+        .arg(target.path().join("copy")));
+    assert!(out.contains("copied"), "{out}");
+    let mut copy = PgCluster::at(&pg.install, &target.path().join("copy"));
+    copy.start();
+    pg.start();
+    assert_eq!(content(&copy), content(&pg));
+    copy.stop();
+    // A running one is refused.
+    let out = run(zenith()
+        .args(["import", "--snapshot_format", "pgdata", "--snapshot_path"])
+        .arg(&pg.data)
+        .arg("--pgdata")
+        .arg(target.path().join("running")));
+    assert_clean_failure(&out, "running PostgreSQL");
+    pg.stop();
+
+    // A pgdata snapshot with one flipped byte is refused, and nothing is left behind.
+    let dir = pg_tempdir();
+    let url = format!("file://{}", dir.path().join("plain").display());
+    ok(zenith()
+        .args([
+            "export",
+            "--snapshot_format",
+            "pgdata",
+            "--snapshot_path",
+            &url,
+            "--pgdata",
+        ])
+        .arg(&pg.data));
+    let victim = dir.path().join("plain/global/pg_control");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&victim, bytes).unwrap();
+    let out = run(zenith().args(["snapshot", "verify", "LATEST", "--storage", &url]));
+    let err = assert_clean_failure(&out, "SHA-256");
+    assert!(err.contains("global/pg_control"), "{err}");
+    let out = run(zenith()
+        .args([
+            "import",
+            "--snapshot_format",
+            "pgdata",
+            "--snapshot_path",
+            &url,
+            "--pgdata",
+        ])
+        .arg(target.path().join("bad")));
+    assert_clean_failure(&out, "global/pg_control");
+    assert!(!target.path().join("bad").exists());
 }

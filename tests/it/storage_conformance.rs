@@ -24,19 +24,31 @@ impl Backend {
     pub async fn file() -> Option<Backend> {
         let dir = tempfile::tempdir().unwrap();
         let storage = LocalStorage::new(dir.path().join("store")).unwrap();
-        Some(Backend { storage: Arc::new(storage), _dir: Some(dir), _server: None })
+        Some(Backend {
+            storage: Arc::new(storage),
+            _dir: Some(dir),
+            _server: None,
+        })
     }
 
     pub async fn s3s() -> Option<Backend> {
         let server = S3Server::s3s_fs()?;
         let storage = server.storage("conformance/run").await;
-        Some(Backend { storage: Arc::new(storage), _dir: None, _server: Some(server) })
+        Some(Backend {
+            storage: Arc::new(storage),
+            _dir: None,
+            _server: Some(server),
+        })
     }
 
     pub async fn garage() -> Option<Backend> {
         let server = S3Server::garage(3)?;
         let storage = server.storage("conformance/run").await;
-        Some(Backend { storage: Arc::new(storage), _dir: None, _server: Some(server) })
+        Some(Backend {
+            storage: Arc::new(storage),
+            _dir: None,
+            _server: Some(server),
+        })
     }
 }
 
@@ -46,7 +58,13 @@ fn sha(data: &[u8]) -> Vec<u8> {
 
 async fn read_all(storage: &dyn Storage, key: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    storage.get(key).await.unwrap().read_to_end(&mut out).await.unwrap();
+    storage
+        .get(key)
+        .await
+        .unwrap()
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
     out
 }
 
@@ -56,13 +74,24 @@ pub async fn round_trips(s: &dyn Storage) {
         let data = PseudoRandom::new(i as u64, size).to_vec();
         let key = format!("sizes/put-{size}");
         s.put(&key, Bytes::from(data.clone())).await.unwrap();
-        assert_eq!(sha(&read_all(s, &key).await), sha(&data), "put/get {size} bytes");
+        assert_eq!(
+            sha(&read_all(s, &key).await),
+            sha(&data),
+            "put/get {size} bytes"
+        );
         assert_eq!(s.head(&key).await.unwrap().size, size);
 
         let key = format!("sizes/stream-{size}");
-        let n = s.put_stream(&key, Box::pin(PseudoRandom::new(i as u64, size))).await.unwrap();
+        let n = s
+            .put_stream(&key, Box::pin(PseudoRandom::new(i as u64, size)))
+            .await
+            .unwrap();
         assert_eq!(n, size);
-        assert_eq!(sha(&s.get_bytes(&key).await.unwrap()), sha(&data), "put_stream/get {size} bytes");
+        assert_eq!(
+            sha(&s.get_bytes(&key).await.unwrap()),
+            sha(&data),
+            "put_stream/get {size} bytes"
+        );
     }
 }
 
@@ -84,7 +113,10 @@ pub async fn streamed_large_object(s: &dyn Storage) {
         h.finalize().to_vec()
     };
     let before = peak_rss();
-    let n = s.put_stream("large/object", Box::pin(PseudoRandom::new(42, SIZE))).await.unwrap();
+    let n = s
+        .put_stream("large/object", Box::pin(PseudoRandom::new(42, SIZE)))
+        .await
+        .unwrap();
     assert_eq!(n, SIZE);
     assert_eq!(s.head("large/object").await.unwrap().size, SIZE);
 
@@ -101,16 +133,27 @@ pub async fn streamed_large_object(s: &dyn Storage) {
         total += n as u64;
     }
     assert_eq!(total, SIZE);
-    assert_eq!(h.finalize().to_vec(), expected, "200 MiB object came back different");
+    assert_eq!(
+        h.finalize().to_vec(),
+        expected,
+        "200 MiB object came back different"
+    );
     let grown = peak_rss().saturating_sub(before);
     // Parts are 5 MiB with 4 in flight each way in these tests: ~40 MiB at most, plus
     // allocator slack. Buffering the object would need 200 MiB or more. The peak is
     // per process, so the bound is only meaningful when this test has the process to
     // itself, as under nextest (scripts/test.sh); `cargo test` runs tests side by side.
     if std::env::var_os("NEXTEST_RUN_ID").is_some() {
-        assert!(grown < 120 << 20, "peak memory grew by {} MiB while streaming 200 MiB", grown >> 20);
+        assert!(
+            grown < 120 << 20,
+            "peak memory grew by {} MiB while streaming 200 MiB",
+            grown >> 20
+        );
     } else {
-        eprintln!("memory bound not checked outside nextest (grew by {} MiB)", grown >> 20);
+        eprintln!(
+            "memory bound not checked outside nextest (grew by {} MiB)",
+            grown >> 20
+        );
     }
 }
 
@@ -118,16 +161,41 @@ pub async fn streamed_large_object(s: &dyn Storage) {
 pub async fn ranged_gets(s: &dyn Storage) {
     let size = (5 << 20) + 1234;
     let data = PseudoRandom::new(9, size).to_vec();
-    s.put("ranges/obj", Bytes::from(data.clone())).await.unwrap();
-    for range in [0..1, 100..5000, (5 << 20) - 10..(5 << 20) + 10, size - 1..size] {
+    s.put("ranges/obj", Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    for range in [
+        0..1,
+        100..5000,
+        (5 << 20) - 10..(5 << 20) + 10,
+        size - 1..size,
+    ] {
         let got = s.get_range("ranges/obj", range.clone()).await.unwrap();
-        assert_eq!(&got[..], &data[range.start as usize..range.end as usize], "range {range:?}");
+        assert_eq!(
+            &got[..],
+            &data[range.start as usize..range.end as usize],
+            "range {range:?}"
+        );
     }
-    let cut = s.get_range("ranges/obj", size - 5..size + 100).await.unwrap();
-    assert_eq!(&cut[..], &data[(size - 5) as usize..], "range reaching past the end is cut");
-    assert!(s.get_range("ranges/obj", size..size + 10).await.unwrap().is_empty());
+    let cut = s
+        .get_range("ranges/obj", size - 5..size + 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        &cut[..],
+        &data[(size - 5) as usize..],
+        "range reaching past the end is cut"
+    );
+    assert!(s
+        .get_range("ranges/obj", size..size + 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(s.get_range("ranges/obj", 7..7).await.unwrap().is_empty());
-    let err = s.get_range("ranges/obj", size + 1..size + 10).await.unwrap_err();
+    let err = s
+        .get_range("ranges/obj", size + 1..size + 10)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidRange { .. }), "{err:?}");
     let err = s.get_range("ranges/missing", 0..10).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
@@ -139,39 +207,75 @@ pub async fn listing(s: &dyn Storage) {
     let keys: Vec<String> = (0..1100).map(|i| format!("many/k{i:05}")).collect();
     futures::future::join_all(keys.chunks(100).map(|chunk| async move {
         for key in chunk {
-            s.put(key, Bytes::from(key.clone().into_bytes())).await.unwrap();
+            s.put(key, Bytes::from(key.clone().into_bytes()))
+                .await
+                .unwrap();
         }
     }))
     .await;
-    s.put("many-other/x", Bytes::from_static(b"x")).await.unwrap();
+    s.put("many-other/x", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
     let listed = s.list("many/").await.unwrap();
     let names: Vec<&str> = listed.iter().map(|m| m.key.as_str()).collect();
     assert_eq!(names.len(), 1100);
     assert_eq!(names, keys.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(listed.iter().all(|m| m.size as usize == m.key.len()), "sizes are reported");
-    assert_eq!(s.list("many/k010").await.unwrap().len(), 100, "partial-name prefix");
-    assert_eq!(s.list("many").await.unwrap().len(), 1101, "string prefix spans siblings");
+    assert!(
+        listed.iter().all(|m| m.size as usize == m.key.len()),
+        "sizes are reported"
+    );
+    assert_eq!(
+        s.list("many/k010").await.unwrap().len(),
+        100,
+        "partial-name prefix"
+    );
+    assert_eq!(
+        s.list("many").await.unwrap().len(),
+        1101,
+        "string prefix spans siblings"
+    );
     assert!(s.list("nothing-here/").await.unwrap().is_empty());
     assert!(s.list("").await.unwrap().len() >= 1101);
 }
 
 /// Overwrite replaces, delete removes and is idempotent, a missing key is NotFound.
 pub async fn overwrite_delete_missing(s: &dyn Storage) {
-    s.put("ow/key", Bytes::from_static(b"first version")).await.unwrap();
-    s.put("ow/key", Bytes::from_static(b"second")).await.unwrap();
+    s.put("ow/key", Bytes::from_static(b"first version"))
+        .await
+        .unwrap();
+    s.put("ow/key", Bytes::from_static(b"second"))
+        .await
+        .unwrap();
     assert_eq!(&s.get_bytes("ow/key").await.unwrap()[..], b"second");
     assert_eq!(s.head("ow/key").await.unwrap().size, 6);
-    s.put_stream("ow/key", Box::pin(&b"third via stream"[..])).await.unwrap();
-    assert_eq!(&s.get_bytes("ow/key").await.unwrap()[..], b"third via stream");
+    s.put_stream("ow/key", Box::pin(&b"third via stream"[..]))
+        .await
+        .unwrap();
+    assert_eq!(
+        &s.get_bytes("ow/key").await.unwrap()[..],
+        b"third via stream"
+    );
 
     s.delete("ow/key").await.unwrap();
-    assert!(matches!(s.head("ow/key").await, Err(Error::NotFound { .. })));
-    assert!(matches!(s.get_bytes("ow/key").await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        s.head("ow/key").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.get_bytes("ow/key").await,
+        Err(Error::NotFound { .. })
+    ));
     assert!(!s.exists("ow/key").await.unwrap());
     s.delete("ow/key").await.unwrap();
     assert!(s.list("ow/").await.unwrap().is_empty());
     for bad in ["../escape", "/abs", "a//b"] {
-        assert!(matches!(s.put(bad, Bytes::new()).await, Err(Error::InvalidKey { .. })), "{bad}");
+        assert!(
+            matches!(
+                s.put(bad, Bytes::new()).await,
+                Err(Error::InvalidKey { .. })
+            ),
+            "{bad}"
+        );
     }
 }
 
@@ -182,18 +286,37 @@ pub async fn file_round_trip(s: &dyn Storage) {
     let source = dir.path().join("source");
     let data = PseudoRandom::new(77, (6 << 20) + 3).to_vec();
     std::fs::write(&source, &data).unwrap();
-    assert_eq!(s.put_file("files/one", &source).await.unwrap(), data.len() as u64);
+    assert_eq!(
+        s.put_file("files/one", &source).await.unwrap(),
+        data.len() as u64
+    );
     let target = dir.path().join("out/target");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    assert_eq!(s.get_to_file("files/one", &target).await.unwrap(), data.len() as u64);
+    assert_eq!(
+        s.get_to_file("files/one", &target).await.unwrap(),
+        data.len() as u64
+    );
     assert_eq!(sha(&std::fs::read(&target).unwrap()), sha(&data));
 
     // (A download failing mid-stream is covered by the local backend's unit tests.)
     let missing = dir.path().join("out/missing");
-    assert!(matches!(s.get_to_file("files/none", &missing).await, Err(Error::NotFound { .. })));
-    let names: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names, vec![std::ffi::OsString::from("target")], "a missing key created a file");
-    let err = s.put_file("files/two", &dir.path().join("no-such-file")).await.unwrap_err();
+    assert!(matches!(
+        s.get_to_file("files/none", &missing).await,
+        Err(Error::NotFound { .. })
+    ));
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("target")],
+        "a missing key created a file"
+    );
+    let err = s
+        .put_file("files/two", &dir.path().join("no-such-file"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no-such-file"), "{err}");
     assert!(!s.exists("files/two").await.unwrap());
 }
@@ -205,37 +328,49 @@ macro_rules! conformance {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn round_trips_0_1_and_5mib_plus_1() {
-                let Some(b) = Backend::$backend().await else { return };
+                let Some(b) = Backend::$backend().await else {
+                    return;
+                };
                 round_trips(&*b.storage).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn streams_200mib_with_bounded_memory() {
-                let Some(b) = Backend::$backend().await else { return };
+                let Some(b) = Backend::$backend().await else {
+                    return;
+                };
                 streamed_large_object(&*b.storage).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn ranged_gets() {
-                let Some(b) = Backend::$backend().await else { return };
+                let Some(b) = Backend::$backend().await else {
+                    return;
+                };
                 super::ranged_gets(&*b.storage).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn lists_more_than_1000_keys() {
-                let Some(b) = Backend::$backend().await else { return };
+                let Some(b) = Backend::$backend().await else {
+                    return;
+                };
                 listing(&*b.storage).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn files_in_and_out() {
-                let Some(b) = Backend::$backend().await else { return };
+                let Some(b) = Backend::$backend().await else {
+                    return;
+                };
                 file_round_trip(&*b.storage).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn overwrite_delete_and_missing_keys() {
-                let Some(b) = Backend::$backend().await else { return };
+                let Some(b) = Backend::$backend().await else {
+                    return;
+                };
                 overwrite_delete_missing(&*b.storage).await;
             }
         }

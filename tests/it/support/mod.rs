@@ -13,7 +13,9 @@ use std::process::{Command, Output};
 
 /// Whether we run under CI, where a missing dependency is a failure, not a skip.
 pub fn in_ci() -> bool {
-    std::env::var("CI").map(|v| !v.is_empty() && v != "false" && v != "0").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| !v.is_empty() && v != "false" && v != "0")
+        .unwrap_or(false)
 }
 
 /// Returns `found`, or explains the skip; panics under CI.
@@ -46,7 +48,11 @@ pub fn tool(name: &str) -> Option<PathBuf> {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The repository root (for scripts).
@@ -66,7 +72,10 @@ pub fn zenith() -> Command {
     }
     cmd.env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/nonexistent/zenith-test/config")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/zenith-test/credentials")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/zenith-test/credentials",
+        )
         .env("NO_COLOR", "1");
     cmd
 }
@@ -78,18 +87,30 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// Stdout and stderr as text.
 pub fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Asserts the user-facing shape of a failure: non-zero exit, one line on stderr that
 /// contains `needle`, no panic.
 pub fn assert_clean_failure(out: &Output, needle: &str) -> String {
     let (stdout, stderr) = text(out);
-    assert!(!out.status.success(), "expected failure, got success\nstdout: {stdout}\nstderr: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "panic: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {stderr}");
-    assert!(stderr.contains(needle), "stderr does not mention {needle:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "stderr does not mention {needle:?}: {stderr}"
+    );
     stderr
 }
 

@@ -58,19 +58,39 @@ impl PgCluster {
         let data = dir.path().join("data");
         check(
             as_pg(&install, "initdb")
-                .args(["--data-checksums", "-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .args([
+                    "--data-checksums",
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-D",
+                ])
                 .arg(&data)
                 .output()
                 .unwrap(),
             "initdb",
         );
-        Some(PgCluster { install, dir, data, port: 0, running: false })
+        Some(PgCluster {
+            install,
+            dir,
+            data,
+            port: 0,
+            running: false,
+        })
     }
 
     /// A cluster object for an existing data directory (e.g. one zenith restored).
     pub fn at(install: &PgInstall, data: &Path) -> PgCluster {
         let dir = pg_tempdir();
-        PgCluster { install: install.clone(), dir, data: data.to_path_buf(), port: 0, running: false }
+        PgCluster {
+            install: install.clone(),
+            dir,
+            data: data.to_path_buf(),
+            port: 0,
+            running: false,
+        }
     }
 
     pub fn start(&mut self) {
@@ -97,7 +117,12 @@ impl PgCluster {
     pub fn stop(&mut self) {
         if self.running {
             check(
-                as_pg(&self.install, "pg_ctl").args(["-w", "-m", "fast", "-D"]).arg(&self.data).arg("stop").output().unwrap(),
+                as_pg(&self.install, "pg_ctl")
+                    .args(["-w", "-m", "fast", "-D"])
+                    .arg(&self.data)
+                    .arg("stop")
+                    .output()
+                    .unwrap(),
                 "pg_ctl stop",
             );
             self.running = false;
@@ -110,7 +135,16 @@ impl PgCluster {
             as_pg(&self.install, "psql")
                 .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
                 .arg(self.dir.path())
-                .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    sql,
+                ])
                 .output()
                 .unwrap(),
             sql,
@@ -135,14 +169,26 @@ impl PgCluster {
 
     /// `pg_checksums --check` on the (stopped) data directory.
     pub fn checksums_ok(&self) -> String {
-        check(as_pg(&self.install, "pg_checksums").arg("--check").arg("-D").arg(&self.data).output().unwrap(), "pg_checksums")
+        check(
+            as_pg(&self.install, "pg_checksums")
+                .arg("--check")
+                .arg("-D")
+                .arg(&self.data)
+                .output()
+                .unwrap(),
+            "pg_checksums",
+        )
     }
 }
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
         if self.running {
-            let _ = as_pg(&self.install, "pg_ctl").args(["-m", "immediate", "-D"]).arg(&self.data).arg("stop").output();
+            let _ = as_pg(&self.install, "pg_ctl")
+                .args(["-m", "immediate", "-D"])
+                .arg(&self.data)
+                .arg("stop")
+                .output();
         }
     }
 }

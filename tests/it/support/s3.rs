@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use zenith::storage::{S3Options, S3Storage};
 use zenith::storage::StaticCredentials;
+use zenith::storage::{S3Options, S3Storage};
 
 use super::{free_port, repo_root, require, tool};
 
@@ -33,7 +33,10 @@ impl S3Server {
         let root = dir.path().join("root");
         std::fs::create_dir_all(root.join("zenith-test")).unwrap();
         let port = free_port();
-        let (access_key, secret_key) = ("zenithtestkey".to_string(), "zenith-test-secret-0123456789".to_string());
+        let (access_key, secret_key) = (
+            "zenithtestkey".to_string(),
+            "zenith-test-secret-0123456789".to_string(),
+        );
         let mut cmd = Command::new(bin);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", &access_key, "--secret-key", &secret_key])
@@ -69,11 +72,18 @@ impl S3Server {
             .env("GARAGE_BIN", &bin)
             .output()
             .expect("cannot run garage-cluster.sh");
-        assert!(out.status.success(), "garage-cluster.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "garage-cluster.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let env: HashMap<String, String> = std::fs::read_to_string(dir.path().join("env"))
             .unwrap()
             .lines()
-            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect();
         Some(S3Server {
             kind: "garage",
@@ -108,7 +118,9 @@ impl S3Server {
 
     /// A storage under `prefix` in the test bucket.
     pub async fn storage(&self, prefix: &str) -> S3Storage {
-        S3Storage::new(&self.bucket, prefix, self.options()).await.unwrap()
+        S3Storage::new(&self.bucket, prefix, self.options())
+            .await
+            .unwrap()
     }
 
     /// `s3://bucket/prefix`.
@@ -131,7 +143,11 @@ impl S3Server {
     pub fn kill_garage_node(&self, n: usize) {
         assert!(n >= 1 && n <= self.garage_nodes, "no garage node {n}");
         let pidfile = self.dir.path().join(format!("node{n}/pid"));
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
@@ -139,7 +155,10 @@ impl S3Server {
         // process has really exited so the test's timing is deterministic.
         let deadline = Instant::now() + Duration::from_secs(10);
         while PathBuf::from(format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            if std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(false) {
+            if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(false)
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -176,7 +195,10 @@ fn die_with_parent(cmd: &mut Command) {
 fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server on port {port} did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "server on port {port} did not come up"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -192,6 +214,10 @@ impl S3Server {
             .env("GARAGE_BIN", tool("garage").unwrap())
             .output()
             .unwrap();
-        assert!(out.status.success(), "restart failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "restart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -1,0 +1,323 @@
+//! The `pgdata` format: a plain PostgreSQL data directory. Every file is one object under
+//! the destination, at its own path, plus `zenith-manifest.json` (sizes and SHA-256 of every
+//! file) written last. On `file://` the destination is itself a data directory that stock
+//! `postgres -D` starts on (empty directories are created, and when zenith runs as root the
+//! tree is handed to the PostgreSQL account).
+//!
+//! Importing accepts such a snapshot (every file checked against the manifest) or, from a
+//! local path without a manifest, any stopped PostgreSQL data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use super::datadir::{self, DirEntry};
+use super::error::{Result, SnapshotError};
+use super::manifest::{self, Entry, EntryKind, Format, Manifest, FORMAT_VERSION};
+use super::native::{into_new_dir, join_error, prepare_tree, sync_tree, CheckReport, PackOptions};
+use crate::storage::{self, Storage, StorageUrl};
+
+/// The manifest's key; PostgreSQL ignores unknown files in its data directory.
+pub const MANIFEST_KEY: &str = "zenith-manifest.json";
+/// Files in flight at once: most are small, so requests, not bandwidth, set the pace.
+const CONCURRENCY: usize = 8;
+
+/// Hashes what passes through.
+struct Hashing<R> {
+    inner: R,
+    hasher: Arc<Mutex<Sha256>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if poll.is_ready() {
+            self.hasher
+                .lock()
+                .expect("lock")
+                .update(&buf.filled()[before..]);
+        }
+        poll
+    }
+}
+
+/// Writes the stopped (or staged) data directory `dir` to `storage` as plain files.
+pub async fn pack_dir(
+    dir: &Path,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+    lsns: Option<(String, String)>,
+) -> Result<Manifest> {
+    let pg_version = datadir::read_pg_version(dir)?;
+    let control = datadir::read_control(dir)?;
+    let walked = {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || datadir::walk(&dir))
+            .await
+            .map_err(join_error)??
+    };
+    let uploads: Vec<Result<Entry>> = futures::stream::iter(walked.iter())
+        .map(|item| {
+            let storage = Arc::clone(&storage);
+            async move { upload_one(storage.as_ref(), item).await }
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    let entries = uploads.into_iter().collect::<Result<Vec<Entry>>>()?;
+    let total_size = entries.iter().map(|e| e.size).sum();
+    let checkpoint = datadir::format_lsn(control.checkpoint_lsn);
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        id: manifest::new_id(),
+        name: options.name.clone(),
+        parent: options.parent.clone(),
+        format: Format::Pgdata,
+        pg_version,
+        system_identifier: control.system_identifier,
+        timeline: control.timeline,
+        start_lsn: lsns
+            .as_ref()
+            .map(|l| l.0.clone())
+            .unwrap_or_else(|| checkpoint.clone()),
+        stop_lsn: lsns.as_ref().map(|l| l.1.clone()).unwrap_or(checkpoint),
+        created_at: manifest::now_rfc3339(),
+        entries,
+        total_size,
+        stored_size: total_size,
+    };
+    if let Ok(StorageUrl::Local(root)) = StorageUrl::parse(&storage.url()) {
+        make_startable(&root, &manifest)?;
+    }
+    storage
+        .put(MANIFEST_KEY, Bytes::from(manifest.to_json()))
+        .await?;
+    Ok(manifest)
+}
+
+async fn upload_one(storage: &dyn Storage, item: &DirEntry) -> Result<Entry> {
+    if item.is_dir {
+        return Ok(Entry {
+            path: item.rel.clone(),
+            kind: EntryKind::Dir,
+            mode: item.mode,
+            size: 0,
+            sha256: None,
+            blocks: vec![],
+        });
+    }
+    let file = tokio::fs::File::open(&item.abs)
+        .await
+        .map_err(|e| SnapshotError::io(&item.abs, "open", e))?;
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    let size = storage
+        .put_stream(
+            &item.rel,
+            Box::pin(Hashing {
+                inner: file,
+                hasher: Arc::clone(&hasher),
+            }),
+        )
+        .await?;
+    let digest = hasher.lock().expect("lock").clone().finalize();
+    Ok(Entry {
+        path: item.rel.clone(),
+        kind: EntryKind::File,
+        mode: item.mode,
+        size,
+        sha256: Some(hex::encode(digest)),
+        blocks: vec![],
+    })
+}
+
+/// On a local destination: the directories PostgreSQL needs (even empty ones), its modes,
+/// and, as root, the PostgreSQL account as owner, so that `postgres -D` starts on it.
+fn make_startable(root: &Path, manifest: &Manifest) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let path = root.join(&entry.path);
+        std::fs::create_dir_all(&path).map_err(|e| SnapshotError::io(&path, "create", e))?;
+    }
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| SnapshotError::io(root, "chmod", e))?;
+    crate::compute::hand_to_postgres_user(root).map_err(|reason| SnapshotError::Refused { reason })
+}
+
+/// The pgdata manifest at `storage`, if there is one.
+pub async fn read_manifest(storage: &dyn Storage) -> Result<Option<Manifest>> {
+    match storage.get_bytes(MANIFEST_KEY).await {
+        Ok(bytes) => Ok(Some(Manifest::parse(
+            &bytes,
+            &format!("{}/{MANIFEST_KEY}", storage.url()),
+        )?)),
+        Err(storage::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Restores a pgdata snapshot into the new directory `target`, checking every file.
+pub async fn unpack(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    target: &Path,
+) -> Result<CheckReport> {
+    into_new_dir(target, |temp| async move {
+        prepare_tree(manifest, &temp)?;
+        let files: Vec<&Entry> = manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .collect();
+        let results: Vec<Result<u64>> = futures::stream::iter(files)
+            .map(|entry| {
+                let path = temp.join(&entry.path);
+                async move { fetch_checked(storage, manifest, entry, Some(&path)).await }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let mut report = CheckReport::default();
+        for r in results {
+            report.bytes_restored += r?;
+            report.blocks_checked += 1;
+        }
+        sync_tree(manifest, &temp)?;
+        Ok(report)
+    })
+    .await
+}
+
+/// Re-reads every file of a pgdata snapshot and checks its size and SHA-256.
+pub async fn verify(storage: &dyn Storage, manifest: &Manifest) -> Result<CheckReport> {
+    let files = manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File);
+    let results: Vec<Result<u64>> = futures::stream::iter(files)
+        .map(|entry| fetch_checked(storage, manifest, entry, None))
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut report = CheckReport::default();
+    for r in results {
+        report.bytes_restored += r?;
+        report.blocks_checked += 1;
+    }
+    Ok(report)
+}
+
+/// Streams one file, hashing it, optionally writing it to `target`; checks size and hash.
+async fn fetch_checked(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    entry: &Entry,
+    target: Option<&Path>,
+) -> Result<u64> {
+    let mut reader = storage.get(&entry.path).await?;
+    let mut hasher = Sha256::new();
+    let mut out = match target {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| SnapshotError::io(path, "open", e))?,
+        ),
+        None => None,
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(|e| storage::Error::from_stream(storage.url(), &entry.path, e))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > entry.size {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if let (Some(file), Some(path)) = (out.as_mut(), target) {
+            use std::io::Write;
+            file.write_all(&buf[..n])
+                .map_err(|e| SnapshotError::io(path, "write", e))?;
+        }
+    }
+    let corrupt = |what: String| SnapshotError::Corrupt {
+        object: format!(
+            "{}/{} (snapshot {})",
+            storage.url(),
+            entry.path,
+            manifest.id
+        ),
+        what,
+    };
+    if size != entry.size {
+        return Err(corrupt(format!(
+            "it has {}{size} bytes, the manifest says {}",
+            if size > entry.size { "more than " } else { "" },
+            entry.size
+        )));
+    }
+    if entry.sha256.as_deref() != Some(hex::encode(hasher.finalize()).as_str()) {
+        return Err(corrupt("it fails its SHA-256 check".into()));
+    }
+    Ok(size)
+}
+
+/// Copies a stopped local data directory without a manifest (an existing `$PGDATA`) into
+/// the new directory `target`.
+pub async fn copy_plain_dir(source: &Path, target: &Path) -> Result<u64> {
+    datadir::check_not_running(source)?;
+    datadir::read_pg_version(source)?;
+    datadir::read_control(source)?;
+    let source: PathBuf = source.to_path_buf();
+    into_new_dir(target, |temp| async move {
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&temp)
+                .map_err(|e| SnapshotError::io(&temp, "create", e))?;
+            let mut copied = 0;
+            for item in datadir::walk(&source)? {
+                let path = temp.join(&item.rel);
+                if item.is_dir {
+                    std::fs::DirBuilder::new()
+                        .mode(item.mode | 0o700)
+                        .create(&path)
+                        .map_err(|e| SnapshotError::io(&path, "create", e))?;
+                } else {
+                    copied += std::fs::copy(&item.abs, &path)
+                        .map_err(|e| SnapshotError::io(&path, "copy to", e))?;
+                    std::fs::set_permissions(
+                        &path,
+                        std::fs::Permissions::from_mode(item.mode | 0o600),
+                    )
+                    .map_err(|e| SnapshotError::io(&path, "chmod", e))?;
+                    std::fs::File::open(&path)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| SnapshotError::io(&path, "sync", e))?;
+                }
+            }
+            std::fs::File::open(&temp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| SnapshotError::io(&temp, "sync", e))?;
+            Ok(copied)
+        })
+        .await
+        .map_err(join_error)?
+    })
+    .await
+}
