@@ -217,3 +217,31 @@ mod tests {
         assert!(c.is_shut_down());
     }
 }
+
+/// What a snapshot source is: its version, its control file and its files.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    pub pg_version: String,
+    pub control: ControlInfo,
+    pub entries: Vec<DirEntry>,
+}
+
+/// Reads `PG_VERSION`, `global/pg_control` and the file list of `dir` (off the async workers).
+pub async fn survey(dir: &Path) -> Result<Survey> {
+    let dir = dir.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || {
+        Ok(Survey {
+            pg_version: read_pg_version(&dir)?,
+            control: read_control(&dir)?,
+            entries: walk(&dir)?,
+        })
+    })
+    .await;
+    match result {
+        Ok(survey) => survey,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(SnapshotError::Storage(crate::storage::Error::Cancelled)),
+        },
+    }
+}

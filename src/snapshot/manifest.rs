@@ -103,7 +103,43 @@ pub struct Manifest {
     pub stored_size: u64,
 }
 
+/// Who a snapshot is and where it came from, as the packer knows it before the files.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub format: Format,
+    pub name: Option<String>,
+    pub parent: Option<String>,
+    pub pg_version: String,
+    pub control: super::datadir::ControlInfo,
+    /// Start and stop LSN of an online copy; a stopped directory uses its checkpoint.
+    pub lsns: Option<(String, String)>,
+}
+
 impl Manifest {
+    /// A new manifest (fresh id, creation time now) for `entries`.
+    pub fn new(origin: Origin, entries: Vec<Entry>, stored_size: u64) -> Manifest {
+        let checkpoint = super::datadir::format_lsn(origin.control.checkpoint_lsn);
+        let (start_lsn, stop_lsn) = origin
+            .lsns
+            .unwrap_or_else(|| (checkpoint.clone(), checkpoint));
+        Manifest {
+            format_version: FORMAT_VERSION,
+            id: new_id(),
+            name: origin.name,
+            parent: origin.parent,
+            format: origin.format,
+            pg_version: origin.pg_version,
+            system_identifier: origin.control.system_identifier,
+            timeline: origin.control.timeline,
+            start_lsn,
+            stop_lsn,
+            created_at: now_rfc3339(),
+            total_size: entries.iter().map(|e| e.size).sum(),
+            entries,
+            stored_size,
+        }
+    }
+
     /// Parses and validates an untrusted manifest.
     pub fn parse(bytes: &[u8], source: &str) -> Result<Manifest> {
         let corrupt = |what: String| SnapshotError::Corrupt {

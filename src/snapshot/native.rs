@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::datadir::{self, DirEntry};
 use super::error::{Result, SnapshotError};
-use super::manifest::{self, Entry, EntryKind, Format, Manifest, BLOCK_SIZE, FORMAT_VERSION};
+use super::manifest::{self, Entry, EntryKind, Format, Manifest, BLOCK_SIZE};
 use crate::storage::{self, Storage};
 
 /// Seal a pack once its compressed content reaches this size.
@@ -299,29 +299,21 @@ pub async fn pack_dir(
     options: &PackOptions,
     lsns: Option<(String, String)>,
 ) -> Result<PackReport> {
-    let pg_version = datadir::read_pg_version(dir)?;
-    let control = datadir::read_control(dir)?;
-    let walked = {
-        let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || datadir::walk(&dir))
-            .await
-            .map_err(join_error)??
-    };
+    let survey = datadir::survey(dir).await?;
     // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on.
     let lock = format!("locks/{:016x}.lock", fastrand::u64(..));
     storage
         .put(&lock, Bytes::from(manifest::now_rfc3339()))
         .await?;
-    let result = pack_dir_locked(
-        dir,
-        Arc::clone(&storage),
-        options,
+    let origin = manifest::Origin {
+        format: Format::Zenith,
+        name: options.name.clone(),
+        parent: options.parent.clone(),
+        pg_version: survey.pg_version,
+        control: survey.control,
         lsns,
-        pg_version,
-        control,
-        walked,
-    )
-    .await;
+    };
+    let result = pack_dir_locked(Arc::clone(&storage), origin, survey.entries).await;
     if let Err(e) = storage.delete(&lock).await {
         tracing::warn!("could not remove the lock {lock}: {e}");
     }
@@ -329,12 +321,8 @@ pub async fn pack_dir(
 }
 
 async fn pack_dir_locked(
-    _dir: &Path,
     storage: Arc<dyn Storage>,
-    options: &PackOptions,
-    lsns: Option<(String, String)>,
-    pg_version: String,
-    control: datadir::ControlInfo,
+    origin: manifest::Origin,
     walked: Vec<DirEntry>,
 ) -> Result<PackReport> {
     let index = load_index(storage.as_ref()).await?;
@@ -351,30 +339,8 @@ async fn pack_dir_locked(
     .await
     .map_err(join_error)??;
 
-    let total_size = entries.iter().map(|e| e.size).sum();
     let blocks_total = entries.iter().map(|e| e.blocks.len() as u64).sum();
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        id: manifest::new_id(),
-        name: options.name.clone(),
-        parent: options.parent.clone(),
-        format: Format::Zenith,
-        pg_version,
-        system_identifier: control.system_identifier,
-        timeline: control.timeline,
-        start_lsn: lsns
-            .as_ref()
-            .map(|l| l.0.clone())
-            .unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
-        stop_lsn: lsns
-            .as_ref()
-            .map(|l| l.1.clone())
-            .unwrap_or_else(|| datadir::format_lsn(control.checkpoint_lsn)),
-        created_at: manifest::now_rfc3339(),
-        entries,
-        total_size,
-        stored_size: stats.bytes,
-    };
+    let manifest = Manifest::new(origin, entries, stats.bytes);
     // Last: the manifest makes the snapshot visible.
     storage
         .put(&manifest_key(&manifest.id), Bytes::from(manifest.to_json()))

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::datadir::{self, DirEntry};
 use super::error::{Result, SnapshotError};
-use super::manifest::{self, Entry, EntryKind, Format, Manifest, FORMAT_VERSION};
+use super::manifest::{self, Entry, EntryKind, Format, Manifest};
 use super::native::{into_new_dir, join_error, prepare_tree, sync_tree, CheckReport, PackOptions};
 use crate::storage::{self, Storage, StorageUrl};
 
@@ -57,14 +57,8 @@ pub async fn pack_dir(
     options: &PackOptions,
     lsns: Option<(String, String)>,
 ) -> Result<Manifest> {
-    let pg_version = datadir::read_pg_version(dir)?;
-    let control = datadir::read_control(dir)?;
-    let walked = {
-        let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || datadir::walk(&dir))
-            .await
-            .map_err(join_error)??
-    };
+    let survey = datadir::survey(dir).await?;
+    let walked = survey.entries;
     let uploads: Vec<Result<Entry>> = futures::stream::iter(walked.iter())
         .map(|item| {
             let storage = Arc::clone(&storage);
@@ -74,27 +68,16 @@ pub async fn pack_dir(
         .collect()
         .await;
     let entries = uploads.into_iter().collect::<Result<Vec<Entry>>>()?;
-    let total_size = entries.iter().map(|e| e.size).sum();
-    let checkpoint = datadir::format_lsn(control.checkpoint_lsn);
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        id: manifest::new_id(),
+    let origin = manifest::Origin {
+        format: Format::Pgdata,
         name: options.name.clone(),
         parent: options.parent.clone(),
-        format: Format::Pgdata,
-        pg_version,
-        system_identifier: control.system_identifier,
-        timeline: control.timeline,
-        start_lsn: lsns
-            .as_ref()
-            .map(|l| l.0.clone())
-            .unwrap_or_else(|| checkpoint.clone()),
-        stop_lsn: lsns.as_ref().map(|l| l.1.clone()).unwrap_or(checkpoint),
-        created_at: manifest::now_rfc3339(),
-        entries,
-        total_size,
-        stored_size: total_size,
+        pg_version: survey.pg_version,
+        control: survey.control,
+        lsns,
     };
+    let stored: u64 = entries.iter().map(|e| e.size).sum();
+    let manifest = Manifest::new(origin, entries, stored);
     if let Ok(StorageUrl::Local(root)) = StorageUrl::parse(&storage.url()) {
         make_startable(&root, &manifest)?;
     }
