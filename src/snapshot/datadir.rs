@@ -112,6 +112,8 @@ pub struct DirEntry {
     pub is_dir: bool,
     pub size: u64,
     pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: u64,
 }
 
 /// Files never copied: they describe the running server, not the database.
@@ -167,6 +169,12 @@ pub fn walk(dir: &Path) -> Result<Vec<DirEntry>> {
             is_dir: ft.is_dir(),
             size: if ft.is_dir() { 0 } else { meta.len() },
             mode: meta.permissions().mode() & 0o7777,
+            mtime: meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
         });
     }
     Ok(out)

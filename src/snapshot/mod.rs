@@ -3,10 +3,11 @@
 //!
 //! Built so far: the manifest; the native `zenith` format ([`native`]): page-deduplicated,
 //! compressed, checksummed packs with the manifest written last; the `pgdata` format
-//! ([`pgdata`]): plain files plus a manifest; sources that are stopped data directories or
-//! running servers (online, through stock `pg_basebackup`). Not built yet: the
-//! `basebackup` codec; the commands that need it say so.
+//! ([`pgdata`]): plain files plus a manifest; the `basebackup` format ([`basebackup`]):
+//! what `pg_basebackup -Ft -Xs` writes; sources that are stopped data directories or
+//! running servers (online, through stock `pg_basebackup`).
 
+pub mod basebackup;
 pub mod datadir;
 mod error;
 mod manifest;

@@ -3,6 +3,7 @@
 //! PostgreSQL, storage formats or the command line.
 
 pub mod backoff;
+pub mod crc32c;
 pub mod relpath;
 pub mod size;
 pub mod testdata;

@@ -777,3 +777,209 @@ fn an_existing_pgdata_imports_and_a_damaged_pgdata_snapshot_is_refused() {
     assert_clean_failure(&out, "global/pg_control");
     assert!(!target.path().join("bad").exists());
 }
+
+/// Extracts a basebackup export the way a user would with tar, and runs pg_verifybackup.
+fn verify_with_postgres_tools(pg: &PgCluster, dir: &Path, compressed: bool) {
+    let target = pg_tempdir();
+    let root = target.path().join("x");
+    std::fs::create_dir_all(root.join("pg_wal")).unwrap();
+    let (ext, flag) = if compressed {
+        (".tar.zst", "--zstd")
+    } else {
+        (".tar", "-v")
+    };
+    for (archive, into) in [("base", root.clone()), ("pg_wal", root.join("pg_wal"))] {
+        let out = Command::new("tar")
+            .arg("-C")
+            .arg(&into)
+            .arg(flag)
+            .arg("-xf")
+            .arg(dir.join(format!("{archive}{ext}")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tar: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::copy(dir.join("backup_manifest"), root.join("backup_manifest")).unwrap();
+    let out = Command::new(pg.install.bin("pg_verifybackup"))
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_verifybackup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn basebackup_format_is_what_pg_basebackup_writes() {
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
+    pg.start();
+    populate(&pg, 1);
+    let connstr = format!("postgresql://postgres@127.0.0.1:{}/postgres", pg.port);
+    let dir = pg_tempdir();
+    for compressed in [true, false] {
+        let store = dir.path().join(if compressed { "zst" } else { "plain" });
+        let url = format!("file://{}", store.display());
+        let mut cmd = zenith();
+        cmd.args([
+            "export",
+            "--snapshot_format",
+            "basebackup",
+            "--snapshot_path",
+            &url,
+            "--connstr",
+            &connstr,
+        ]);
+        if !compressed {
+            cmd.arg("--no-compress");
+        }
+        ok(&mut cmd);
+        verify_with_postgres_tools(&pg, &store, compressed);
+    }
+    let before = content(&pg);
+    pg.stop();
+
+    // zenith's own export, restored by zenith, starts and holds the data.
+    let target = pg_tempdir();
+    let url = format!("file://{}", dir.path().join("zst").display());
+    ok(zenith().args(["snapshot", "verify", "LATEST", "--storage", &url]));
+    ok(zenith()
+        .args([
+            "import",
+            "--snapshot_format",
+            "basebackup",
+            "--snapshot_path",
+            &url,
+            "--pgdata",
+        ])
+        .arg(target.path().join("a")));
+    let mut a = PgCluster::at(&pg.install, &target.path().join("a"));
+    a.start();
+    assert_eq!(content(&a), before);
+    a.stop();
+    assert!(a.checksums_ok().contains("Bad checksums:  0"));
+}
+
+#[test]
+fn backups_made_by_pg_basebackup_import() {
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
+    pg.start();
+    populate(&pg, 1);
+    let before = content(&pg);
+    let connstr = format!("postgresql://postgres@127.0.0.1:{}/postgres", pg.port);
+    let dir = pg_tempdir();
+    let target = pg_tempdir();
+    for (name, extra) in [("plain", None), ("zstd", Some("--compress=zstd"))] {
+        let backup = dir.path().join(name);
+        let mut cmd = Command::new(pg.install.bin("pg_basebackup"));
+        cmd.args([
+            "-d",
+            &connstr,
+            "-Ft",
+            "-Xs",
+            "-c",
+            "fast",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(&backup);
+        if let Some(extra) = extra {
+            cmd.arg(extra);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = target.path().join(name);
+        let out = ok(zenith()
+            .args([
+                "import",
+                "--snapshot_format",
+                "basebackup",
+                "--snapshot_path",
+            ])
+            .arg(&backup)
+            .arg("--pgdata")
+            .arg(&data));
+        assert!(out.contains("files checked"), "{out}");
+        let mut copy = PgCluster::at(&pg.install, &data);
+        copy.start();
+        assert_eq!(content(&copy), before, "{name}");
+        copy.stop();
+    }
+
+    // The same backup with one flipped byte in base.tar is refused, and leaves nothing.
+    let backup = dir.path().join("plain");
+    let tar = backup.join("base.tar");
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&tar, bytes).unwrap();
+    let out = run(zenith()
+        .args([
+            "import",
+            "--snapshot_format",
+            "basebackup",
+            "--snapshot_path",
+        ])
+        .arg(&backup)
+        .arg("--pgdata")
+        .arg(target.path().join("bad")));
+    assert_clean_failure(&out, "is corrupt");
+    assert!(!target.path().join("bad").exists());
+}
+
+#[test]
+fn hostile_archives_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("evil");
+    std::fs::create_dir_all(&store).unwrap();
+    // A tar whose entry climbs out of the target, with a backup_manifest that lists it.
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(4);
+    header.set_mode(0o600);
+    header.set_entry_type(tar::EntryType::Regular);
+    // set_path refuses "..", so write the raw name the way a hostile tool would.
+    header.as_gnu_mut().unwrap().name[..11].copy_from_slice(b"../escaped\0");
+    header.set_cksum();
+    builder.append(&header, &b"evil"[..]).unwrap();
+    std::fs::write(store.join("base.tar"), builder.into_inner().unwrap()).unwrap();
+    std::fs::write(
+        store.join("pg_wal.tar"),
+        tar::Builder::new(Vec::new()).into_inner().unwrap(),
+    )
+    .unwrap();
+    let text = "{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n],\n\"WAL-Ranges\": [\n{ \"Timeline\": 1, \"Start-LSN\": \"0/1\", \"End-LSN\": \"0/2\" }\n],\n";
+    use sha2::Digest;
+    let manifest = format!(
+        "{text}\"Manifest-Checksum\": \"{}\"}}\n",
+        hex::encode(sha2::Sha256::digest(text.as_bytes()))
+    );
+    std::fs::write(store.join("backup_manifest"), manifest).unwrap();
+    let out = run(zenith()
+        .args([
+            "import",
+            "--snapshot_format",
+            "basebackup",
+            "--snapshot_path",
+        ])
+        .arg(&store)
+        .arg("--pgdata")
+        .arg(dir.path().join("t/restored")));
+    assert_clean_failure(&out, "'..'");
+    assert!(!dir.path().join("t/escaped").exists() && !dir.path().join("escaped").exists());
+    assert!(!dir.path().join("t/restored").exists());
+}

@@ -100,17 +100,21 @@ impl PgCluster {
             self.port,
             self.dir.path().display()
         );
-        check(
-            as_pg(&self.install, "pg_ctl")
-                .args(["-w", "-t", "60", "-D"])
-                .arg(&self.data)
-                .args(["-o", &opts, "-l"])
-                .arg(self.dir.path().join("log"))
-                .arg("start")
-                .output()
-                .unwrap(),
-            "pg_ctl start",
-        );
+        let out = as_pg(&self.install, "pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .args(["-o", &opts, "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("start")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+            panic!(
+                "pg_ctl start failed: {}\nserver log:\n{log}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
         self.running = true;
     }
 
