@@ -4,6 +4,7 @@
 //! Commands that are not built yet are listed (so `--help` shows the whole contract) and
 //! answer "not implemented yet" with exit code 2 instead of pretending to work.
 
+mod progress;
 mod snapshot;
 mod storage;
 
@@ -236,9 +237,9 @@ pub fn main() -> ExitCode {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => storage::run(cmd).await,
-        Command::Export(args) => snapshot::export(args).await,
-        Command::Import(args) => snapshot::import(args).await,
-        Command::Snapshot(cmd) => snapshot::run(cmd).await,
+        Command::Export(args) => snapshot::export(args, !cli.no_progress).await,
+        Command::Import(args) => snapshot::import(args, !cli.no_progress).await,
+        Command::Snapshot(cmd) => snapshot::run(cmd, !cli.no_progress).await,
         other => Err(CliError::NotImplemented(other.words())),
     }
 }

@@ -113,12 +113,13 @@ fn parse_format(format: &str) -> Result<Format, CliError> {
     Ok(Format::parse(format).map_err(anyhow::Error::msg)?)
 }
 
-pub async fn export(args: ExportArgs) -> Result<(), CliError> {
+pub async fn export(args: ExportArgs, progress: bool) -> Result<(), CliError> {
     let format = parse_format(&args.snapshot_format)?;
     let storage = storage::open(&args.snapshot_path)
         .await
         .map_err(anyhow::Error::from)?;
     let options = native::PackOptions {
+        progress: super::progress::bar("export", progress),
         name: args.name,
         parent: None,
     };
@@ -188,7 +189,7 @@ pub async fn export(args: ExportArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn import(args: ImportArgs) -> Result<(), CliError> {
+pub async fn import(args: ImportArgs, progress: bool) -> Result<(), CliError> {
     let format = parse_format(&args.snapshot_format)?;
     let Some(pgdata) = args.pgdata else {
         return Err(CliError::NotImplemented("import into the repo".into()));
@@ -201,7 +202,8 @@ pub async fn import(args: ImportArgs) -> Result<(), CliError> {
             let m = native::resolve(storage.as_ref(), &args.snapshot)
                 .await
                 .map_err(anyhow::Error::from)?;
-            let r = native::unpack(storage.as_ref(), &m, &pgdata)
+            let bar = super::progress::bar("import", progress);
+            let r = native::unpack(storage.as_ref(), &m, &pgdata, &bar)
                 .await
                 .map_err(anyhow::Error::from)?;
             (
@@ -316,7 +318,7 @@ async fn resolve_any(
     }
 }
 
-pub async fn run(cmd: SnapshotCommand) -> Result<(), CliError> {
+pub async fn run(cmd: SnapshotCommand, progress: bool) -> Result<(), CliError> {
     let words = |w: &str| CliError::NotImplemented(w.to_string());
     match cmd {
         SnapshotCommand::List {
@@ -396,7 +398,8 @@ pub async fn run(cmd: SnapshotCommand) -> Result<(), CliError> {
                     m.id, r.blocks_checked
                 );
             } else {
-                let r = native::verify(storage.as_ref(), &m)
+                let bar = super::progress::bar("verify", progress);
+                let r = native::verify(storage.as_ref(), &m, &bar)
                     .await
                     .map_err(anyhow::Error::from)?;
                 println!(

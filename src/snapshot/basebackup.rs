@@ -92,6 +92,7 @@ async fn write_tar(
     items: Vec<DirEntry>,
     strip: &'static str,
     compress: bool,
+    progress: crate::util::progress::ProgressHandle,
 ) -> Result<HashMap<String, String>> {
     let (reader, writer) = tokio::io::duplex(1 << 20);
     let done = Arc::new(AtomicBool::new(false));
@@ -104,10 +105,10 @@ async fn write_tar(
         // is dropped: the reader sees the end of the stream only after a complete archive.
         let (mut bridge, sums) = if compress {
             let encoder = zstd::Encoder::new(bridge, 1).map_err(io)?;
-            let (encoder, sums) = archive(encoder, &items, strip).map_err(io)?;
+            let (encoder, sums) = archive(encoder, &items, strip, &*progress).map_err(io)?;
             (encoder.finish().map_err(io)?, sums)
         } else {
-            archive(bridge, &items, strip).map_err(io)?
+            archive(bridge, &items, strip, &*progress).map_err(io)?
         };
         bridge.flush().map_err(io)?;
         done_writer.store(true, Ordering::SeqCst);
@@ -135,6 +136,7 @@ fn archive<W: Write>(
     sink: W,
     items: &[DirEntry],
     strip: &str,
+    progress: &dyn crate::util::progress::Progress,
 ) -> std::io::Result<(W, HashMap<String, String>)> {
     let mut builder = tar::Builder::new(sink);
     let mut sums = HashMap::new();
@@ -161,6 +163,7 @@ fn archive<W: Write>(
             };
             builder.append_data(&mut header, &name, &mut hashed)?;
             sums.insert(item.rel.clone(), hex::encode(hashed.sha.finalize()));
+            progress.add(item.size);
         }
     }
     Ok((builder.into_inner()?, sums))
@@ -209,6 +212,9 @@ pub async fn pack_dir(
     compress: bool,
 ) -> Result<Manifest> {
     let survey = datadir::survey(dir).await?;
+    options
+        .progress
+        .set_total(survey.entries.iter().map(|e| e.size).sum());
     let (wal, base): (Vec<DirEntry>, Vec<DirEntry>) = survey
         .entries
         .iter()
@@ -222,6 +228,7 @@ pub async fn pack_dir(
         base.clone(),
         "",
         compress,
+        options.progress.clone(),
     )
     .await?;
     let wal_sums = write_tar(
@@ -231,8 +238,10 @@ pub async fn pack_dir(
         wal.clone(),
         "pg_wal/",
         compress,
+        options.progress.clone(),
     )
     .await?;
+    options.progress.finish();
     let range = lsns.clone().unwrap_or_else(|| {
         (
             datadir::format_lsn(survey.control.redo_lsn),

@@ -150,6 +150,8 @@ async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
 pub struct PackOptions {
     pub name: Option<String>,
     pub parent: Option<String>,
+    /// Receives the bytes read from the data directory.
+    pub progress: crate::util::progress::ProgressHandle,
 }
 
 /// What packing did.
@@ -300,6 +302,9 @@ pub async fn pack_dir(
     lsns: Option<(String, String)>,
 ) -> Result<PackReport> {
     let survey = datadir::survey(dir).await?;
+    options
+        .progress
+        .set_total(survey.entries.iter().map(|e| e.size).sum());
     // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on.
     let lock = format!("locks/{:016x}.lock", fastrand::u64(..));
     storage
@@ -313,7 +318,14 @@ pub async fn pack_dir(
         control: survey.control,
         lsns,
     };
-    let result = pack_dir_locked(Arc::clone(&storage), origin, survey.entries).await;
+    let result = pack_dir_locked(
+        Arc::clone(&storage),
+        origin,
+        survey.entries,
+        options.progress.clone(),
+    )
+    .await;
+    options.progress.finish();
     if let Err(e) = storage.delete(&lock).await {
         tracing::warn!("could not remove the lock {lock}: {e}");
     }
@@ -324,6 +336,7 @@ async fn pack_dir_locked(
     storage: Arc<dyn Storage>,
     origin: manifest::Origin,
     walked: Vec<DirEntry>,
+    progress: crate::util::progress::ProgressHandle,
 ) -> Result<PackReport> {
     let index = load_index(storage.as_ref()).await?;
     let known: HashSet<Hash> = index.blocks.keys().copied().collect();
@@ -332,7 +345,7 @@ async fn pack_dir_locked(
     let storage_for_packer = Arc::clone(&storage);
     let (entries, stats) = tokio::task::spawn_blocking(move || {
         let packer = Packer::new(runtime, storage_for_packer);
-        let entries = hash_and_pack(&walked, known, &packer)?;
+        let entries = hash_and_pack(&walked, known, &packer, &*progress)?;
         let stats = packer.finish()?;
         Ok::<_, SnapshotError>((entries, stats))
     })
@@ -365,7 +378,12 @@ pub(crate) fn join_error(e: tokio::task::JoinError) -> SnapshotError {
 }
 
 /// Reads, hashes and compresses files on every core; new blocks go to the packer.
-fn hash_and_pack(walked: &[DirEntry], known: HashSet<Hash>, packer: &Packer) -> Result<Vec<Entry>> {
+fn hash_and_pack(
+    walked: &[DirEntry],
+    known: HashSet<Hash>,
+    packer: &Packer,
+    progress: &dyn crate::util::progress::Progress,
+) -> Result<Vec<Entry>> {
     let claimed = Mutex::new(known);
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Entry>>> = Mutex::new(vec![None; walked.len()]);
@@ -393,7 +411,7 @@ fn hash_and_pack(walked: &[DirEntry], known: HashSet<Hash>, packer: &Packer) -> 
                     if i >= walked.len() || failure.lock().expect("lock").is_some() {
                         return;
                     }
-                    match hash_one(&walked[i], &claimed, packer, &mut compressor) {
+                    match hash_one(&walked[i], &claimed, packer, &mut compressor, progress) {
                         Ok(entry) => results.lock().expect("lock")[i] = Some(entry),
                         Err(e) => {
                             failure.lock().expect("lock").get_or_insert(e);
@@ -420,6 +438,7 @@ fn hash_one(
     claimed: &Mutex<HashSet<Hash>>,
     packer: &Packer,
     compressor: &mut zstd::bulk::Compressor<'_>,
+    progress: &dyn crate::util::progress::Progress,
 ) -> Result<Entry> {
     if item.is_dir {
         return Ok(Entry {
@@ -443,6 +462,7 @@ fn hash_one(
             break;
         }
         whole.update(&buf[..n]);
+        progress.add(n as u64);
         for block in buf[..n].chunks(BLOCK_SIZE as usize) {
             let hash: Hash = Sha256::digest(block).into();
             blocks.push(hex::encode(hash));
@@ -843,10 +863,12 @@ pub async fn unpack(
     storage: &dyn Storage,
     manifest: &Manifest,
     target: &Path,
+    progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
+    progress.set_total(manifest.total_size);
     into_new_dir(target, |temp| async move {
         prepare_tree(manifest, &temp)?;
-        let report = restore_blocks(storage, manifest, Some(&temp)).await?;
+        let report = restore_blocks(storage, manifest, Some(&temp), progress).await?;
         sync_tree(manifest, &temp)?;
         Ok(report)
     })
@@ -902,8 +924,12 @@ where
 }
 
 /// Re-reads every pack a snapshot needs and checks every block against its hash.
-pub async fn verify(storage: &dyn Storage, manifest: &Manifest) -> Result<CheckReport> {
-    restore_blocks(storage, manifest, None).await
+pub async fn verify(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    progress: &crate::util::progress::ProgressHandle,
+) -> Result<CheckReport> {
+    restore_blocks(storage, manifest, None, progress).await
 }
 
 pub(crate) fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
@@ -953,6 +979,7 @@ async fn restore_blocks(
     storage: &dyn Storage,
     manifest: &Manifest,
     root: Option<&Path>,
+    progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
     let index = load_index(storage).await?;
     let snapshot = format!("snapshot {} in {}", manifest.id, storage.url());
@@ -1016,6 +1043,11 @@ async fn restore_blocks(
             })
             .await
             .map_err(join_error)??;
+            progress.add(if written > 0 {
+                written
+            } else {
+                checked * BLOCK_SIZE
+            });
             let mut r = report_ref.lock().expect("lock");
             r.blocks_checked += checked;
             r.bytes_restored += written;

@@ -59,14 +59,23 @@ pub async fn pack_dir(
 ) -> Result<Manifest> {
     let survey = datadir::survey(dir).await?;
     let walked = survey.entries;
+    options
+        .progress
+        .set_total(walked.iter().map(|e| e.size).sum());
+    let progress = &options.progress;
     let uploads: Vec<Result<Entry>> = futures::stream::iter(walked.iter())
         .map(|item| {
             let storage = Arc::clone(&storage);
-            async move { upload_one(storage.as_ref(), item).await }
+            async move {
+                let entry = upload_one(storage.as_ref(), item).await;
+                progress.add(item.size);
+                entry
+            }
         })
         .buffered(CONCURRENCY)
         .collect()
         .await;
+    options.progress.finish();
     let entries = uploads.into_iter().collect::<Result<Vec<Entry>>>()?;
     let origin = manifest::Origin {
         format: Format::Pgdata,
