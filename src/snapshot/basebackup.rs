@@ -28,7 +28,7 @@ use super::error::{Result, SnapshotError};
 use super::manifest::{self, Entry, EntryKind, Format, Manifest};
 use super::native::{into_new_dir, join_error, CheckReport, PackOptions};
 use super::paths::check_relative_path;
-use super::pgdata::MANIFEST_KEY;
+use super::pgdata::{refuse_non_empty, MANIFEST_KEY};
 use crate::storage::{self, Storage};
 use crate::util::crc32c::Crc32c;
 
@@ -211,6 +211,7 @@ pub async fn pack_dir(
     lsns: Option<(String, String)>,
     compress: bool,
 ) -> Result<Manifest> {
+    refuse_non_empty(storage.as_ref()).await?;
     let survey = datadir::survey(dir).await?;
     options
         .progress

@@ -117,7 +117,8 @@ pub struct DirEntry {
 }
 
 /// Files never copied: they describe the running server, not the database.
-const EXCLUDED: [&str; 2] = ["postmaster.pid", "postmaster.opts"];
+/// zenith's own pgdata manifest is excluded too: it describes an earlier export.
+const EXCLUDED: [&str; 3] = ["postmaster.pid", "postmaster.opts", "zenith-manifest.json"];
 
 /// Every directory and file under `dir`, parents before children, sorted. Symbolic links are
 /// refused with a message: tablespaces and a relocated `pg_wal` are not supported yet.

@@ -305,11 +305,18 @@ pub async fn pack_dir(
     options
         .progress
         .set_total(survey.entries.iter().map(|e| e.size).sum());
-    // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on.
-    let lock = format!("locks/{:016x}.lock", fastrand::u64(..));
-    storage
-        .put(&lock, Bytes::from(manifest::now_rfc3339()))
-        .await?;
+    // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on;
+    // a collection already under way makes this export wait for another day.
+    let lock = HeldLock::take(Arc::clone(&storage), "export").await?;
+    if let Some(gc) = live_locks(storage.as_ref(), "locks/gc-").await?.first() {
+        lock.release().await;
+        return Err(SnapshotError::Refused {
+            reason: format!(
+                "a `zenith snapshot delete` is collecting unused data in {} right now ({gc}); run the export again when it has finished",
+                storage.url()
+            ),
+        });
+    }
     let origin = manifest::Origin {
         format: Format::Zenith,
         name: options.name.clone(),
@@ -326,10 +333,72 @@ pub async fn pack_dir(
     )
     .await;
     options.progress.finish();
-    if let Err(e) = storage.delete(&lock).await {
-        tracing::warn!("could not remove the lock {lock}: {e}");
-    }
+    lock.release().await;
     result
+}
+
+/// How often a held lock is rewritten, and after how long without a rewrite it counts as
+/// abandoned (its process killed).
+const LOCK_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+const LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A lock object (`locks/<kind>-<random>.lock`), rewritten in the background while held.
+///
+/// Exports and garbage collection exclude each other: each writes its lock first and then
+/// looks for the other's. Whichever looks second sees the first and backs off, so a
+/// collection never removes a block an export decided not to upload because it was there.
+struct HeldLock {
+    storage: Arc<dyn Storage>,
+    key: String,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl HeldLock {
+    async fn take(storage: Arc<dyn Storage>, kind: &str) -> Result<HeldLock> {
+        let key = format!("locks/{kind}-{:016x}.lock", fastrand::u64(..));
+        storage
+            .put(&key, Bytes::from(manifest::now_rfc3339()))
+            .await?;
+        let (s, k) = (Arc::clone(&storage), key.clone());
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_REFRESH).await;
+                if let Err(e) = s.put(&k, Bytes::from(manifest::now_rfc3339())).await {
+                    tracing::warn!("could not refresh the lock {k}: {e}");
+                }
+            }
+        });
+        Ok(HeldLock {
+            storage,
+            key,
+            refresher,
+        })
+    }
+
+    async fn release(self) {
+        self.refresher.abort();
+        if let Err(e) = self.storage.delete(&self.key).await {
+            tracing::warn!("could not remove the lock {}: {e}", self.key);
+        }
+    }
+}
+
+/// Locks under `prefix` refreshed recently enough to belong to a live process, described.
+async fn live_locks(storage: &dyn Storage, prefix: &str) -> Result<Vec<String>> {
+    Ok(storage
+        .list(prefix)
+        .await?
+        .into_iter()
+        .filter(|l| !older_than(l.last_modified, LOCK_STALE))
+        .map(|l| {
+            let age = l
+                .last_modified
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            format!("{}, refreshed {age}s ago", l.key)
+        })
+        .collect())
 }
 
 async fn pack_dir_locked(
@@ -503,6 +572,8 @@ struct PackerStats {
     bytes: u64,
     blocks: u64,
     packs: u64,
+    /// Ids of the packs this packer wrote.
+    ids: Vec<String>,
 }
 
 /// Collects compressed blocks into packs and uploads each sealed pack, then its index, with
@@ -516,6 +587,7 @@ struct Packer {
     bytes: AtomicU64,
     blocks: AtomicU64,
     packs: AtomicU64,
+    ids: Mutex<Vec<String>>,
 }
 
 impl Packer {
@@ -529,6 +601,7 @@ impl Packer {
             bytes: AtomicU64::new(0),
             blocks: AtomicU64::new(0),
             packs: AtomicU64::new(0),
+            ids: Mutex::new(Vec::new()),
         }
     }
 
@@ -562,6 +635,7 @@ impl Packer {
             .block_on(Arc::clone(&self.permits).acquire_owned())
             .expect("semaphore never closed");
         let pack_id = hex::encode(Sha256::digest(&data));
+        self.ids.lock().expect("lock").push(pack_id.clone());
         let index = encode_index(&entries);
         self.bytes
             .fetch_add((data.len() + index.len()) as u64, Ordering::Relaxed);
@@ -611,6 +685,7 @@ impl Packer {
             bytes: self.bytes.load(Ordering::Relaxed),
             blocks: self.blocks.load(Ordering::Relaxed),
             packs: self.packs.load(Ordering::Relaxed),
+            ids: std::mem::take(&mut *self.ids.lock().expect("lock")),
         })
     }
 }
@@ -651,7 +726,12 @@ pub async fn delete(
     max_unused: f64,
 ) -> Result<DeleteReport> {
     storage.delete(&manifest_key(&manifest.id)).await?;
-    let gc = collect_garbage(storage, grace, max_unused).await?;
+    let gc = collect_garbage(storage, grace, max_unused).await.map_err(|e| SnapshotError::Refused {
+        reason: format!(
+            "snapshot {} is deleted, but collecting the data it alone used failed: {e}; the next delete collects it",
+            manifest.id
+        ),
+    })?;
     Ok(DeleteReport {
         deleted: manifest.id.clone(),
         gc,
@@ -672,15 +752,35 @@ pub async fn collect_garbage(
     grace: std::time::Duration,
     max_unused: f64,
 ) -> Result<GcReport> {
-    let mut report = GcReport::default();
-    let locks = storage.list("locks/").await?;
-    if locks.iter().any(|l| !older_than(l.last_modified, grace)) {
-        report.skipped = Some(
-            "an export is running (a lock in locks/); unused data is collected by a later delete"
-                .into(),
-        );
+    let lock = HeldLock::take(Arc::clone(&storage), "gc").await?;
+    let exports = match live_locks(storage.as_ref(), "locks/export-").await {
+        Ok(exports) => exports,
+        Err(e) => {
+            lock.release().await;
+            return Err(e);
+        }
+    };
+    if let Some(export) = exports.first() {
+        lock.release().await;
+        let report = GcReport {
+            skipped: Some(format!(
+                "an export is running ({export}); a later delete collects the unused data"
+            )),
+            ..GcReport::default()
+        };
         return Ok(report);
     }
+    let result = collect_locked(Arc::clone(&storage), grace, max_unused).await;
+    lock.release().await;
+    result
+}
+
+async fn collect_locked(
+    storage: Arc<dyn Storage>,
+    grace: std::time::Duration,
+    max_unused: f64,
+) -> Result<GcReport> {
+    let mut report = GcReport::default();
     let manifests = list(storage.as_ref()).await?;
     let live: HashSet<Hash> = manifests
         .iter()
@@ -702,6 +802,7 @@ pub async fn collect_garbage(
         })
         .collect();
     let mut packs = load_packs(storage.as_ref()).await?;
+    let all_ids: Vec<String> = packs.iter().map(|p| p.id.clone()).collect();
     // A block stored twice (two exports racing) is kept in the first pack only.
     let mut kept: HashSet<Hash> = HashSet::new();
     let mut candidates = Vec::new();
@@ -743,6 +844,7 @@ pub async fn collect_garbage(
     // Rewrite first (new packs and indexes), then remove the old indexes, then old packs:
     // at every moment each used block is reachable through some index.
     let mut written = 0u64;
+    let mut rewritten: HashSet<String> = HashSet::new();
     if !to_repack.is_empty() {
         let runtime = tokio::runtime::Handle::current();
         let url = storage.url();
@@ -782,19 +884,44 @@ pub async fn collect_garbage(
         .map_err(join_error)??;
         report.packs_repacked = to_repack.len() as u64;
         written = stats.bytes;
+        rewritten = stats.ids.into_iter().collect();
     }
-    for pack_id in to_delete.iter().chain(to_repack.iter().map(|(id, _)| id)) {
+    // A rewrite can produce a pack identical to one scheduled for removal (its id is its
+    // content's hash, e.g. after an interrupted collection): never remove what was just
+    // written.
+    let doomed: Vec<String> = to_delete
+        .iter()
+        .cloned()
+        .chain(to_repack.iter().map(|(id, _)| id.clone()))
+        .filter(|id| !rewritten.contains(id))
+        .collect();
+    for pack_id in &doomed {
         storage.delete(&format!("index/{pack_id}.idx")).await?;
     }
     let mut freed = 0u64;
-    for pack_id in to_delete.iter().chain(to_repack.iter().map(|(id, _)| id)) {
+    // Packs without an index (an export killed between a pack and its index, or a
+    // collection killed between the two deletes) hold nothing reachable: remove them once
+    // they are older than the grace period.
+    let indexed: HashSet<&String> = all_ids.iter().collect();
+    let orphans: Vec<String> = ages
+        .iter()
+        .filter(|(id, modified)| {
+            !indexed.contains(id) && !rewritten.contains(*id) && older_than(**modified, grace)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    for pack_id in doomed.iter().chain(orphans.iter()) {
         let key = format!("packs/{pack_id}");
         if let Ok(meta) = storage.head(&key).await {
             freed += meta.size;
         }
         storage.delete(&key).await?;
     }
-    report.packs_deleted = to_delete.len() as u64;
+    report.packs_deleted = (to_delete
+        .iter()
+        .filter(|id| !rewritten.contains(*id))
+        .count()
+        + orphans.len()) as u64;
     report.bytes_freed = freed.saturating_sub(written);
     report.bytes_unused_left = remaining_unused;
     Ok(report)
@@ -806,10 +933,18 @@ pub async fn list(storage: &dyn Storage) -> Result<Vec<Manifest>> {
     let mut out = Vec::new();
     for object in objects.into_iter().filter(|o| o.key.ends_with(".json")) {
         let bytes = storage.get_bytes(&object.key).await?;
-        out.push(Manifest::parse(
-            &bytes,
-            &format!("{}/{}", storage.url(), object.key),
-        )?);
+        let source = format!("{}/{}", storage.url(), object.key);
+        let manifest = Manifest::parse(&bytes, &source)?;
+        if manifest.format != Format::Zenith {
+            return Err(SnapshotError::Corrupt {
+                object: source,
+                what: format!(
+                    "a {} manifest among zenith-format snapshots",
+                    manifest.format.as_str()
+                ),
+            });
+        }
+        out.push(manifest);
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)

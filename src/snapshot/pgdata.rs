@@ -57,6 +57,7 @@ pub async fn pack_dir(
     options: &PackOptions,
     lsns: Option<(String, String)>,
 ) -> Result<Manifest> {
+    refuse_non_empty(storage.as_ref()).await?;
     let survey = datadir::survey(dir).await?;
     let walked = survey.entries;
     options
@@ -94,6 +95,22 @@ pub async fn pack_dir(
         .put(MANIFEST_KEY, Bytes::from(manifest.to_json()))
         .await?;
     Ok(manifest)
+}
+
+/// A pgdata or basebackup destination holds one snapshot: writing into one that holds
+/// anything would mix two (and a stale backup_label would make PostgreSQL recover from the
+/// wrong checkpoint).
+pub(crate) async fn refuse_non_empty(storage: &dyn Storage) -> Result<()> {
+    if let Some(first) = storage.list("").await?.first() {
+        return Err(SnapshotError::Refused {
+            reason: format!(
+                "{} is not empty (it holds {}); export a pgdata or basebackup snapshot into an empty location",
+                storage.url(),
+                first.key
+            ),
+        });
+    }
+    Ok(())
 }
 
 async fn upload_one(storage: &dyn Storage, item: &DirEntry) -> Result<Entry> {
