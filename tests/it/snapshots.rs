@@ -1068,3 +1068,59 @@ fn exports_and_deletes_exclude_each_other() {
         .arg(&pg.data));
     assert_clean_failure(&out, "is not empty");
 }
+
+#[test]
+fn wal_archives_with_archive_status_markers_import() {
+    use sha2::Digest;
+    // What pg_basebackup -Xs writes when it finished streaming a segment: a .done marker.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("bb");
+    std::fs::create_dir_all(&store).unwrap();
+    let tar_of = |files: &[(&str, &[u8])]| {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o600);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder.append_data(&mut header, name, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    };
+    std::fs::write(store.join("base.tar"), tar_of(&[("PG_VERSION", b"15\n")])).unwrap();
+    std::fs::write(
+        store.join("pg_wal.tar"),
+        tar_of(&[
+            ("000000010000000000000001", b"wal"),
+            ("archive_status/000000010000000000000001.done", b""),
+        ]),
+    )
+    .unwrap();
+    let text = format!(
+        "{{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n{{ \"Path\": \"PG_VERSION\", \"Size\": 3, \"Last-Modified\": \"2026-11-21 15:38:28 GMT\", \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"8a744722\" }}\n],\n\"WAL-Ranges\": [\n{{ \"Timeline\": 1, \"Start-LSN\": \"0/1\", \"End-LSN\": \"0/2\" }}\n],\n"
+    );
+    let manifest = format!(
+        "{text}\"Manifest-Checksum\": \"{}\"}}\n",
+        hex::encode(sha2::Sha256::digest(text.as_bytes()))
+    );
+    std::fs::write(store.join("backup_manifest"), manifest).unwrap();
+    let target = dir.path().join("restored");
+    ok(zenith()
+        .args([
+            "import",
+            "--snapshot_format",
+            "basebackup",
+            "--snapshot_path",
+        ])
+        .arg(&store)
+        .arg("--pgdata")
+        .arg(&target));
+    assert_eq!(std::fs::read(target.join("PG_VERSION")).unwrap(), b"15\n");
+    assert!(target
+        .join("pg_wal/archive_status/000000010000000000000001.done")
+        .exists());
+    assert_eq!(
+        std::fs::read(target.join("pg_wal/000000010000000000000001")).unwrap(),
+        b"wal"
+    );
+}
