@@ -498,7 +498,10 @@ pub async fn unpack(
 ) -> Result<(Option<Manifest>, CheckReport)> {
     let ((base_key, base_zst), (wal_key, wal_zst)) = find_archives(storage).await?;
     let zenith = super::pgdata::read_manifest(storage).await?;
-    let backup_manifest = match storage.get_bytes("backup_manifest").await {
+    let backup_manifest = match storage
+        .get_bytes_limited("backup_manifest", manifest::MAX_MANIFEST_BYTES as u64)
+        .await
+    {
         Ok(bytes) => Some(String::from_utf8_lossy(&bytes).to_string()),
         Err(storage::Error::NotFound { .. }) => None,
         Err(e) => return Err(e.into()),

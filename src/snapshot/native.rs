@@ -33,6 +33,12 @@ use crate::storage::{self, Storage};
 
 /// Seal a pack once its compressed content reaches this size.
 const PACK_TARGET: usize = 8 << 20;
+/// Largest pack zenith writes is PACK_TARGET plus one compressed block; anything much larger
+/// is refused before it is read into memory.
+const MAX_PACK_BYTES: u64 = 2 * PACK_TARGET as u64;
+/// An index lists a pack's blocks, 44 bytes each; even 8 MiB of the smallest zstd frames
+/// (about 9 bytes each) stays under this.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// Packs uploaded or downloaded at once.
 const TRANSFER_CONCURRENCY: usize = 4;
 const INDEX_MAGIC: &[u8; 8] = b"ZNIDX001";
@@ -107,7 +113,7 @@ async fn load_packs(storage: &dyn Storage) -> Result<Vec<PackInfo>> {
     let fetched: Vec<_> =
         futures::stream::iter(objects.into_iter().filter(|o| o.key.ends_with(".idx")))
             .map(|o| async move {
-                let bytes = storage.get_bytes(&o.key).await?;
+                let bytes = storage.get_bytes_limited(&o.key, MAX_INDEX_BYTES).await?;
                 Ok::<_, SnapshotError>((o.key, bytes))
             })
             .buffered(TRANSFER_CONCURRENCY * 2)
@@ -854,7 +860,7 @@ async fn collect_locked(
             let packer = Packer::new(runtime.clone(), Arc::clone(&storage));
             for (pack_id, used) in &jobs {
                 let key = format!("packs/{pack_id}");
-                let data = runtime.block_on(storage.get_bytes(&key))?;
+                let data = runtime.block_on(storage.get_bytes_limited(&key, MAX_PACK_BYTES))?;
                 for (hash, offset, len) in used {
                     let (start, end) = (*offset as usize, *offset as usize + *len as usize);
                     let source = format!("{url}/{key}");
@@ -932,7 +938,9 @@ pub async fn list(storage: &dyn Storage) -> Result<Vec<Manifest>> {
     let objects = storage.list("snapshots/").await?;
     let mut out = Vec::new();
     for object in objects.into_iter().filter(|o| o.key.ends_with(".json")) {
-        let bytes = storage.get_bytes(&object.key).await?;
+        let bytes = storage
+            .get_bytes_limited(&object.key, manifest::MAX_MANIFEST_BYTES as u64)
+            .await?;
         let source = format!("{}/{}", storage.url(), object.key);
         let manifest = Manifest::parse(&bytes, &source)?;
         if manifest.format != Format::Zenith {
@@ -1157,7 +1165,7 @@ async fn restore_blocks(
     let results: Vec<Result<()>> = futures::stream::iter(by_pack)
         .map(|(pack, blocks)| async move {
             let key = format!("packs/{}", index.packs[pack]);
-            let data = storage.get_bytes(&key).await?;
+            let data = storage.get_bytes_limited(&key, MAX_PACK_BYTES).await?;
             let source = format!("{}/{key}", storage.url());
             let files = Arc::clone(files_ref);
             let root = root.map(Path::to_path_buf);

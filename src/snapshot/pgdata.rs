@@ -163,7 +163,10 @@ fn make_startable(root: &Path, manifest: &Manifest) -> Result<()> {
 
 /// The pgdata manifest at `storage`, if there is one.
 pub async fn read_manifest(storage: &dyn Storage) -> Result<Option<Manifest>> {
-    match storage.get_bytes(MANIFEST_KEY).await {
+    match storage
+        .get_bytes_limited(MANIFEST_KEY, manifest::MAX_MANIFEST_BYTES as u64)
+        .await
+    {
         Ok(bytes) => Ok(Some(Manifest::parse(
             &bytes,
             &format!("{}/{MANIFEST_KEY}", storage.url()),

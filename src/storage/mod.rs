@@ -122,6 +122,32 @@ pub trait Storage: Send + Sync + Debug {
         local::write_reader_atomic(path.to_path_buf(), reader, self.url(), key.to_string()).await
     }
 
+    /// Like [`Storage::get_bytes`], but refuses an object larger than `limit` bytes before
+    /// reading it (and stops reading past the limit), so a hostile or damaged store cannot
+    /// make the caller allocate without bound.
+    async fn get_bytes_limited(&self, key: &str, limit: u64) -> Result<Bytes> {
+        let meta = self.head(key).await?;
+        let too_big = |size: u64| Error::TooLarge {
+            url: format!("{}/{key}", self.url()),
+            size,
+            limit,
+        };
+        if meta.size > limit {
+            return Err(too_big(meta.size));
+        }
+        let reader = self.get(key).await?;
+        let mut buf = Vec::with_capacity(meta.size as usize);
+        reader
+            .take(limit + 1)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| Error::from_stream(self.url(), key, e))?;
+        if buf.len() as u64 > limit {
+            return Err(too_big(buf.len() as u64));
+        }
+        Ok(Bytes::from(buf))
+    }
+
     /// Whether `key` exists.
     async fn exists(&self, key: &str) -> Result<bool> {
         match self.head(key).await {

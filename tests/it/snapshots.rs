@@ -454,6 +454,12 @@ async fn decompression_bombs_are_refused() {
         .args(["import", "--snapshot_path", &url, "--pgdata"])
         .arg(target.path().join("x")));
     assert_clean_failure(&out, "does not decompress");
+
+    // A manifest far larger than any real one is refused before it is read into memory.
+    let huge = std::fs::File::create(store.join("snapshots/ffffffffffffffffffff.json")).unwrap();
+    huge.set_len(600 << 20).unwrap();
+    let out = run(zenith().args(["snapshot", "list", "--storage", &url]));
+    assert_clean_failure(&out, "more than the");
 }
 
 #[test]
