@@ -24,9 +24,10 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::SyncIoBridge;
 
 use super::datadir::{self, DirEntry};
+use super::error::join_error;
 use super::error::{Result, SnapshotError};
 use super::manifest::{self, Entry, EntryKind, Format, Manifest};
-use super::native::{into_new_dir, join_error, CheckReport, PackOptions};
+use super::native::{into_new_dir, survey_for, CheckReport, PackOptions};
 use super::paths::check_relative_path;
 use super::pgdata::{refuse_non_empty, MANIFEST_KEY};
 use crate::storage::{self, Storage};
@@ -93,7 +94,7 @@ async fn write_tar(
     strip: &'static str,
     compress: bool,
     progress: crate::util::progress::ProgressHandle,
-) -> Result<HashMap<String, String>> {
+) -> Result<(HashMap<String, String>, u64)> {
     let (reader, writer) = tokio::io::duplex(1 << 20);
     let done = Arc::new(AtomicBool::new(false));
     let done_writer = Arc::clone(&done);
@@ -127,7 +128,7 @@ async fn write_tar(
     match (sums, uploaded) {
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(e.into()),
-        (Ok(sums), Ok(_)) => Ok(sums),
+        (Ok(sums), Ok(stored)) => Ok((sums, stored)),
     }
 }
 
@@ -212,90 +213,70 @@ pub async fn pack_dir(
     compress: bool,
 ) -> Result<Manifest> {
     refuse_non_empty(storage.as_ref()).await?;
-    let survey = datadir::survey(dir).await?;
-    options
-        .progress
-        .set_total(survey.entries.iter().map(|e| e.size).sum());
-    let (wal, base): (Vec<DirEntry>, Vec<DirEntry>) = survey
-        .entries
-        .iter()
+    let (mut origin, walked) = survey_for(dir, Format::Basebackup, options, lsns).await?;
+    let walked: Vec<DirEntry> = walked
+        .into_iter()
         .filter(|e| e.rel != "backup_manifest")
+        .collect();
+    let (wal, base): (Vec<DirEntry>, Vec<DirEntry>) = walked
+        .iter()
         .cloned()
         .partition(|e| is_wal_file(&e.rel) && !e.is_dir);
-    let base_sums = write_tar(
+    let progress = options.progress.clone();
+    let (base_sums, base_bytes) = write_tar(
         storage.as_ref(),
         &tar_key("base", compress),
         dir,
         base.clone(),
         "",
         compress,
-        options.progress.clone(),
+        progress.clone(),
     )
     .await?;
-    let wal_sums = write_tar(
+    let (wal_sums, wal_bytes) = write_tar(
         storage.as_ref(),
         &tar_key("pg_wal", compress),
         dir,
-        wal.clone(),
+        wal,
         "pg_wal/",
         compress,
-        options.progress.clone(),
+        progress,
     )
     .await?;
     options.progress.finish();
-    let range = lsns.clone().unwrap_or_else(|| {
+    // A stopped directory's WAL range is its last checkpoint.
+    let range = origin.lsns.clone().unwrap_or_else(|| {
         (
-            datadir::format_lsn(survey.control.redo_lsn),
-            datadir::format_lsn(survey.control.checkpoint_lsn),
+            datadir::format_lsn(origin.control.redo_lsn),
+            datadir::format_lsn(origin.control.checkpoint_lsn),
         )
     });
+    origin.lsns = Some(range.clone());
     let listed: Vec<(String, u64, u64, String)> = base
         .iter()
         .filter(|e| !e.is_dir)
         .map(|e| (e.rel.clone(), e.size, e.mtime, base_sums[&e.rel].clone()))
         .collect();
-    let text = backup_manifest(&listed, survey.control.timeline, &range);
+    let text = backup_manifest(&listed, origin.control.timeline, &range);
     storage.put("backup_manifest", Bytes::from(text)).await?;
-    let entries: Vec<Entry> = survey
-        .entries
+    let entries: Vec<Entry> = walked
         .iter()
-        .filter(|e| e.rel != "backup_manifest")
-        .map(|e| Entry {
-            path: e.rel.clone(),
-            kind: if e.is_dir {
-                EntryKind::Dir
-            } else {
-                EntryKind::File
+        .map(|e| match e.is_dir {
+            true => Entry::dir(&e.rel, e.mode),
+            false => Entry {
+                path: e.rel.clone(),
+                kind: EntryKind::File,
+                mode: e.mode,
+                size: e.size,
+                sha256: base_sums
+                    .get(&e.rel)
+                    .or_else(|| wal_sums.get(&e.rel))
+                    .cloned(),
+                blocks: vec![],
             },
-            mode: e.mode,
-            size: e.size,
-            sha256: (!e.is_dir)
-                .then(|| {
-                    base_sums
-                        .get(&e.rel)
-                        .or_else(|| wal_sums.get(&e.rel))
-                        .cloned()
-                })
-                .flatten(),
-            blocks: vec![],
         })
         .collect();
-    let stored = storage
-        .list("")
-        .await?
-        .iter()
-        .filter(|o| o.key.starts_with("base.tar") || o.key.starts_with("pg_wal.tar"))
-        .map(|o| o.size)
-        .sum();
-    let origin = manifest::Origin {
-        format: Format::Basebackup,
-        name: options.name.clone(),
-        parent: options.parent.clone(),
-        pg_version: survey.pg_version,
-        control: survey.control,
-        lsns: Some(range),
-    };
-    let manifest = Manifest::new(origin, entries, stored);
+    let manifest = Manifest::new(origin, entries, base_bytes + wal_bytes);
     storage
         .put(MANIFEST_KEY, Bytes::from(manifest.to_json()))
         .await?;

@@ -246,11 +246,5 @@ pub async fn survey(dir: &Path) -> Result<Survey> {
         })
     })
     .await;
-    match result {
-        Ok(survey) => survey,
-        Err(e) => match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(_) => Err(SnapshotError::Storage(crate::storage::Error::Cancelled)),
-        },
-    }
+    result.map_err(super::error::join_error)?
 }

@@ -45,3 +45,12 @@ impl SnapshotError {
         }
     }
 }
+
+/// The error of a blocking task that did not return: a panic is passed on, a cancellation
+/// (runtime shutting down) becomes an error.
+pub(crate) fn join_error(e: tokio::task::JoinError) -> SnapshotError {
+    match e.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        Err(_) => SnapshotError::Storage(storage::Error::Cancelled),
+    }
+}

@@ -115,6 +115,20 @@ pub struct Origin {
     pub lsns: Option<(String, String)>,
 }
 
+impl Entry {
+    /// A directory entry.
+    pub fn dir(path: &str, mode: u32) -> Entry {
+        Entry {
+            path: path.to_string(),
+            kind: EntryKind::Dir,
+            mode,
+            size: 0,
+            sha256: None,
+            blocks: vec![],
+        }
+    }
+}
+
 impl Manifest {
     /// A new manifest (fresh id, creation time now) for `entries`.
     pub fn new(origin: Origin, entries: Vec<Entry>, stored_size: u64) -> Manifest {

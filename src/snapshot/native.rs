@@ -27,9 +27,9 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 use super::datadir::{self, DirEntry};
-use super::error::{Result, SnapshotError};
+use super::error::{join_error, Result, SnapshotError};
 use super::manifest::{self, Entry, EntryKind, Format, Manifest, BLOCK_SIZE};
-use crate::storage::{self, Storage};
+use crate::storage::Storage;
 
 /// Seal a pack once its compressed content reaches this size.
 const PACK_TARGET: usize = 8 << 20;
@@ -113,6 +113,7 @@ async fn load_packs(storage: &dyn Storage) -> Result<Vec<PackInfo>> {
     let fetched: Vec<_> =
         futures::stream::iter(objects.into_iter().filter(|o| o.key.ends_with(".idx")))
             .map(|o| async move {
+                refuse_listed_size(storage, &o, MAX_INDEX_BYTES)?;
                 let bytes = storage.get_bytes_limited(&o.key, MAX_INDEX_BYTES).await?;
                 Ok::<_, SnapshotError>((o.key, bytes))
             })
@@ -169,29 +170,28 @@ pub struct PackReport {
     pub packs_written: u64,
 }
 
-/// Snapshots the stopped data directory `dir` into `storage` in the zenith format.
-pub async fn pack_stopped_dir(
+/// The start of every export, whatever the format: read the data directory's version,
+/// control file and file list, announce the total to the progress bar, and describe the
+/// snapshot-to-be.
+pub(crate) async fn survey_for(
     dir: &Path,
-    storage: Arc<dyn Storage>,
+    format: Format,
     options: &PackOptions,
-) -> Result<PackReport> {
-    datadir::check_not_running(dir)?;
-    pack_dir(dir, storage, options, None).await
-}
-
-/// Snapshots a running server online, without stopping it: PostgreSQL's own
-/// `pg_basebackup` copies the cluster with the WAL from backup start to stop into a staging
-/// directory (under `ZENITH_STAGING_DIR`, else the system's temporary directory), which is
-/// packed and removed. Restoring it and starting PostgreSQL replays that WAL, so the copy
-/// holds every transaction committed before the snapshot began.
-pub async fn pack_running_server(
-    install: &crate::compute::PgInstall,
-    connstr: &str,
-    storage: Arc<dyn Storage>,
-    options: &PackOptions,
-) -> Result<PackReport> {
-    let copy = online_copy(install, connstr).await?;
-    pack_dir(&copy.data, storage, options, Some(copy.lsns.clone())).await
+    lsns: Option<(String, String)>,
+) -> Result<(manifest::Origin, Vec<DirEntry>)> {
+    let survey = datadir::survey(dir).await?;
+    options
+        .progress
+        .set_total(survey.entries.iter().map(|e| e.size).sum());
+    let origin = manifest::Origin {
+        format,
+        name: options.name.clone(),
+        parent: options.parent.clone(),
+        pg_version: survey.pg_version,
+        control: survey.control,
+        lsns,
+    };
+    Ok((origin, survey.entries))
 }
 
 /// A consistent copy of a running server in a staging directory, removed when dropped.
@@ -307,10 +307,7 @@ pub async fn pack_dir(
     options: &PackOptions,
     lsns: Option<(String, String)>,
 ) -> Result<PackReport> {
-    let survey = datadir::survey(dir).await?;
-    options
-        .progress
-        .set_total(survey.entries.iter().map(|e| e.size).sum());
+    let (origin, entries) = survey_for(dir, Format::Zenith, options, lsns).await?;
     // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on;
     // a collection already under way makes this export wait for another day.
     let lock = HeldLock::take(Arc::clone(&storage), "export").await?;
@@ -323,18 +320,10 @@ pub async fn pack_dir(
             ),
         });
     }
-    let origin = manifest::Origin {
-        format: Format::Zenith,
-        name: options.name.clone(),
-        parent: options.parent.clone(),
-        pg_version: survey.pg_version,
-        control: survey.control,
-        lsns,
-    };
     let result = pack_dir_locked(
         Arc::clone(&storage),
         origin,
-        survey.entries,
+        entries,
         options.progress.clone(),
     )
     .await;
@@ -445,13 +434,6 @@ pub(crate) fn manifest_key(id: &str) -> String {
     format!("snapshots/{id}.json")
 }
 
-pub(crate) fn join_error(e: tokio::task::JoinError) -> SnapshotError {
-    match e.try_into_panic() {
-        Ok(panic) => std::panic::resume_unwind(panic),
-        Err(_) => SnapshotError::Storage(storage::Error::Cancelled),
-    }
-}
-
 /// Reads, hashes and compresses files on every core; new blocks go to the packer.
 fn hash_and_pack(
     walked: &[DirEntry],
@@ -516,14 +498,7 @@ fn hash_one(
     progress: &dyn crate::util::progress::Progress,
 ) -> Result<Entry> {
     if item.is_dir {
-        return Ok(Entry {
-            path: item.rel.clone(),
-            kind: EntryKind::Dir,
-            mode: item.mode,
-            size: 0,
-            sha256: None,
-            blocks: vec![],
-        });
+        return Ok(Entry::dir(&item.rel, item.mode));
     }
     let file = File::open(&item.abs).map_err(|e| SnapshotError::io(&item.abs, "open", e))?;
     let mut whole = Sha256::new();
@@ -933,11 +908,29 @@ async fn collect_locked(
     Ok(report)
 }
 
+/// Refuses a listed object larger than `limit` without reading it.
+fn refuse_listed_size(
+    storage: &dyn Storage,
+    object: &crate::storage::ObjectMeta,
+    limit: u64,
+) -> Result<()> {
+    if object.size > limit {
+        return Err(crate::storage::Error::TooLarge {
+            url: format!("{}/{}", storage.url(), object.key),
+            size: object.size,
+            limit,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Every snapshot manifest in `storage`, oldest first.
 pub async fn list(storage: &dyn Storage) -> Result<Vec<Manifest>> {
     let objects = storage.list("snapshots/").await?;
     let mut out = Vec::new();
     for object in objects.into_iter().filter(|o| o.key.ends_with(".json")) {
+        refuse_listed_size(storage, &object, manifest::MAX_MANIFEST_BYTES as u64)?;
         let bytes = storage
             .get_bytes_limited(&object.key, manifest::MAX_MANIFEST_BYTES as u64)
             .await?;

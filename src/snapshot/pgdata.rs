@@ -16,9 +16,10 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::datadir::{self, DirEntry};
+use super::error::join_error;
 use super::error::{Result, SnapshotError};
 use super::manifest::{self, Entry, EntryKind, Format, Manifest};
-use super::native::{into_new_dir, join_error, prepare_tree, sync_tree, CheckReport, PackOptions};
+use super::native::{into_new_dir, prepare_tree, survey_for, sync_tree, CheckReport, PackOptions};
 use crate::storage::{self, Storage, StorageUrl};
 
 /// The manifest's key; PostgreSQL ignores unknown files in its data directory.
@@ -58,11 +59,7 @@ pub async fn pack_dir(
     lsns: Option<(String, String)>,
 ) -> Result<Manifest> {
     refuse_non_empty(storage.as_ref()).await?;
-    let survey = datadir::survey(dir).await?;
-    let walked = survey.entries;
-    options
-        .progress
-        .set_total(walked.iter().map(|e| e.size).sum());
+    let (origin, walked) = survey_for(dir, Format::Pgdata, options, lsns).await?;
     let progress = &options.progress;
     let uploads: Vec<Result<Entry>> = futures::stream::iter(walked.iter())
         .map(|item| {
@@ -78,14 +75,6 @@ pub async fn pack_dir(
         .await;
     options.progress.finish();
     let entries = uploads.into_iter().collect::<Result<Vec<Entry>>>()?;
-    let origin = manifest::Origin {
-        format: Format::Pgdata,
-        name: options.name.clone(),
-        parent: options.parent.clone(),
-        pg_version: survey.pg_version,
-        control: survey.control,
-        lsns,
-    };
     let stored: u64 = entries.iter().map(|e| e.size).sum();
     let manifest = Manifest::new(origin, entries, stored);
     if let Ok(StorageUrl::Local(root)) = StorageUrl::parse(&storage.url()) {
@@ -115,14 +104,7 @@ pub(crate) async fn refuse_non_empty(storage: &dyn Storage) -> Result<()> {
 
 async fn upload_one(storage: &dyn Storage, item: &DirEntry) -> Result<Entry> {
     if item.is_dir {
-        return Ok(Entry {
-            path: item.rel.clone(),
-            kind: EntryKind::Dir,
-            mode: item.mode,
-            size: 0,
-            sha256: None,
-            blocks: vec![],
-        });
+        return Ok(Entry::dir(&item.rel, item.mode));
     }
     let file = tokio::fs::File::open(&item.abs)
         .await
@@ -184,24 +166,7 @@ pub async fn unpack(
 ) -> Result<CheckReport> {
     into_new_dir(target, |temp| async move {
         prepare_tree(manifest, &temp)?;
-        let files: Vec<&Entry> = manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .collect();
-        let results: Vec<Result<u64>> = futures::stream::iter(files)
-            .map(|entry| {
-                let path = temp.join(&entry.path);
-                async move { fetch_checked(storage, manifest, entry, Some(&path)).await }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        let mut report = CheckReport::default();
-        for r in results {
-            report.bytes_restored += r?;
-            report.blocks_checked += 1;
-        }
+        let report = check_files(storage, manifest, Some(&temp)).await?;
         sync_tree(manifest, &temp)?;
         Ok(report)
     })
@@ -210,12 +175,24 @@ pub async fn unpack(
 
 /// Re-reads every file of a pgdata snapshot and checks its size and SHA-256.
 pub async fn verify(storage: &dyn Storage, manifest: &Manifest) -> Result<CheckReport> {
+    check_files(storage, manifest, None).await
+}
+
+/// Fetches and checks every file, writing each below `root` when one is given.
+async fn check_files(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    root: Option<&Path>,
+) -> Result<CheckReport> {
     let files = manifest
         .entries
         .iter()
         .filter(|e| e.kind == EntryKind::File);
     let results: Vec<Result<u64>> = futures::stream::iter(files)
-        .map(|entry| fetch_checked(storage, manifest, entry, None))
+        .map(|entry| {
+            let path = root.map(|r| r.join(&entry.path));
+            async move { fetch_checked(storage, manifest, entry, path.as_deref()).await }
+        })
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;

@@ -67,7 +67,7 @@ pub enum Error {
     #[error("{url}: reading the stream failed: {detail}")]
     Stream { url: String, detail: String },
 
-    #[error("{url}: the object has {size} bytes, more than the {limit} expected of it; the storage is damaged or not zenith's")]
+    #[error("{url}: the object has at least {size} bytes, more than the {limit} expected of it; the storage is damaged or not zenith's")]
     TooLarge { url: String, size: u64, limit: u64 },
 
     #[error("operation cancelled")]

@@ -122,28 +122,23 @@ pub trait Storage: Send + Sync + Debug {
         local::write_reader_atomic(path.to_path_buf(), reader, self.url(), key.to_string()).await
     }
 
-    /// Like [`Storage::get_bytes`], but refuses an object larger than `limit` bytes before
-    /// reading it (and stops reading past the limit), so a hostile or damaged store cannot
-    /// make the caller allocate without bound.
+    /// Like [`Storage::get_bytes`], but stops reading past `limit` bytes and refuses the
+    /// object, so a hostile or damaged store cannot make the caller allocate without bound.
+    /// (Callers that listed the object already can refuse it by its listed size, unread.)
     async fn get_bytes_limited(&self, key: &str, limit: u64) -> Result<Bytes> {
-        let meta = self.head(key).await?;
-        let too_big = |size: u64| Error::TooLarge {
-            url: format!("{}/{key}", self.url()),
-            size,
-            limit,
-        };
-        if meta.size > limit {
-            return Err(too_big(meta.size));
-        }
         let reader = self.get(key).await?;
-        let mut buf = Vec::with_capacity(meta.size as usize);
+        let mut buf = Vec::new();
         reader
             .take(limit + 1)
             .read_to_end(&mut buf)
             .await
             .map_err(|e| Error::from_stream(self.url(), key, e))?;
         if buf.len() as u64 > limit {
-            return Err(too_big(buf.len() as u64));
+            return Err(Error::TooLarge {
+                url: format!("{}/{key}", self.url()),
+                size: buf.len() as u64,
+                limit,
+            });
         }
         Ok(Bytes::from(buf))
     }
