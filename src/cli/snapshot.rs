@@ -123,41 +123,61 @@ pub async fn export(args: ExportArgs, progress: bool) -> Result<(), CliError> {
         name: args.name,
         parent: None,
     };
-    // Online sources are copied consistently first (stock pg_basebackup), then packed.
-    let (online, dir, source) = match (args.pgdata, args.connstr) {
+    // Online sources: the zenith format reads a local server in place; the other formats
+    // (and remote servers) are copied consistently first with stock pg_basebackup.
+    let mut staged = None;
+    let (dir, lsns, source) = match (args.pgdata, &args.connstr) {
         (Some(pgdata), _) => {
             crate::snapshot::datadir::check_not_running(&pgdata).map_err(anyhow::Error::from)?;
-            (None, pgdata.clone(), pgdata.display().to_string())
+            let source = pgdata.display().to_string();
+            (Some(pgdata), None, source)
         }
         (None, Some(connstr)) => {
-            let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
-            let copy = native::online_copy(&install, &connstr)
-                .await
-                .map_err(anyhow::Error::from)?;
-            let dir = copy.data.clone();
-            (Some(copy), dir, native::redact_password(&connstr))
+            let source = native::redact_password(connstr);
+            if format == Format::Zenith {
+                (None, None, source)
+            } else {
+                let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
+                let copy = native::online_copy(&install, connstr)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                let found = (Some(copy.data.clone()), Some(copy.lsns.clone()), source);
+                staged = Some(copy);
+                found
+            }
         }
         (None, None) => return Err(CliError::NotImplemented("export of a repo snapshot".into())),
     };
-    let lsns = online.as_ref().map(|c| c.lsns.clone());
-    let (m, detail) = match format {
-        Format::Zenith => {
-            let report = native::pack_dir(&dir, storage.clone(), &options, lsns)
-                .await
-                .map_err(anyhow::Error::from)?;
-            let detail = format!(
+    let (m, detail) = match (format, dir) {
+        (Format::Zenith, dir) => {
+            let report = match dir {
+                Some(dir) => native::pack_dir(&dir, storage.clone(), &options, lsns).await,
+                None => {
+                    let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
+                    let connstr = args.connstr.as_deref().expect("online source");
+                    native::pack_online(&install, connstr, storage.clone(), &options).await
+                }
+            }
+            .map_err(anyhow::Error::from)?;
+            let mut detail = format!(
                 "{} new blocks of {}",
                 report.blocks_new, report.blocks_total
             );
+            if report.files_reused > 0 {
+                detail.push_str(&format!(
+                    ", {} unchanged files not read again",
+                    report.files_reused
+                ));
+            }
             (report.manifest, detail)
         }
-        Format::Pgdata => {
+        (Format::Pgdata, Some(dir)) => {
             let m = pgdata::pack_dir(&dir, storage.clone(), &options, lsns)
                 .await
                 .map_err(anyhow::Error::from)?;
             (m, "plain files".to_string())
         }
-        Format::Basebackup => {
+        (Format::Basebackup, Some(dir)) => {
             let m = basebackup::pack_dir(&dir, storage.clone(), &options, lsns, !args.no_compress)
                 .await
                 .map_err(anyhow::Error::from)?;
@@ -168,8 +188,9 @@ pub async fn export(args: ExportArgs, progress: bool) -> Result<(), CliError> {
             };
             (m, format!("{detail}, backup_manifest"))
         }
+        (_, None) => unreachable!("other formats always have a directory"),
     };
-    drop(online);
+    drop(staged);
     println!(
         "snapshot {}{} of {}: {} files, {}; stored {} ({detail}) in {}",
         m.id,

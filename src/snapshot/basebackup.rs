@@ -272,7 +272,8 @@ pub async fn pack_dir(
                     .get(&e.rel)
                     .or_else(|| wal_sums.get(&e.rel))
                     .cloned(),
-                blocks: vec![],
+                list: None,
+                stamp: None,
             },
         })
         .collect();

@@ -114,6 +114,58 @@ pub struct DirEntry {
     pub mode: u32,
     /// Modification time, seconds since the epoch.
     pub mtime: u64,
+    /// Identity and change time (device, inode, size, ctime, mtime) of a file whose last
+    /// change is old enough that any later write is sure to change it; `None` otherwise.
+    pub stamp: Option<String>,
+}
+
+/// A file changed this recently carries no stamp: timestamps are coarse, so a write in
+/// the same tick as the one observed could leave them as they were.
+const STAMP_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn stamp(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    if !meta.is_file() || meta.ctime() + (STAMP_SETTLE.as_secs() as i64) >= now {
+        return None;
+    }
+    Some(format!(
+        "{:x}:{:x}:{}:{}.{:09}:{}.{:09}",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
+}
+
+impl DirEntry {
+    /// A file outside the walk (a WAL segment or a generated file), described from disk.
+    pub fn file(rel: &str, abs: &Path, mode: u32) -> Result<DirEntry> {
+        let meta = std::fs::metadata(abs).map_err(|e| SnapshotError::io(abs, "read", e))?;
+        Ok(DirEntry {
+            rel: rel.to_string(),
+            abs: abs.to_path_buf(),
+            is_dir: false,
+            size: meta.len(),
+            mode,
+            mtime: mtime_secs(&meta),
+            stamp: None,
+        })
+    }
+}
+
+fn mtime_secs(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Files never copied: they describe the running server, not the database.
@@ -123,9 +175,28 @@ const EXCLUDED: [&str; 3] = ["postmaster.pid", "postmaster.opts", "zenith-manife
 /// Every directory and file under `dir`, parents before children, sorted. Symbolic links are
 /// refused with a message: tablespaces and a relocated `pg_wal` are not supported yet.
 pub fn walk(dir: &Path) -> Result<Vec<DirEntry>> {
+    walk_with(dir, false)
+}
+
+/// [`walk`] of a running server's directory: entries that vanish during the walk (the
+/// server removed them) are left out instead of failing it.
+pub fn walk_live(dir: &Path) -> Result<Vec<DirEntry>> {
+    walk_with(dir, true)
+}
+
+fn walk_with(dir: &Path, live: bool) -> Result<Vec<DirEntry>> {
     use std::os::unix::fs::PermissionsExt;
+    let vanished = |e: &walkdir::Error| {
+        live && e
+            .io_error()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    };
     let mut out = Vec::new();
     for entry in walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name() {
+        let entry = match entry {
+            Err(e) if vanished(&e) => continue,
+            other => other,
+        };
         let entry = entry.map_err(|e| {
             let path = e.path().unwrap_or(dir).to_path_buf();
             SnapshotError::io(
@@ -156,7 +227,11 @@ pub fn walk(dir: &Path) -> Result<Vec<DirEntry>> {
         if !ft.is_dir() && !ft.is_file() {
             continue; // sockets or fifos: not database content
         }
-        let meta = entry.metadata().map_err(|e| {
+        let meta = match entry.metadata() {
+            Err(e) if vanished(&e) => continue,
+            other => other,
+        };
+        let meta = meta.map_err(|e| {
             SnapshotError::io(
                 entry.path(),
                 "read",
@@ -170,12 +245,8 @@ pub fn walk(dir: &Path) -> Result<Vec<DirEntry>> {
             is_dir: ft.is_dir(),
             size: if ft.is_dir() { 0 } else { meta.len() },
             mode: meta.permissions().mode() & 0o7777,
-            mtime: meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            mtime: mtime_secs(&meta),
+            stamp: stamp(&meta),
         });
     }
     Ok(out)

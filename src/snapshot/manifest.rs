@@ -9,7 +9,7 @@ use super::error::{Result, SnapshotError};
 use super::paths::check_relative_path;
 
 /// The manifest format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Bytes per block of the `zenith` format: one PostgreSQL page.
 pub const BLOCK_SIZE: u64 = 8192;
@@ -67,12 +67,19 @@ pub struct Entry {
     pub mode: u32,
     #[serde(default)]
     pub size: u64,
-    /// SHA-256 of the whole file, hex.
+    /// SHA-256 of the whole file, hex (`pgdata` and `basebackup` formats).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// `zenith` format: the SHA-256 of each 8 KiB block, in order (the last may be short).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub blocks: Vec<String>,
+    /// `zenith` format, non-empty files: the file's checksum, which is the SHA-256 of its
+    /// block list, the object `lists/<list>` holding the SHA-256 of each 8 KiB block in
+    /// order (the last block may be short). Identical files share one list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
+    /// `zenith` format: the file's identity and change time when it was read (device,
+    /// inode, size, ctime, mtime), so the next snapshot of the same directory can reuse the
+    /// list of a file that has not changed since without reading it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<String>,
 }
 
 /// An immutable, consistent image of one PostgreSQL cluster.
@@ -124,8 +131,14 @@ impl Entry {
             mode,
             size: 0,
             sha256: None,
-            blocks: vec![],
+            list: None,
+            stamp: None,
         }
+    }
+
+    /// Number of 8 KiB blocks in the file's `zenith` block list.
+    pub fn block_count(&self) -> u64 {
+        self.size.div_ceil(BLOCK_SIZE)
     }
 }
 
@@ -204,34 +217,27 @@ impl Manifest {
                     return Err(format!("entry {:?} comes before its directory", entry.path));
                 }
             }
-            if let Some(sha) = &entry.sha256 {
+            for sha in [&entry.sha256, &entry.list].into_iter().flatten() {
                 if !is_sha256_hex(sha) {
                     return Err(format!("entry {:?} has a malformed checksum", entry.path));
                 }
             }
             match entry.kind {
                 EntryKind::Dir => {
-                    if entry.size != 0 || !entry.blocks.is_empty() {
+                    if entry.size != 0 || entry.list.is_some() {
                         return Err(format!("directory {:?} has content", entry.path));
                     }
                 }
                 EntryKind::File => {
                     total = total.checked_add(entry.size).ok_or("sizes overflow")?;
-                    if self.format == Format::Zenith {
-                        if entry.blocks.len() as u64 != entry.size.div_ceil(BLOCK_SIZE) {
-                            return Err(format!(
-                                "file {:?} of {} bytes lists {} blocks",
-                                entry.path,
-                                entry.size,
-                                entry.blocks.len()
-                            ));
-                        }
-                        if let Some(bad) = entry.blocks.iter().find(|b| !is_sha256_hex(b)) {
-                            return Err(format!(
-                                "file {:?} lists a malformed block hash {bad:?}",
-                                entry.path
-                            ));
-                        }
+                    let wants_list = self.format == Format::Zenith && entry.size > 0;
+                    if entry.list.is_some() != wants_list {
+                        return Err(format!(
+                            "file {:?} of {} bytes {} a block list",
+                            entry.path,
+                            entry.size,
+                            if wants_list { "lacks" } else { "has" }
+                        ));
                     }
                 }
             }
@@ -333,15 +339,17 @@ mod tests {
                     mode: 0o700,
                     size: 0,
                     sha256: None,
-                    blocks: vec![],
+                    list: None,
+                    stamp: None,
                 },
                 Entry {
                     path: "base/1".into(),
                     kind: EntryKind::File,
                     mode: 0o600,
                     size: 8193,
-                    sha256: Some("a".repeat(64)),
-                    blocks: vec!["b".repeat(64), "c".repeat(64)],
+                    sha256: None,
+                    list: Some("b".repeat(64)),
+                    stamp: Some("1:2:8193:3.4:3.4".into()),
                 },
             ],
             total_size: 8193,
@@ -366,13 +374,10 @@ mod tests {
                 Box::new(|m| m.entries[1].path = "/etc/passwd".into()),
                 "absolute",
             ),
+            (Box::new(|m| m.entries[1].list = None), "lacks a block list"),
             (
-                Box::new(|m| m.entries[1].blocks.pop().map(|_| ()).unwrap()),
-                "lists 1 blocks",
-            ),
-            (
-                Box::new(|m| m.entries[1].blocks[0] = "zz".into()),
-                "malformed block hash",
+                Box::new(|m| m.entries[1].list = Some("zz".into())),
+                "malformed checksum",
             ),
             (Box::new(|m| m.total_size = 1), "total_size"),
             (Box::new(|m| m.entries.swap(0, 1)), "before its directory"),

@@ -12,6 +12,7 @@ pub mod datadir;
 mod error;
 mod manifest;
 pub mod native;
+pub mod online;
 mod paths;
 pub mod pgdata;
 

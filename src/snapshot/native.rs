@@ -1,19 +1,25 @@
 //! The `zenith` format: content-addressed, page-deduplicated, compressed and checksummed.
 //!
 //! Layout under the storage root:
-//! - `packs/<sha256>`: zstd frames, one per 8 KiB block, concatenated (about 8 MiB each);
-//! - `index/<sha256>.idx`: the pack's index, block hash → offset and length, with its own
-//!   checksum;
-//! - `snapshots/<id>.json`: the manifest, listing each file's block hashes.
+//! - `packs/<sha256>`: zstd frames of up to 8 blocks of 8 KiB each, concatenated (about
+//!   8 MiB a pack);
+//! - `index/<sha256>.idx`: the pack's index, block hash → frame offset, length and slot,
+//!   with its own checksum;
+//! - `lists/<sha256>`: one file's block hashes in order (zstd), named by the SHA-256 of
+//!   the uncompressed list; identical files share one list, and a file unchanged since the
+//!   previous snapshot reuses its list without being read again;
+//! - `snapshots/<id>.json`: the manifest, naming each file's list.
 //!
-//! Write order makes a snapshot atomic: a pack, then its index, and the manifest only after
-//! every pack and index is stored. A snapshot is visible exactly when its manifest exists;
-//! a run killed midway leaves packs that the next run reuses (their index says what they
-//! hold), never a half snapshot. A later snapshot stores only blocks the destination lacks.
+//! Write order makes a snapshot atomic: a pack, then its index, lists, and the manifest
+//! only after every pack, index and list is stored. A snapshot is visible exactly when its
+//! manifest exists; a run killed midway leaves packs that the next run reuses (their index
+//! says what they hold), never a half snapshot. A later snapshot stores only blocks the
+//! destination lacks.
 //!
-//! Reading is defensive: every block is decompressed with a hard 8 KiB limit (no
-//! decompression bombs), checked against its SHA-256, and written only inside a temporary
-//! directory that is renamed into place when everything checked out.
+//! Reading is defensive: lists and frames are decompressed with hard size limits (no
+//! decompression bombs), every list and block is checked against its SHA-256, and data is
+//! written only inside a temporary directory that is renamed into place when everything
+//! checked out.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -30,28 +36,44 @@ use super::datadir::{self, DirEntry};
 use super::error::{join_error, Result, SnapshotError};
 use super::manifest::{self, Entry, EntryKind, Format, Manifest, BLOCK_SIZE};
 use crate::storage::Storage;
+use crate::util::direct::{self, AlignedBuf};
 
 /// Seal a pack once its compressed content reaches this size.
 const PACK_TARGET: usize = 8 << 20;
-/// Largest pack zenith writes is PACK_TARGET plus one compressed block; anything much larger
-/// is refused before it is read into memory.
+/// New blocks compressed together into one zstd frame: neighbouring pages share structure,
+/// so frames of several pages compress far better than single pages.
+const FRAME_BLOCKS: usize = 8;
+/// Bytes read from a file at a time.
+const READ_CHUNK: usize = 1 << 20;
+/// Largest pack zenith writes is PACK_TARGET plus one frame; anything much larger is
+/// refused before it is read into memory.
 const MAX_PACK_BYTES: u64 = 2 * PACK_TARGET as u64;
-/// An index lists a pack's blocks, 44 bytes each; even 8 MiB of the smallest zstd frames
-/// (about 9 bytes each) stays under this.
+/// An index lists a pack's blocks, 46 bytes each; even 8 MiB of the smallest zstd frames
+/// stays under this.
 const MAX_INDEX_BYTES: u64 = 64 << 20;
-/// Packs uploaded or downloaded at once.
+/// Packs and lists uploaded or downloaded at once.
 const TRANSFER_CONCURRENCY: usize = 4;
-const INDEX_MAGIC: &[u8; 8] = b"ZNIDX001";
-const INDEX_ENTRY: usize = 32 + 8 + 4;
+const INDEX_MAGIC: &[u8; 8] = b"ZNIDX002";
+const INDEX_ENTRY: usize = 32 + 8 + 4 + 2;
 
 type Hash = [u8; 32];
 
-/// Where a block lives.
+/// Where a block lives: a frame of a pack, and its position in the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Location {
     pack: usize,
     offset: u64,
     len: u32,
+    slot: u16,
+}
+
+/// One index entry: a block's hash, its frame's offset and length in the pack, its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexEntry {
+    hash: Hash,
+    offset: u64,
+    len: u32,
+    slot: u16,
 }
 
 /// Every block the destination holds, from its pack indexes.
@@ -61,21 +83,22 @@ struct BlockIndex {
     blocks: HashMap<Hash, Location>,
 }
 
-fn encode_index(entries: &[(Hash, u64, u32)]) -> Vec<u8> {
+fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + entries.len() * INDEX_ENTRY + 32);
     out.extend_from_slice(INDEX_MAGIC);
     out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    for (hash, offset, len) in entries {
-        out.extend_from_slice(hash);
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&e.hash);
+        out.extend_from_slice(&e.offset.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+        out.extend_from_slice(&e.slot.to_le_bytes());
     }
     let sum = Sha256::digest(&out);
     out.extend_from_slice(&sum);
     out
 }
 
-fn decode_index(bytes: &[u8], source: &str) -> Result<Vec<(Hash, u64, u32)>> {
+fn decode_index(bytes: &[u8], source: &str) -> Result<Vec<IndexEntry>> {
     let corrupt = |what: &str| SnapshotError::Corrupt {
         object: source.to_string(),
         what: what.to_string(),
@@ -93,11 +116,11 @@ fn decode_index(bytes: &[u8], source: &str) -> Result<Vec<(Hash, u64, u32)>> {
     }
     Ok(body[16..]
         .chunks_exact(INDEX_ENTRY)
-        .map(|c| {
-            let hash: Hash = c[..32].try_into().expect("32 bytes");
-            let offset = u64::from_le_bytes(c[32..40].try_into().expect("8 bytes"));
-            let len = u32::from_le_bytes(c[40..44].try_into().expect("4 bytes"));
-            (hash, offset, len)
+        .map(|c| IndexEntry {
+            hash: c[..32].try_into().expect("32 bytes"),
+            offset: u64::from_le_bytes(c[32..40].try_into().expect("8 bytes")),
+            len: u32::from_le_bytes(c[40..44].try_into().expect("4 bytes")),
+            slot: u16::from_le_bytes(c[44..46].try_into().expect("2 bytes")),
         })
         .collect())
 }
@@ -105,7 +128,7 @@ fn decode_index(bytes: &[u8], source: &str) -> Result<Vec<(Hash, u64, u32)>> {
 /// One pack as its index describes it.
 struct PackInfo {
     id: String,
-    entries: Vec<(Hash, u64, u32)>,
+    entries: Vec<IndexEntry>,
 }
 
 async fn load_packs(storage: &dyn Storage) -> Result<Vec<PackInfo>> {
@@ -140,16 +163,100 @@ async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
     let mut index = BlockIndex::default();
     for pack in load_packs(storage).await? {
         let number = index.packs.len();
-        for (hash, offset, len) in pack.entries {
-            index.blocks.entry(hash).or_insert(Location {
+        for e in pack.entries {
+            index.blocks.entry(e.hash).or_insert(Location {
                 pack: number,
-                offset,
-                len,
+                offset: e.offset,
+                len: e.len,
+                slot: e.slot,
             });
         }
         index.packs.push(pack.id);
     }
     Ok(index)
+}
+
+fn list_key(hash: &str) -> String {
+    format!("lists/{hash}")
+}
+
+/// Reads one file's block list, checked against its name and the file's size.
+async fn load_list(storage: &dyn Storage, entry: &Entry, snapshot: &str) -> Result<Vec<Hash>> {
+    let Some(name) = &entry.list else {
+        return Ok(Vec::new());
+    };
+    let key = list_key(name);
+    let raw_len = entry.block_count() as usize * 32;
+    let corrupt = |what: String| SnapshotError::Corrupt {
+        object: format!("{}/{key} (used by {snapshot})", storage.url()),
+        what,
+    };
+    let bytes = match storage
+        .get_bytes_limited(&key, zstd::zstd_safe::compress_bound(raw_len) as u64 + 64)
+        .await
+    {
+        Ok(bytes) => bytes,
+        Err(crate::storage::Error::NotFound { .. }) => {
+            return Err(corrupt(format!(
+                "the block list of {} is missing",
+                entry.path
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let list = zstd::bulk::decompress(&bytes, raw_len).map_err(|e| {
+        corrupt(format!(
+            "the block list of {} does not decompress: {e}",
+            entry.path
+        ))
+    })?;
+    if list.len() != raw_len || hex::encode(Sha256::digest(&list)) != *name {
+        return Err(corrupt(format!(
+            "the block list of {} fails its SHA-256 check",
+            entry.path
+        )));
+    }
+    Ok(list
+        .chunks_exact(32)
+        .map(|c| c.try_into().expect("32 bytes"))
+        .collect())
+}
+
+/// The block lists of every file of `manifest`, in entry order (empty for directories).
+async fn load_lists(storage: &dyn Storage, manifest: &Manifest) -> Result<Vec<Arc<Vec<Hash>>>> {
+    let snapshot = format!("snapshot {}", manifest.id);
+    let mut unique: HashMap<&str, &Entry> = HashMap::new();
+    for e in &manifest.entries {
+        if let Some(name) = &e.list {
+            unique.entry(name.as_str()).or_insert(e);
+        }
+    }
+    let fetched: Vec<Result<(String, Arc<Vec<Hash>>)>> =
+        futures::stream::iter(unique.into_values())
+            .map(|e| {
+                let snapshot = &snapshot;
+                async move {
+                    let list = load_list(storage, e, snapshot).await?;
+                    Ok((e.list.clone().expect("has a list"), Arc::new(list)))
+                }
+            })
+            .buffer_unordered(TRANSFER_CONCURRENCY * 4)
+            .collect()
+            .await;
+    let mut by_name = HashMap::new();
+    for item in fetched {
+        let (name, list) = item?;
+        by_name.insert(name, list);
+    }
+    let empty = Arc::new(Vec::new());
+    Ok(manifest
+        .entries
+        .iter()
+        .map(|e| match &e.list {
+            Some(name) => Arc::clone(&by_name[name]),
+            None => Arc::clone(&empty),
+        })
+        .collect())
 }
 
 /// Options for taking a snapshot.
@@ -168,6 +275,8 @@ pub struct PackReport {
     pub blocks_total: u64,
     pub blocks_new: u64,
     pub packs_written: u64,
+    /// Files unchanged since the previous snapshot, reused without being read.
+    pub files_reused: u64,
 }
 
 /// The start of every export, whatever the format: read the data directory's version,
@@ -300,7 +409,8 @@ pub fn redact_password(connstr: &str) -> String {
         .join(" ")
 }
 
-/// Snapshots the data directory `dir` (stopped, or an online copy with its WAL range).
+/// Snapshots the stopped data directory `dir` (or an online copy of one, with its WAL
+/// range).
 pub async fn pack_dir(
     dir: &Path,
     storage: Arc<dyn Storage>,
@@ -308,10 +418,114 @@ pub async fn pack_dir(
     lsns: Option<(String, String)>,
 ) -> Result<PackReport> {
     let (origin, entries) = survey_for(dir, Format::Zenith, options, lsns).await?;
-    // The lock tells a concurrent `snapshot delete` not to collect packs this run relies on;
-    // a collection already under way makes this export wait for another day.
-    let lock = HeldLock::take(Arc::clone(&storage), "export").await?;
-    if let Some(gc) = live_locks(storage.as_ref(), "locks/gc-").await?.first() {
+    let lock = take_export_lock(&storage).await?;
+    let result = async {
+        let run = PackRun::prepare(
+            Arc::clone(&storage),
+            origin.control.system_identifier,
+            options,
+        )
+        .await?;
+        let (entries, run) = run.pack(entries, false).await?;
+        run.finish(origin, entries).await
+    }
+    .await;
+    options.progress.finish();
+    lock.release().await;
+    result
+}
+
+/// Snapshots a running server without stopping it. When the server's data directory is on
+/// this machine, files are read in place between `pg_backup_start` and `pg_backup_stop`
+/// (see [`super::online`]); otherwise stock `pg_basebackup` copies the server to a staging
+/// directory first.
+pub async fn pack_online(
+    install: &crate::compute::PgInstall,
+    connstr: &str,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+) -> Result<PackReport> {
+    let mut session = super::online::Session::open(install, connstr).await?;
+    let info = session.server_info().await?;
+    let Some(dir) = super::online::local_data_directory(&info).map(Path::to_path_buf) else {
+        session.close().await;
+        tracing::info!(
+            "the server's data directory is not readable here: copying it with pg_basebackup"
+        );
+        let copy = online_copy(install, connstr).await?;
+        return pack_dir(&copy.data, storage, options, Some(copy.lsns.clone())).await;
+    };
+    let lock = take_export_lock(&storage).await?;
+    let result = async {
+        let run = PackRun::prepare(Arc::clone(&storage), info.system_identifier, options).await?;
+        session.backup_start().await?;
+        let pg_version = datadir::read_pg_version(&dir)?;
+        let control = datadir::read_control(&dir)?;
+        let walk_dir = dir.clone();
+        let walked = tokio::task::spawn_blocking(move || datadir::walk_live(&walk_dir))
+            .await
+            .map_err(join_error)??;
+        let unlogged = super::online::unlogged_relations(&walked);
+        let walked: Vec<DirEntry> = walked
+            .into_iter()
+            .filter(|e| !super::online::excluded(&e.rel, &unlogged))
+            .collect();
+        options
+            .progress
+            .set_total(walked.iter().map(|e| e.size).sum::<u64>() + 16 * info.wal_segment_size);
+        let (mut entries, run) = run.pack(walked, true).await?;
+        let end = session.backup_stop(&info).await?;
+        session.close().await;
+        // The WAL from start to stop, and the label that tells recovery where to begin.
+        let label_dir = tempdir_for_label()?;
+        let label_path = label_dir.join("backup_label");
+        std::fs::write(&label_path, &end.label)
+            .map_err(|e| SnapshotError::io(&label_path, "write", e))?;
+        let mut tail = vec![DirEntry::file("backup_label", &label_path, 0o600)?];
+        for segment in &end.segments {
+            let abs = dir.join("pg_wal").join(segment);
+            tail.push(DirEntry::file(&format!("pg_wal/{segment}"), &abs, 0o600)?);
+        }
+        let packed = run.pack(tail, false).await;
+        let _ = std::fs::remove_dir_all(&label_dir);
+        let (more, run) = packed?;
+        entries.extend(more);
+        let origin = manifest::Origin {
+            format: Format::Zenith,
+            name: options.name.clone(),
+            parent: options.parent.clone(),
+            pg_version,
+            control,
+            lsns: Some((end.start_lsn, end.stop_lsn)),
+        };
+        run.finish(origin, entries).await
+    }
+    .await;
+    options.progress.finish();
+    lock.release().await;
+    result
+}
+
+/// A private directory for the `backup_label` of an online snapshot.
+fn tempdir_for_label() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("zenith-label-{:016x}", fastrand::u64(..)));
+    std::fs::create_dir(&dir).map_err(|e| SnapshotError::io(&dir, "create", e))?;
+    Ok(dir)
+}
+
+/// Takes the export lock. The lock tells a concurrent `snapshot delete` not to collect
+/// packs this run relies on; a collection already under way makes this export wait for
+/// another day.
+async fn take_export_lock(storage: &Arc<dyn Storage>) -> Result<HeldLock> {
+    let lock = HeldLock::take(Arc::clone(storage), "export").await?;
+    let gc = match live_locks(storage.as_ref(), "locks/gc-").await {
+        Ok(gc) => gc,
+        Err(e) => {
+            lock.release().await;
+            return Err(e);
+        }
+    };
+    if let Some(gc) = gc.first() {
         lock.release().await;
         return Err(SnapshotError::Refused {
             reason: format!(
@@ -320,16 +534,7 @@ pub async fn pack_dir(
             ),
         });
     }
-    let result = pack_dir_locked(
-        Arc::clone(&storage),
-        origin,
-        entries,
-        options.progress.clone(),
-    )
-    .await;
-    options.progress.finish();
-    lock.release().await;
-    result
+    Ok(lock)
 }
 
 /// How often a held lock is rewritten, and after how long without a rewrite it counts as
@@ -396,157 +601,241 @@ async fn live_locks(storage: &dyn Storage, prefix: &str) -> Result<Vec<String>> 
         .collect())
 }
 
-async fn pack_dir_locked(
+/// One export in progress: what the destination already holds, the previous snapshot of
+/// the same cluster (whose unchanged files are reused), and the packer.
+struct PackRun {
     storage: Arc<dyn Storage>,
-    origin: manifest::Origin,
-    walked: Vec<DirEntry>,
+    packer: Packer,
+    /// Blocks stored, or claimed by this run.
+    claimed: Mutex<HashSet<Hash>>,
+    /// Lists stored, or uploaded by this run.
+    lists: Mutex<HashSet<String>>,
+    /// The previous snapshot's files that carry a stamp, by path.
+    previous: HashMap<String, Entry>,
+    previous_id: Option<String>,
     progress: crate::util::progress::ProgressHandle,
-) -> Result<PackReport> {
-    let index = load_index(storage.as_ref()).await?;
-    let known: HashSet<Hash> = index.blocks.keys().copied().collect();
+    blocks_total: AtomicU64,
+    files_reused: AtomicU64,
+}
 
-    let runtime = tokio::runtime::Handle::current();
-    let storage_for_packer = Arc::clone(&storage);
-    let (entries, stats) = tokio::task::spawn_blocking(move || {
-        let packer = Packer::new(runtime, storage_for_packer);
-        let entries = hash_and_pack(&walked, known, &packer, &*progress)?;
-        let stats = packer.finish()?;
-        Ok::<_, SnapshotError>((entries, stats))
-    })
-    .await
-    .map_err(join_error)??;
+impl PackRun {
+    async fn prepare(
+        storage: Arc<dyn Storage>,
+        system_identifier: u64,
+        options: &PackOptions,
+    ) -> Result<PackRun> {
+        let index = load_index(storage.as_ref()).await?;
+        let claimed: HashSet<Hash> = index.blocks.into_keys().collect();
+        let lists: HashSet<String> = storage
+            .list("lists/")
+            .await?
+            .into_iter()
+            .map(|o| o.key.trim_start_matches("lists/").to_string())
+            .collect();
+        let previous = list(storage.as_ref())
+            .await?
+            .into_iter()
+            .rev()
+            .find(|m| m.system_identifier == system_identifier);
+        let previous_id = previous.as_ref().map(|m| m.id.clone());
+        let previous = previous
+            .map(|m| {
+                m.entries
+                    .into_iter()
+                    .filter(|e| {
+                        e.stamp.is_some() && e.list.as_ref().is_some_and(|l| lists.contains(l))
+                    })
+                    .map(|e| (e.path.clone(), e))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let runtime = tokio::runtime::Handle::current();
+        Ok(PackRun {
+            packer: Packer::new(runtime, Arc::clone(&storage)),
+            storage,
+            claimed: Mutex::new(claimed),
+            lists: Mutex::new(lists),
+            previous,
+            previous_id,
+            progress: options.progress.clone(),
+            blocks_total: AtomicU64::new(0),
+            files_reused: AtomicU64::new(0),
+        })
+    }
 
-    let blocks_total = entries.iter().map(|e| e.blocks.len() as u64).sum();
-    let manifest = Manifest::new(origin, entries, stats.bytes);
-    // Last: the manifest makes the snapshot visible.
-    storage
-        .put(&manifest_key(&manifest.id), Bytes::from(manifest.to_json()))
-        .await?;
-    Ok(PackReport {
-        blocks_total,
-        blocks_new: stats.blocks,
-        packs_written: stats.packs,
-        manifest,
-    })
+    /// Packs `items` on every core (on a blocking thread); with `live`, files that vanish
+    /// meanwhile (a running server dropped them) are left out.
+    async fn pack(self, items: Vec<DirEntry>, live: bool) -> Result<(Vec<Entry>, PackRun)> {
+        tokio::task::spawn_blocking(move || {
+            let entries = self.pack_all(&items, live)?;
+            Ok((entries, self))
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    fn pack_all(&self, items: &[DirEntry], live: bool) -> Result<Vec<Entry>> {
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Entry>>> = Mutex::new(vec![None; items.len()]);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let failure: Mutex<Option<SnapshotError>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    // One compression context and read buffer per worker.
+                    let mut compressor = match zstd::bulk::Compressor::new(1) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            failure
+                                .lock()
+                                .expect("lock")
+                                .get_or_insert(SnapshotError::io("zstd", "initialize", e));
+                            return;
+                        }
+                    };
+                    let mut buf = AlignedBuf::new(READ_CHUNK);
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= items.len() || failure.lock().expect("lock").is_some() {
+                            return;
+                        }
+                        match self.pack_one(&items[i], live, &mut compressor, &mut buf) {
+                            Ok(entry) => results.lock().expect("lock")[i] = entry,
+                            Err(e) => {
+                                failure.lock().expect("lock").get_or_insert(e);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().expect("lock") {
+            return Err(e);
+        }
+        Ok(results
+            .into_inner()
+            .expect("lock")
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    fn pack_one(
+        &self,
+        item: &DirEntry,
+        live: bool,
+        compressor: &mut zstd::bulk::Compressor<'_>,
+        buf: &mut AlignedBuf,
+    ) -> Result<Option<Entry>> {
+        if item.is_dir {
+            return Ok(Some(Entry::dir(&item.rel, item.mode)));
+        }
+        // Unchanged since the previous snapshot (same file, size and change time): reuse.
+        if let (Some(stamp), Some(prev)) = (&item.stamp, self.previous.get(&item.rel)) {
+            if prev.stamp.as_ref() == Some(stamp) && prev.size == item.size {
+                self.progress.add(item.size);
+                self.blocks_total
+                    .fetch_add(prev.block_count(), Ordering::Relaxed);
+                self.files_reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(Entry {
+                    mode: item.mode,
+                    ..prev.clone()
+                }));
+            }
+        }
+        let want_direct = item.size >= READ_CHUNK as u64 && !item.rel.starts_with("pg_wal/");
+        let (file, is_direct) = match direct::open_read(&item.abs, want_direct) {
+            Ok(opened) => opened,
+            Err(e) if live && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SnapshotError::io(&item.abs, "open", e)),
+        };
+        let mut list: Vec<u8> = Vec::with_capacity(item.size.div_ceil(BLOCK_SIZE) as usize * 32);
+        let mut offset = 0u64;
+        loop {
+            let n = direct::read_full_at(&file, buf.spare(), offset, is_direct)
+                .map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
+            let data = &buf.spare()[..n];
+            self.progress.add(n as u64);
+            let mut fresh: Vec<(Hash, &[u8])> = Vec::new();
+            for block in data.chunks(BLOCK_SIZE as usize) {
+                let hash: Hash = Sha256::digest(block).into();
+                list.extend_from_slice(&hash);
+                if self.claimed.lock().expect("lock").insert(hash) {
+                    fresh.push((hash, block));
+                }
+            }
+            for frame in fresh.chunks(FRAME_BLOCKS) {
+                let raw: Vec<u8> = frame.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+                let compressed = compressor
+                    .compress(&raw)
+                    .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
+                let hashes: Vec<Hash> = frame.iter().map(|(h, _)| *h).collect();
+                self.packer.add_frame(&hashes, compressed)?;
+            }
+            offset += n as u64;
+            if n < buf.capacity() {
+                break;
+            }
+        }
+        let blocks = offset.div_ceil(BLOCK_SIZE);
+        self.blocks_total.fetch_add(blocks, Ordering::Relaxed);
+        let name = (offset > 0).then(|| hex::encode(Sha256::digest(&list)));
+        if let Some(name) = &name {
+            if self.lists.lock().expect("lock").insert(name.clone()) {
+                let compressed = compressor
+                    .compress(&list)
+                    .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
+                self.packer.put_object(list_key(name), compressed)?;
+            }
+        }
+        // The size is what was read: a file that grew or shrank since the walk is taken as
+        // read, and then carries no stamp (it is read again next time).
+        Ok(Some(Entry {
+            path: item.rel.clone(),
+            kind: EntryKind::File,
+            mode: item.mode,
+            size: offset,
+            sha256: None,
+            list: name,
+            stamp: item.stamp.clone().filter(|_| offset == item.size),
+        }))
+    }
+
+    /// Waits for every upload, then writes the manifest: the snapshot becomes visible.
+    async fn finish(self, mut origin: manifest::Origin, entries: Vec<Entry>) -> Result<PackReport> {
+        let PackRun {
+            storage,
+            packer,
+            previous_id,
+            blocks_total,
+            files_reused,
+            ..
+        } = self;
+        let stats = tokio::task::spawn_blocking(move || packer.finish())
+            .await
+            .map_err(join_error)??;
+        if origin.parent.is_none() {
+            origin.parent = previous_id;
+        }
+        let manifest = Manifest::new(origin, entries, stats.bytes);
+        storage
+            .put(&manifest_key(&manifest.id), Bytes::from(manifest.to_json()))
+            .await?;
+        Ok(PackReport {
+            blocks_total: blocks_total.into_inner(),
+            blocks_new: stats.blocks,
+            packs_written: stats.packs,
+            files_reused: files_reused.into_inner(),
+            manifest,
+        })
+    }
 }
 
 pub(crate) fn manifest_key(id: &str) -> String {
     format!("snapshots/{id}.json")
-}
-
-/// Reads, hashes and compresses files on every core; new blocks go to the packer.
-fn hash_and_pack(
-    walked: &[DirEntry],
-    known: HashSet<Hash>,
-    packer: &Packer,
-    progress: &dyn crate::util::progress::Progress,
-) -> Result<Vec<Entry>> {
-    let claimed = Mutex::new(known);
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Entry>>> = Mutex::new(vec![None; walked.len()]);
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let failure: Mutex<Option<SnapshotError>> = Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                // One compression context per worker: creating one per block costs more
-                // than compressing the block.
-                let mut compressor = match zstd::bulk::Compressor::new(1) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        failure
-                            .lock()
-                            .expect("lock")
-                            .get_or_insert(SnapshotError::io("zstd", "initialize", e));
-                        return;
-                    }
-                };
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= walked.len() || failure.lock().expect("lock").is_some() {
-                        return;
-                    }
-                    match hash_one(&walked[i], &claimed, packer, &mut compressor, progress) {
-                        Ok(entry) => results.lock().expect("lock")[i] = Some(entry),
-                        Err(e) => {
-                            failure.lock().expect("lock").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failure.into_inner().expect("lock") {
-        return Err(e);
-    }
-    Ok(results
-        .into_inner()
-        .expect("lock")
-        .into_iter()
-        .map(|e| e.expect("every entry processed"))
-        .collect())
-}
-
-fn hash_one(
-    item: &DirEntry,
-    claimed: &Mutex<HashSet<Hash>>,
-    packer: &Packer,
-    compressor: &mut zstd::bulk::Compressor<'_>,
-    progress: &dyn crate::util::progress::Progress,
-) -> Result<Entry> {
-    if item.is_dir {
-        return Ok(Entry::dir(&item.rel, item.mode));
-    }
-    let file = File::open(&item.abs).map_err(|e| SnapshotError::io(&item.abs, "open", e))?;
-    let mut whole = Sha256::new();
-    let mut blocks = Vec::new();
-    let mut buf = vec![0u8; 128 * BLOCK_SIZE as usize];
-    let mut offset = 0u64;
-    loop {
-        let n = read_full_at(&file, &mut buf, offset)
-            .map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
-        if n == 0 {
-            break;
-        }
-        whole.update(&buf[..n]);
-        progress.add(n as u64);
-        for block in buf[..n].chunks(BLOCK_SIZE as usize) {
-            let hash: Hash = Sha256::digest(block).into();
-            blocks.push(hex::encode(hash));
-            if claimed.lock().expect("lock").insert(hash) {
-                let compressed = compressor
-                    .compress(block)
-                    .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
-                packer.add(hash, compressed)?;
-            }
-        }
-        offset += n as u64;
-    }
-    // The size is what was read: a file that grew or shrank since the walk is taken as read.
-    Ok(Entry {
-        path: item.rel.clone(),
-        kind: EntryKind::File,
-        mode: item.mode,
-        size: offset,
-        sha256: Some(hex::encode(whole.finalize())),
-        blocks,
-    })
-}
-
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 struct PackerStats {
@@ -557,12 +846,12 @@ struct PackerStats {
     ids: Vec<String>,
 }
 
-/// Collects compressed blocks into packs and uploads each sealed pack, then its index, with
+/// Collects compressed frames into packs and uploads each sealed pack, then its index, with
 /// at most TRANSFER_CONCURRENCY uploads in flight (the caller blocks while all are busy).
 struct Packer {
     runtime: tokio::runtime::Handle,
     storage: Arc<dyn Storage>,
-    current: Mutex<(Vec<u8>, Vec<(Hash, u64, u32)>)>,
+    current: Mutex<(Vec<u8>, Vec<IndexEntry>)>,
     permits: Arc<tokio::sync::Semaphore>,
     uploads: Mutex<Vec<tokio::task::JoinHandle<Result<()>>>>,
     bytes: AtomicU64,
@@ -586,12 +875,20 @@ impl Packer {
         }
     }
 
-    fn add(&self, hash: Hash, compressed: Vec<u8>) -> Result<()> {
+    /// Adds one zstd frame holding `hashes.len()` blocks, in slot order.
+    fn add_frame(&self, hashes: &[Hash], compressed: Vec<u8>) -> Result<()> {
         let sealed = {
             let mut current = self.current.lock().expect("lock");
             let offset = current.0.len() as u64;
             current.0.extend_from_slice(&compressed);
-            current.1.push((hash, offset, compressed.len() as u32));
+            for (slot, hash) in hashes.iter().enumerate() {
+                current.1.push(IndexEntry {
+                    hash: *hash,
+                    offset,
+                    len: compressed.len() as u32,
+                    slot: slot as u16,
+                });
+            }
             if current.0.len() >= PACK_TARGET {
                 Some(std::mem::replace(
                     &mut *current,
@@ -601,35 +898,49 @@ impl Packer {
                 None
             }
         };
-        self.blocks.fetch_add(1, Ordering::Relaxed);
+        self.blocks
+            .fetch_add(hashes.len() as u64, Ordering::Relaxed);
         if let Some((data, entries)) = sealed {
-            self.upload(data, entries)?;
+            self.seal(data, entries)?;
         }
         Ok(())
     }
 
-    fn upload(&self, data: Vec<u8>, entries: Vec<(Hash, u64, u32)>) -> Result<()> {
+    /// Uploads a finished pack, then its index.
+    fn seal(&self, data: Vec<u8>, entries: Vec<IndexEntry>) -> Result<()> {
+        let pack_id = hex::encode(Sha256::digest(&data));
+        self.ids.lock().expect("lock").push(pack_id.clone());
+        self.packs.fetch_add(1, Ordering::Relaxed);
+        let index = encode_index(&entries);
+        self.upload(vec![
+            (format!("packs/{pack_id}"), data),
+            (format!("index/{pack_id}.idx"), index),
+        ])
+    }
+
+    /// Uploads one object besides the packs (a block list).
+    fn put_object(&self, key: String, data: Vec<u8>) -> Result<()> {
+        self.upload(vec![(key, data)])
+    }
+
+    /// Uploads `objects` in order, in the background, once a transfer slot is free.
+    fn upload(&self, objects: Vec<(String, Vec<u8>)>) -> Result<()> {
         // Fail early if an earlier upload failed, rather than packing the whole directory.
         self.reap(false)?;
         let permit = self
             .runtime
             .block_on(Arc::clone(&self.permits).acquire_owned())
             .expect("semaphore never closed");
-        let pack_id = hex::encode(Sha256::digest(&data));
-        self.ids.lock().expect("lock").push(pack_id.clone());
-        let index = encode_index(&entries);
-        self.bytes
-            .fetch_add((data.len() + index.len()) as u64, Ordering::Relaxed);
-        self.packs.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(
+            objects.iter().map(|(_, d)| d.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
         let storage = Arc::clone(&self.storage);
         let handle = self.runtime.spawn(async move {
             let _permit = permit;
-            storage
-                .put(&format!("packs/{pack_id}"), Bytes::from(data))
-                .await?;
-            storage
-                .put(&format!("index/{pack_id}.idx"), Bytes::from(index))
-                .await?;
+            for (key, data) in objects {
+                storage.put(&key, Bytes::from(data)).await?;
+            }
             Ok(())
         });
         self.uploads.lock().expect("lock").push(handle);
@@ -659,7 +970,7 @@ impl Packer {
     fn finish(self) -> Result<PackerStats> {
         let (data, entries) = std::mem::take(&mut *self.current.lock().expect("lock"));
         if !entries.is_empty() {
-            self.upload(data, entries)?;
+            self.seal(data, entries)?;
         }
         self.reap(true)?;
         Ok(PackerStats {
@@ -763,14 +1074,23 @@ async fn collect_locked(
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
     let manifests = list(storage.as_ref()).await?;
-    let live: HashSet<Hash> = manifests
-        .iter()
-        .flat_map(|m| m.entries.iter().flat_map(|e| e.blocks.iter()))
-        .filter_map(|h| {
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(h, &mut hash).ok().map(|()| hash)
-        })
-        .collect();
+    let mut live: HashSet<Hash> = HashSet::new();
+    let mut live_lists: HashSet<String> = HashSet::new();
+    for m in &manifests {
+        let fresh = Manifest {
+            entries: m
+                .entries
+                .iter()
+                .filter(|e| e.list.as_ref().is_some_and(|l| !live_lists.contains(l)))
+                .cloned()
+                .collect(),
+            ..m.clone()
+        };
+        for list in load_lists(storage.as_ref(), &fresh).await? {
+            live.extend(list.iter().copied());
+        }
+        live_lists.extend(fresh.entries.iter().filter_map(|e| e.list.clone()));
+    }
     let ages: HashMap<String, Option<std::time::SystemTime>> = storage
         .list("packs/")
         .await?
@@ -790,15 +1110,18 @@ async fn collect_locked(
     let mut total_bytes = 0u64;
     let mut unused_bytes = 0u64;
     for pack in packs.drain(..) {
-        let size: u64 = pack.entries.iter().map(|e| e.2 as u64).sum();
+        // Frame sizes, once per frame; a frame's bytes count as used if any block is.
+        let frames: HashMap<u64, u32> = pack.entries.iter().map(|e| (e.offset, e.len)).collect();
+        let size: u64 = frames.values().map(|&l| l as u64).sum();
         total_bytes += size;
-        let used: Vec<(Hash, u64, u32)> = pack
+        let used: Vec<IndexEntry> = pack
             .entries
             .iter()
             .copied()
-            .filter(|e| live.contains(&e.0) && kept.insert(e.0))
+            .filter(|e| live.contains(&e.hash) && kept.insert(e.hash))
             .collect();
-        let used_bytes: u64 = used.iter().map(|e| e.2 as u64).sum();
+        let used_frames: HashSet<u64> = used.iter().map(|e| e.offset).collect();
+        let used_bytes: u64 = used_frames.iter().map(|o| frames[o] as u64).sum();
         let unused = size - used_bytes;
         unused_bytes += unused;
         let old_enough = older_than(ages.get(&pack.id).copied().flatten(), grace);
@@ -819,7 +1142,7 @@ async fn collect_locked(
             to_delete.push(pack.id);
         } else if remaining_unused > allowed {
             remaining_unused -= unused;
-            to_repack.push((pack.id, used));
+            to_repack.push((pack.id, pack.entries, used));
         }
     }
     // Rewrite first (new packs and indexes), then remove the old indexes, then old packs:
@@ -833,31 +1156,19 @@ async fn collect_locked(
         let storage = Arc::clone(&storage);
         let stats = tokio::task::spawn_blocking(move || {
             let packer = Packer::new(runtime.clone(), Arc::clone(&storage));
-            for (pack_id, used) in &jobs {
+            let mut compressor = zstd::bulk::Compressor::new(1)
+                .map_err(|e| SnapshotError::io("zstd", "initialize", e))?;
+            for (pack_id, all, used) in &jobs {
                 let key = format!("packs/{pack_id}");
                 let data = runtime.block_on(storage.get_bytes_limited(&key, MAX_PACK_BYTES))?;
-                for (hash, offset, len) in used {
-                    let (start, end) = (*offset as usize, *offset as usize + *len as usize);
-                    let source = format!("{url}/{key}");
-                    let bytes = data.get(start..end).ok_or_else(|| SnapshotError::Corrupt {
-                        object: source.clone(),
-                        what: "a block lies outside the pack (truncated?)".into(),
-                    })?;
-                    let block =
-                        zstd::bulk::decompress(bytes, BLOCK_SIZE as usize).map_err(|e| {
-                            SnapshotError::Corrupt {
-                                object: source.clone(),
-                                what: format!("a block does not decompress: {e}"),
-                            }
-                        })?;
-                    if Sha256::digest(&block)[..] != hash[..] {
-                        return Err(SnapshotError::Corrupt {
-                            object: source,
-                            what: "a block fails its SHA-256 check".into(),
-                        });
-                    }
-                    packer.add(*hash, bytes.to_vec())?;
-                }
+                repack_frames(
+                    &data,
+                    &format!("{url}/{key}"),
+                    all,
+                    used,
+                    &packer,
+                    &mut compressor,
+                )?;
             }
             packer.finish()
         })
@@ -873,7 +1184,7 @@ async fn collect_locked(
     let doomed: Vec<String> = to_delete
         .iter()
         .cloned()
-        .chain(to_repack.iter().map(|(id, _)| id.clone()))
+        .chain(to_repack.iter().map(|(id, _, _)| id.clone()))
         .filter(|id| !rewritten.contains(id))
         .collect();
     for pack_id in &doomed {
@@ -898,6 +1209,14 @@ async fn collect_locked(
         }
         storage.delete(&key).await?;
     }
+    // Lists no snapshot names, once past the grace period (an export may be about to).
+    for object in storage.list("lists/").await? {
+        let name = object.key.trim_start_matches("lists/");
+        if !live_lists.contains(name) && older_than(object.last_modified, grace) {
+            freed += object.size;
+            storage.delete(&object.key).await?;
+        }
+    }
     report.packs_deleted = (to_delete
         .iter()
         .filter(|id| !rewritten.contains(*id))
@@ -906,6 +1225,55 @@ async fn collect_locked(
     report.bytes_freed = freed.saturating_sub(written);
     report.bytes_unused_left = remaining_unused;
     Ok(report)
+}
+
+/// Moves the `used` blocks of one pack into `packer`: whole frames as they are when all
+/// their blocks are used, otherwise the used blocks checked and compressed into a new frame.
+fn repack_frames(
+    data: &[u8],
+    source: &str,
+    all: &[IndexEntry],
+    used: &[IndexEntry],
+    packer: &Packer,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+) -> Result<()> {
+    let corrupt = |what: String| SnapshotError::Corrupt {
+        object: source.to_string(),
+        what,
+    };
+    let mut slots_per_frame: HashMap<u64, usize> = HashMap::new();
+    for e in all {
+        *slots_per_frame.entry(e.offset).or_default() += 1;
+    }
+    let mut by_frame: std::collections::BTreeMap<u64, Vec<IndexEntry>> = Default::default();
+    for e in used {
+        by_frame.entry(e.offset).or_default().push(*e);
+    }
+    let mut frames = FrameReader::new(data)?;
+    for (offset, mut entries) in by_frame {
+        entries.sort_by_key(|e| e.slot);
+        let mut raw = Vec::new();
+        for e in &entries {
+            let block = frames
+                .block(e.offset, e.len, e.slot)
+                .map_err(|what| corrupt(format!("a block {what}")))?;
+            if Sha256::digest(block)[..] != e.hash[..] {
+                return Err(corrupt("a block fails its SHA-256 check".into()));
+            }
+            raw.extend_from_slice(block);
+        }
+        let hashes: Vec<Hash> = entries.iter().map(|e| e.hash).collect();
+        if entries.len() == slots_per_frame[&offset] {
+            let (start, len) = (offset as usize, entries[0].len as usize);
+            packer.add_frame(&hashes, data[start..start + len].to_vec())?;
+        } else {
+            let compressed = compressor
+                .compress(&raw)
+                .map_err(|e| SnapshotError::io("zstd", "compress", e))?;
+            packer.add_frame(&hashes, compressed)?;
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a listed object larger than `limit` without reading it.
@@ -1109,6 +1477,17 @@ pub(crate) fn sync_tree(manifest: &Manifest, root: &Path) -> Result<()> {
         .map_err(|e| SnapshotError::io(root, "sync", e))
 }
 
+/// One use of a block: which file and block number, and where the block is stored.
+#[derive(Debug, Clone, Copy)]
+struct Use {
+    entry: u32,
+    number: u64,
+    hash: Hash,
+    offset: u64,
+    len: u32,
+    slot: u16,
+}
+
 /// Fetches every pack holding a block of `manifest`, checks each needed block, and (with a
 /// root) writes it at every position that uses it.
 async fn restore_blocks(
@@ -1118,35 +1497,48 @@ async fn restore_blocks(
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
     let index = load_index(storage).await?;
+    let lists = load_lists(storage, manifest).await?;
     let snapshot = format!("snapshot {} in {}", manifest.id, storage.url());
-    // block → every (entry, block number) that uses it, grouped by pack.
-    let mut by_pack: HashMap<usize, HashMap<Hash, Vec<(usize, u64)>>> = HashMap::new();
-    for (i, entry) in manifest.entries.iter().enumerate() {
-        for (n, hex_hash) in entry.blocks.iter().enumerate() {
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| SnapshotError::Corrupt {
+    let mut by_pack: HashMap<usize, Vec<Use>> = HashMap::new();
+    for (i, (entry, list)) in manifest.entries.iter().zip(&lists).enumerate() {
+        if list.len() as u64 != entry.block_count() && entry.kind == EntryKind::File {
+            return Err(SnapshotError::Corrupt {
                 object: snapshot.clone(),
-                what: format!("{} lists a malformed block hash", entry.path),
-            })?;
-            let Some(location) = index.blocks.get(&hash) else {
+                what: format!(
+                    "{} has {} bytes but its block list has {} blocks",
+                    entry.path,
+                    entry.size,
+                    list.len()
+                ),
+            });
+        }
+        for (n, hash) in list.iter().enumerate() {
+            let Some(location) = index.blocks.get(hash) else {
                 return Err(SnapshotError::Corrupt {
                     object: snapshot.clone(),
-                    what: format!("{} needs block {hex_hash}, which no pack in the storage holds (a missing pack?)", entry.path),
+                    what: format!(
+                        "{} needs block {}, which no pack in the storage holds (a missing pack?)",
+                        entry.path,
+                        hex::encode(hash)
+                    ),
                 });
             };
-            by_pack
-                .entry(location.pack)
-                .or_default()
-                .entry(hash)
-                .or_default()
-                .push((i, n as u64));
+            by_pack.entry(location.pack).or_default().push(Use {
+                entry: i as u32,
+                number: n as u64,
+                hash: *hash,
+                offset: location.offset,
+                len: location.len,
+                slot: location.slot,
+            });
         }
     }
+    drop(lists);
     let report = Mutex::new(CheckReport::default());
     let index = &index;
     let report_ref = &report;
     let snapshot_ref = &snapshot;
-    // Paths and sizes only: the blocking workers need no copy of the block lists.
+    // Paths and sizes only: the blocking workers need no copy of the manifest.
     let files: Arc<Vec<(String, u64)>> = Arc::new(
         manifest
             .entries
@@ -1156,26 +1548,15 @@ async fn restore_blocks(
     );
     let files_ref = &files;
     let results: Vec<Result<()>> = futures::stream::iter(by_pack)
-        .map(|(pack, blocks)| async move {
+        .map(|(pack, uses)| async move {
             let key = format!("packs/{}", index.packs[pack]);
             let data = storage.get_bytes_limited(&key, MAX_PACK_BYTES).await?;
             let source = format!("{}/{key}", storage.url());
             let files = Arc::clone(files_ref);
             let root = root.map(Path::to_path_buf);
             let snapshot = snapshot_ref.clone();
-            let locations: Vec<(Hash, Location, Vec<(usize, u64)>)> = blocks
-                .into_iter()
-                .map(|(h, uses)| (h, index.blocks[&h], uses))
-                .collect();
             let (checked, written) = tokio::task::spawn_blocking(move || {
-                check_and_write(
-                    &data,
-                    &source,
-                    &snapshot,
-                    &files,
-                    root.as_deref(),
-                    &locations,
-                )
+                check_and_write(&data, &source, &snapshot, &files, root.as_deref(), uses)
             })
             .await
             .map_err(join_error)??;
@@ -1199,72 +1580,157 @@ async fn restore_blocks(
     Ok(report.into_inner().expect("lock"))
 }
 
+/// Decompresses frames of one pack, keeping the last one (blocks of a frame are usually
+/// used one after another).
+struct FrameReader<'a> {
+    pack: &'a [u8],
+    decompressor: zstd::bulk::Decompressor<'static>,
+    cached: Option<(u64, Vec<u8>)>,
+}
+
+impl<'a> FrameReader<'a> {
+    fn new(pack: &'a [u8]) -> Result<Self> {
+        Ok(FrameReader {
+            pack,
+            decompressor: zstd::bulk::Decompressor::new()
+                .map_err(|e| SnapshotError::io("zstd", "initialize", e))?,
+            cached: None,
+        })
+    }
+
+    /// The block at `slot` of the frame at `offset`/`len`, or a description of the damage.
+    fn block(&mut self, offset: u64, len: u32, slot: u16) -> std::result::Result<&[u8], String> {
+        if self.cached.as_ref().map(|(o, _)| *o) != Some(offset) {
+            let start = offset as usize;
+            let end = start
+                .checked_add(len as usize)
+                .filter(|&e| e <= self.pack.len())
+                .ok_or_else(|| {
+                    format!(
+                        "a frame at {offset} lies outside the {}-byte pack (truncated?)",
+                        self.pack.len()
+                    )
+                })?;
+            let frame = self
+                .decompressor
+                .decompress(&self.pack[start..end], FRAME_BLOCKS * BLOCK_SIZE as usize)
+                .map_err(|e| format!("does not decompress: {e}"))?;
+            self.cached = Some((offset, frame));
+        }
+        let frame = &self.cached.as_ref().expect("just filled").1;
+        let start = slot as usize * BLOCK_SIZE as usize;
+        if start >= frame.len() {
+            return Err(format!("slot {slot} lies outside its frame"));
+        }
+        Ok(&frame[start..(start + BLOCK_SIZE as usize).min(frame.len())])
+    }
+}
+
+/// Largest run of adjacent blocks gathered into one write.
+const WRITE_RUN: usize = 1 << 20;
+
+/// A restored file being written: direct I/O for aligned runs where the filesystem allows.
+struct OutFile {
+    entry: u32,
+    direct: Option<File>,
+    buffered: Option<File>,
+}
+
 fn check_and_write(
     pack: &[u8],
     source: &str,
     snapshot: &str,
     files: &[(String, u64)],
     root: Option<&Path>,
-    locations: &[(Hash, Location, Vec<(usize, u64)>)],
+    mut uses: Vec<Use>,
 ) -> Result<(u64, u64)> {
     let corrupt = |what: String| SnapshotError::Corrupt {
         object: format!("{source} (used by {snapshot})"),
         what,
     };
-    let mut open: HashMap<usize, File> = HashMap::new();
-    let (mut checked, mut written) = (0u64, 0u64);
-    let mut decompressor =
-        zstd::bulk::Decompressor::new().map_err(|e| SnapshotError::io("zstd", "initialize", e))?;
-    for (hash, location, uses) in locations {
-        let start = location.offset as usize;
-        let end = start
-            .checked_add(location.len as usize)
-            .filter(|&e| e <= pack.len())
-            .ok_or_else(|| {
-                corrupt(format!(
-                    "block {} lies outside the {}-byte pack (truncated?)",
-                    hex::encode(hash),
-                    pack.len()
-                ))
-            })?;
-        let first_user = &files[uses[0].0].0;
-        let block = decompressor
-            .decompress(&pack[start..end], BLOCK_SIZE as usize)
-            .map_err(|e| corrupt(format!("a block of {first_user} does not decompress: {e}")))?;
-        if Sha256::digest(&block)[..] != hash[..] {
-            return Err(corrupt(format!(
-                "a block of {first_user} fails its SHA-256 check"
-            )));
-        }
-        checked += 1;
-        let Some(root) = root else { continue };
-        for &(entry_index, number) in uses {
-            let (path, size) = &files[entry_index];
-            let offset = number * BLOCK_SIZE;
-            let expected = (size - offset).min(BLOCK_SIZE) as usize;
-            if block.len() != expected {
-                return Err(corrupt(format!(
-                    "block {number} of {path} has {} bytes, expected {expected}",
-                    block.len()
-                )));
+    let mut frames = FrameReader::new(pack)?;
+    // In file order, so adjacent blocks gather into runs of up to WRITE_RUN bytes: a few
+    // large writes instead of one per 8 KiB block.
+    uses.sort_unstable_by_key(|u| (u.entry, u.number));
+    // Every stored block is checked once; decompressing the same bytes again gives the
+    // same block.
+    let mut verified: HashSet<(u64, u16)> = HashSet::new();
+    let mut checked = 0u64;
+    let mut written = 0u64;
+    let mut run = AlignedBuf::new(WRITE_RUN);
+    let mut run_at: Option<(u32, u64)> = None;
+    let mut out: Option<OutFile> = None;
+    let flush =
+        |run: &mut AlignedBuf, at: Option<(u32, u64)>, out: &mut Option<OutFile>| -> Result<u64> {
+            let (Some(root), Some((entry, offset))) = (root, at) else {
+                return Ok(0);
+            };
+            if run.is_empty() {
+                return Ok(0);
             }
-            let file = match open.entry(entry_index) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let full: PathBuf = root.join(path);
-                    v.insert(
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&full)
-                            .map_err(|e| SnapshotError::io(&full, "open", e))?,
-                    )
+            let full = root.join(&files[entry as usize].0);
+            if out.as_ref().map(|o| o.entry) != Some(entry) {
+                *out = Some(OutFile {
+                    entry,
+                    direct: direct::open_write_direct(&full),
+                    buffered: None,
+                });
+            }
+            let o = out.as_mut().expect("opened above");
+            let aligned = run.len() % direct::ALIGN == 0;
+            let file = match (&o.direct, aligned) {
+                (Some(f), true) => f,
+                _ => {
+                    if o.buffered.is_none() {
+                        o.buffered = Some(
+                            std::fs::OpenOptions::new()
+                                .write(true)
+                                .open(&full)
+                                .map_err(|e| SnapshotError::io(&full, "open", e))?,
+                        );
+                    }
+                    o.buffered.as_ref().expect("opened above")
                 }
             };
-            file.write_all_at(&block, offset)
-                .map_err(|e| SnapshotError::io(root.join(path), "write", e))?;
-            written += block.len() as u64;
+            file.write_all_at(run.as_slice(), offset)
+                .map_err(|e| SnapshotError::io(&full, "write", e))?;
+            let n = run.len() as u64;
+            run.clear();
+            Ok(n)
+        };
+    for u in &uses {
+        let (path, size) = &files[u.entry as usize];
+        let block = frames
+            .block(u.offset, u.len, u.slot)
+            .map_err(|what| corrupt(format!("a block of {path} {what}")))?;
+        if verified.insert((u.offset, u.slot)) {
+            if Sha256::digest(block)[..] != u.hash[..] {
+                return Err(corrupt(format!(
+                    "a block of {path} fails its SHA-256 check"
+                )));
+            }
+            checked += 1;
         }
+        if root.is_none() {
+            continue;
+        }
+        let offset = u.number * BLOCK_SIZE;
+        let expected = size.saturating_sub(offset).min(BLOCK_SIZE) as usize;
+        if block.len() != expected {
+            return Err(corrupt(format!(
+                "block {} of {path} has {} bytes, expected {expected}",
+                u.number,
+                block.len()
+            )));
+        }
+        let adjacent = matches!(run_at, Some((e, start)) if e == u.entry && start + run.len() as u64 == offset);
+        if !adjacent || run.len() + block.len() > WRITE_RUN {
+            written += flush(&mut run, run_at, &mut out)?;
+            run_at = Some((u.entry, offset));
+        }
+        run.extend_from_slice(block);
     }
+    written += flush(&mut run, run_at, &mut out)?;
     Ok((checked, written))
 }
 
@@ -1290,7 +1756,13 @@ mod tests {
 
     #[test]
     fn index_round_trips_and_detects_damage() {
-        let entries = vec![([1u8; 32], 0u64, 10u32), ([2u8; 32], 10, 20)];
+        let entry = |b: u8, offset, len, slot| IndexEntry {
+            hash: [b; 32],
+            offset,
+            len,
+            slot,
+        };
+        let entries = vec![entry(1, 0, 10, 0), entry(2, 0, 10, 1), entry(3, 10, 20, 0)];
         let bytes = encode_index(&entries);
         assert_eq!(decode_index(&bytes, "x").unwrap(), entries);
         let mut bad = bytes.clone();

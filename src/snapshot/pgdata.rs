@@ -126,7 +126,8 @@ async fn upload_one(storage: &dyn Storage, item: &DirEntry) -> Result<Entry> {
         mode: item.mode,
         size,
         sha256: Some(hex::encode(digest)),
-        blocks: vec![],
+        list: None,
+        stamp: None,
     })
 }
 

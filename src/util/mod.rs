@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod crc32c;
+pub mod direct;
 pub mod progress;
 pub mod relpath;
 pub mod size;

@@ -387,6 +387,20 @@ fn damaged_snapshots_are_detected_and_never_restored() {
     assert_clean_failure(&restore("truncated"), "truncated");
     std::fs::write(&pack, &original).unwrap();
 
+    // A damaged block list.
+    let list = first_file(&store.join("lists"));
+    let list_bytes = std::fs::read(&list).unwrap();
+    let mut damaged = list_bytes.clone();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0x01;
+    std::fs::write(&list, &damaged).unwrap();
+    let out = run(zenith().args(["snapshot", "verify", &id, "--storage", &url]));
+    let err = assert_clean_failure(&out, "is corrupt");
+    assert!(err.contains("block list of") && err.contains(&id), "{err}");
+    assert_clean_failure(&restore("list"), "block list of");
+    assert!(!target.path().join("list").exists());
+    std::fs::write(&list, &list_bytes).unwrap();
+
     // A missing index (the blocks it lists are nowhere).
     let index = first_file(&store.join("index"));
     let index_bytes = std::fs::read(&index).unwrap();
@@ -438,10 +452,11 @@ async fn decompression_bombs_are_refused() {
     let mut pack = Vec::new();
     let mut body = index[..16].to_vec();
     for i in 0..count {
-        let entry = &index[16 + i * 44..16 + (i + 1) * 44];
+        let entry = &index[16 + i * 46..16 + (i + 1) * 46];
         body.extend_from_slice(&entry[..32]);
         body.extend_from_slice(&(pack.len() as u64).to_le_bytes());
         body.extend_from_slice(&(bomb.len() as u32).to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
         pack.extend_from_slice(&bomb);
     }
     let sum = Sha256::digest(&body);
@@ -501,7 +516,7 @@ fn a_killed_export_leaves_no_snapshot_and_the_rerun_reuses_its_packs() {
         "a killed export left a visible snapshot: {listed}"
     );
 
-    // Blocks the killed run stored, by its indexes (16-byte header, 44 bytes a block, 32-byte sum).
+    // Blocks the killed run stored, by its indexes (16-byte header, 46 bytes a block, 32-byte sum).
     // (Only finished indexes: the kill may have left a temporary file behind.)
     let reused: u64 = std::fs::read_dir(store.join("index"))
         .unwrap()
@@ -510,7 +525,7 @@ fn a_killed_export_leaves_no_snapshot_and_the_rerun_reuses_its_packs() {
             e.file_name().to_string_lossy().ends_with(".idx")
                 && !e.file_name().to_string_lossy().starts_with('.')
         })
-        .map(|e| (e.metadata().unwrap().len() - 48) / 44)
+        .map(|e| (e.metadata().unwrap().len() - 48) / 46)
         .sum();
     assert!(reused > 0);
     let new_blocks = |out: &str| -> u64 {
@@ -639,6 +654,42 @@ fn online_snapshot_while_pgbench_writes(url: &str, env: &[(&'static str, String)
     );
     copy.stop();
     assert!(copy.checksums_ok().contains("Bad checksums:  0"));
+
+    // A second online snapshot does not read again the files unchanged since the first,
+    // and restores to exactly the server's content.
+    pg.sql("insert into marker values (2)");
+    let expected = content(&pg);
+    let out = ok(zenith_with(env).args([
+        "export",
+        "--snapshot_path",
+        url,
+        "--name",
+        "online2",
+        "--connstr",
+        &connstr,
+    ]));
+    assert!(out.contains("unchanged files not read again"), "{out}");
+    let data2 = target.path().join("restored2");
+    ok(zenith_with(env)
+        .args([
+            "import",
+            "--snapshot_path",
+            url,
+            "--snapshot",
+            "online2",
+            "--pgdata",
+        ])
+        .arg(&data2));
+    let mut copy2 = PgCluster::at(&pg.install, &data2);
+    copy2.start();
+    assert_eq!(copy2.sql("select count(*) from marker"), "2");
+    assert_eq!(content(&copy2), expected);
+    copy2.client(
+        "pg_amcheck",
+        &["--install-missing", "--heapallindexed", "-d", "postgres"],
+    );
+    copy2.stop();
+    assert!(copy2.checksums_ok().contains("Bad checksums:  0"));
 }
 
 #[test]
