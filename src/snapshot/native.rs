@@ -45,6 +45,26 @@ const PACK_TARGET: usize = 8 << 20;
 const FRAME_BLOCKS: usize = 8;
 /// Bytes read from a file at a time.
 const READ_CHUNK: usize = 1 << 20;
+/// Files are read in ranges of this size, in parallel (a multiple of READ_CHUNK).
+const RANGE: u64 = 64 << 20;
+
+/// Part of a file to read.
+struct Range {
+    item: usize,
+    start: u64,
+    /// `u64::MAX`: to the end of the file.
+    len: u64,
+}
+
+/// What reading a range found.
+#[derive(Debug, Clone, Default)]
+struct RangeRead {
+    /// Block hashes, in order.
+    list: Vec<u8>,
+    bytes: u64,
+    /// The file was gone (a running server removed it).
+    vanished: bool,
+}
 /// Largest pack zenith writes is PACK_TARGET plus one frame; anything much larger is
 /// refused before it is read into memory.
 const MAX_PACK_BYTES: u64 = 2 * PACK_TARGET as u64;
@@ -675,9 +695,32 @@ impl PackRun {
     }
 
     fn pack_all(&self, items: &[DirEntry], live: bool) -> Result<Vec<Entry>> {
+        // Directories and unchanged files are described at once; the rest is read in
+        // ranges of at most RANGE bytes, so a large file keeps every core busy.
+        let mut done: Vec<Option<Entry>> = vec![None; items.len()];
+        let mut work: Vec<Range> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if item.is_dir {
+                done[i] = Some(Entry::dir(&item.rel, item.mode));
+            } else if let Some(entry) = self.reuse(item) {
+                done[i] = Some(entry);
+            } else {
+                let ranges = item.size.div_ceil(RANGE).max(1);
+                for r in 0..ranges {
+                    work.push(Range {
+                        item: i,
+                        start: r * RANGE,
+                        // The last range reads to the end, wherever it is by then.
+                        len: if r + 1 == ranges { u64::MAX } else { RANGE },
+                    });
+                }
+            }
+        }
         let next = AtomicUsize::new(0);
-        let results: Mutex<Vec<Option<Entry>>> = Mutex::new(vec![None; items.len()]);
-        let workers = std::thread::available_parallelism()
+        let results: Mutex<Vec<Option<RangeRead>>> = Mutex::new(vec![None; work.len()]);
+        // Two workers a core: while one waits for a (direct, uncached) read, the other
+        // hashes and compresses.
+        let workers = 2 * std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let failure: Mutex<Option<SnapshotError>> = Mutex::new(None);
@@ -697,12 +740,19 @@ impl PackRun {
                     };
                     let mut buf = AlignedBuf::new(READ_CHUNK);
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= items.len() || failure.lock().expect("lock").is_some() {
+                        let w = next.fetch_add(1, Ordering::Relaxed);
+                        if w >= work.len() || failure.lock().expect("lock").is_some() {
                             return;
                         }
-                        match self.pack_one(&items[i], live, &mut compressor, &mut buf) {
-                            Ok(entry) => results.lock().expect("lock")[i] = entry,
+                        let range = &work[w];
+                        match self.read_range(
+                            &items[range.item],
+                            range,
+                            live,
+                            &mut compressor,
+                            &mut buf,
+                        ) {
+                            Ok(read) => results.lock().expect("lock")[w] = Some(read),
                             Err(e) => {
                                 failure.lock().expect("lock").get_or_insert(e);
                                 return;
@@ -715,48 +765,110 @@ impl PackRun {
         if let Some(e) = failure.into_inner().expect("lock") {
             return Err(e);
         }
-        Ok(results
-            .into_inner()
-            .expect("lock")
-            .into_iter()
-            .flatten()
-            .collect())
+        // Each file's ranges, in order, make its block list.
+        let reads = results.into_inner().expect("lock");
+        let mut compressor = zstd::bulk::Compressor::new(1)
+            .map_err(|e| SnapshotError::io("zstd", "initialize", e))?;
+        let mut w = 0;
+        while w < work.len() {
+            let i = work[w].item;
+            let item = &items[i];
+            let mut list = Vec::new();
+            let mut size = 0u64;
+            let mut vanished = false;
+            let mut ended = false;
+            while w < work.len() && work[w].item == i {
+                let read = reads[w].as_ref().expect("every range read");
+                w += 1;
+                if ended {
+                    continue;
+                }
+                vanished |= read.vanished;
+                list.extend_from_slice(&read.list);
+                size += read.bytes;
+                // A range that ended early is the end of the file (it shrank meanwhile).
+                ended = read.bytes < work[w - 1].len;
+            }
+            if vanished {
+                continue;
+            }
+            self.blocks_total
+                .fetch_add(size.div_ceil(BLOCK_SIZE), Ordering::Relaxed);
+            let name = (size > 0).then(|| hex::encode(Sha256::digest(&list)));
+            if let Some(name) = &name {
+                if self.lists.lock().expect("lock").insert(name.clone()) {
+                    let compressed = compressor
+                        .compress(&list)
+                        .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
+                    self.packer.put_object(list_key(name), compressed)?;
+                }
+            }
+            // The size is what was read: a file that grew or shrank since the walk is taken
+            // as read, and then carries no stamp (it is read again next time).
+            done[i] = Some(Entry {
+                path: item.rel.clone(),
+                kind: EntryKind::File,
+                mode: item.mode,
+                size,
+                sha256: None,
+                list: name,
+                stamp: item.stamp.clone().filter(|_| size == item.size),
+            });
+        }
+        Ok(done.into_iter().flatten().collect())
     }
 
-    fn pack_one(
+    /// The previous snapshot's entry for a file unchanged since (same file, size and change
+    /// time), if there is one.
+    fn reuse(&self, item: &DirEntry) -> Option<Entry> {
+        let stamp = item.stamp.as_ref()?;
+        let prev = self.previous.get(&item.rel)?;
+        if prev.stamp.as_ref() != Some(stamp) || prev.size != item.size {
+            return None;
+        }
+        self.progress.add(item.size);
+        self.blocks_total
+            .fetch_add(prev.block_count(), Ordering::Relaxed);
+        self.files_reused.fetch_add(1, Ordering::Relaxed);
+        Some(Entry {
+            mode: item.mode,
+            ..prev.clone()
+        })
+    }
+
+    /// Reads one range of a file: hashes every block, compresses new ones into frames.
+    fn read_range(
         &self,
         item: &DirEntry,
+        range: &Range,
         live: bool,
         compressor: &mut zstd::bulk::Compressor<'_>,
         buf: &mut AlignedBuf,
-    ) -> Result<Option<Entry>> {
-        if item.is_dir {
-            return Ok(Some(Entry::dir(&item.rel, item.mode)));
-        }
-        // Unchanged since the previous snapshot (same file, size and change time): reuse.
-        if let (Some(stamp), Some(prev)) = (&item.stamp, self.previous.get(&item.rel)) {
-            if prev.stamp.as_ref() == Some(stamp) && prev.size == item.size {
-                self.progress.add(item.size);
-                self.blocks_total
-                    .fetch_add(prev.block_count(), Ordering::Relaxed);
-                self.files_reused.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(Entry {
-                    mode: item.mode,
-                    ..prev.clone()
-                }));
-            }
-        }
+    ) -> Result<RangeRead> {
         let want_direct = item.size >= READ_CHUNK as u64 && !item.rel.starts_with("pg_wal/");
         let (file, is_direct) = match direct::open_read(&item.abs, want_direct) {
             Ok(opened) => opened,
-            Err(e) if live && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if live && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(RangeRead {
+                    vanished: true,
+                    ..RangeRead::default()
+                })
+            }
             Err(e) => return Err(SnapshotError::io(&item.abs, "open", e)),
         };
-        let mut list: Vec<u8> = Vec::with_capacity(item.size.div_ceil(BLOCK_SIZE) as usize * 32);
-        let mut offset = 0u64;
-        loop {
-            let n = direct::read_full_at(&file, buf.spare(), offset, is_direct)
-                .map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
+        let mut list: Vec<u8> =
+            Vec::with_capacity(range.len.min(item.size).div_ceil(BLOCK_SIZE) as usize * 32);
+        let mut raw: Vec<u8> = Vec::with_capacity(FRAME_BLOCKS * BLOCK_SIZE as usize);
+        let mut done = 0u64;
+        while done < range.len {
+            let want = (range.len - done).min(buf.capacity() as u64) as usize;
+            let n = direct::read_full_at(
+                &file,
+                &mut buf.spare()[..want],
+                range.start + done,
+                is_direct,
+            )
+            .map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
             let data = &buf.spare()[..n];
             self.progress.add(n as u64);
             let mut fresh: Vec<(Hash, &[u8])> = Vec::new();
@@ -768,40 +880,26 @@ impl PackRun {
                 }
             }
             for frame in fresh.chunks(FRAME_BLOCKS) {
-                let raw: Vec<u8> = frame.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+                raw.clear();
+                for (_, block) in frame {
+                    raw.extend_from_slice(block);
+                }
                 let compressed = compressor
                     .compress(&raw)
                     .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
                 let hashes: Vec<Hash> = frame.iter().map(|(h, _)| *h).collect();
                 self.packer.add_frame(&hashes, compressed)?;
             }
-            offset += n as u64;
-            if n < buf.capacity() {
+            done += n as u64;
+            if n < want {
                 break;
             }
         }
-        let blocks = offset.div_ceil(BLOCK_SIZE);
-        self.blocks_total.fetch_add(blocks, Ordering::Relaxed);
-        let name = (offset > 0).then(|| hex::encode(Sha256::digest(&list)));
-        if let Some(name) = &name {
-            if self.lists.lock().expect("lock").insert(name.clone()) {
-                let compressed = compressor
-                    .compress(&list)
-                    .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
-                self.packer.put_object(list_key(name), compressed)?;
-            }
-        }
-        // The size is what was read: a file that grew or shrank since the walk is taken as
-        // read, and then carries no stamp (it is read again next time).
-        Ok(Some(Entry {
-            path: item.rel.clone(),
-            kind: EntryKind::File,
-            mode: item.mode,
-            size: offset,
-            sha256: None,
-            list: name,
-            stamp: item.stamp.clone().filter(|_| offset == item.size),
-        }))
+        Ok(RangeRead {
+            list,
+            bytes: done,
+            vanished: false,
+        })
     }
 
     /// Waits for every upload, then writes the manifest: the snapshot becomes visible.
@@ -1371,9 +1469,16 @@ pub async fn unpack(
 ) -> Result<CheckReport> {
     progress.set_total(manifest.total_size);
     into_new_dir(target, |temp| async move {
+        let started = std::time::Instant::now();
         prepare_tree(manifest, &temp)?;
+        tracing::debug!(
+            "{} entries created in {:?}",
+            manifest.entries.len(),
+            started.elapsed()
+        );
         let report = restore_blocks(storage, manifest, Some(&temp), progress).await?;
         sync_tree(manifest, &temp)?;
+        tracing::debug!("restored and synced in {:?}", started.elapsed());
         Ok(report)
     })
     .await
@@ -1465,15 +1570,23 @@ pub(crate) fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes the restored tree durable before it is renamed into place: one `syncfs` of the
+/// filesystem holding it (as PostgreSQL's `recovery_init_sync_method = syncfs` does), which
+/// costs one device flush instead of one per file; where `syncfs` fails, each file is synced.
 pub(crate) fn sync_tree(manifest: &Manifest, root: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(root).map_err(|e| SnapshotError::io(root, "sync", e))?;
+    // SAFETY: syncfs takes a valid open descriptor and touches no memory.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
     for entry in manifest.entries.iter().rev() {
         let path = root.join(&entry.path);
         File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(|e| SnapshotError::io(&path, "sync", e))?;
     }
-    File::open(root)
-        .and_then(|f| f.sync_all())
+    dir.sync_all()
         .map_err(|e| SnapshotError::io(root, "sync", e))
 }
 
@@ -1496,8 +1609,14 @@ async fn restore_blocks(
     root: Option<&Path>,
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
+    let started = std::time::Instant::now();
     let index = load_index(storage).await?;
     let lists = load_lists(storage, manifest).await?;
+    tracing::debug!(
+        "indexes ({} blocks) and block lists read in {:?}",
+        index.blocks.len(),
+        started.elapsed()
+    );
     let snapshot = format!("snapshot {} in {}", manifest.id, storage.url());
     let mut by_pack: HashMap<usize, Vec<Use>> = HashMap::new();
     for (i, (entry, list)) in manifest.entries.iter().zip(&lists).enumerate() {
@@ -1534,6 +1653,11 @@ async fn restore_blocks(
         }
     }
     drop(lists);
+    tracing::debug!(
+        "{} packs to read, planned in {:?}",
+        by_pack.len(),
+        started.elapsed()
+    );
     let report = Mutex::new(CheckReport::default());
     let index = &index;
     let report_ref = &report;
@@ -1577,6 +1701,7 @@ async fn restore_blocks(
     for r in results {
         r?;
     }
+    tracing::debug!("every pack read and checked after {:?}", started.elapsed());
     Ok(report.into_inner().expect("lock"))
 }
 
@@ -1628,6 +1753,8 @@ impl<'a> FrameReader<'a> {
 
 /// Largest run of adjacent blocks gathered into one write.
 const WRITE_RUN: usize = 1 << 20;
+/// Smallest run written with direct I/O.
+const DIRECT_MIN: usize = 256 << 10;
 
 /// A restored file being written: direct I/O for aligned runs where the filesystem allows.
 struct OutFile {
@@ -1677,8 +1804,10 @@ fn check_and_write(
                 });
             }
             let o = out.as_mut().expect("opened above");
-            let aligned = run.len() % direct::ALIGN == 0;
-            let file = match (&o.direct, aligned) {
+            // Large aligned runs bypass the page cache; small ones (an incremental's
+            // scattered changed pages) would each wait for the device, so they are cached.
+            let large = run.len() % direct::ALIGN == 0 && run.len() >= DIRECT_MIN;
+            let file = match (&o.direct, large) {
                 (Some(f), true) => f,
                 _ => {
                     if o.buffered.is_none() {
