@@ -467,18 +467,26 @@ pub async fn pack_online(
 ) -> Result<PackReport> {
     let mut session = super::online::Session::open(install, connstr).await?;
     let info = session.server_info().await?;
-    let Some(dir) = super::online::local_data_directory(&info).map(Path::to_path_buf) else {
+    let local = super::online::local_data_directory(&info).map(Path::to_path_buf);
+    let why_not = match local {
+        None => Some("its data directory is not readable here".to_string()),
+        Some(_) => session.backup_start().await.err().map(|e| e.to_string()),
+    };
+    let (Some(dir), None) = (local, &why_not) else {
         session.close().await;
         tracing::info!(
-            "the server's data directory is not readable here: copying it with pg_basebackup"
+            "reading the server in place is not possible ({}): copying it with pg_basebackup",
+            why_not.unwrap_or_default()
         );
         let copy = online_copy(install, connstr).await?;
         return pack_dir(&copy.data, storage, options, Some(copy.lsns.clone())).await;
     };
+    // The backup is running from here on; ending the session (also by an error) aborts it.
     let lock = take_export_lock(&storage).await?;
     let result = async {
+        let started = std::time::Instant::now();
         let run = PackRun::prepare(Arc::clone(&storage), info.system_identifier, options).await?;
-        session.backup_start().await?;
+        tracing::debug!("destination surveyed in {:?}", started.elapsed());
         let pg_version = datadir::read_pg_version(&dir)?;
         let control = datadir::read_control(&dir)?;
         let walk_dir = dir.clone();
@@ -490,24 +498,28 @@ pub async fn pack_online(
             .into_iter()
             .filter(|e| !super::online::excluded(&e.rel, &unlogged))
             .collect();
-        options
-            .progress
-            .set_total(walked.iter().map(|e| e.size).sum::<u64>() + 16 * info.wal_segment_size);
+        let walked_size: u64 = walked.iter().map(|e| e.size).sum();
+        options.progress.set_total(walked_size);
         let (mut entries, run) = run.pack(walked, true).await?;
+        tracing::debug!("data files packed after {:?}", started.elapsed());
         let end = session.backup_stop(&info).await?;
         session.close().await;
+        tracing::debug!(
+            "backup stopped after {:?}: {} WAL segments",
+            started.elapsed(),
+            end.segments.len()
+        );
         // The WAL from start to stop, and the label that tells recovery where to begin.
-        let label_dir = tempdir_for_label()?;
-        let label_path = label_dir.join("backup_label");
-        std::fs::write(&label_path, &end.label)
-            .map_err(|e| SnapshotError::io(&label_path, "write", e))?;
-        let mut tail = vec![DirEntry::file("backup_label", &label_path, 0o600)?];
-        for segment in &end.segments {
-            let abs = dir.join("pg_wal").join(segment);
-            tail.push(DirEntry::file(&format!("pg_wal/{segment}"), &abs, 0o600)?);
-        }
-        let packed = run.pack(tail, false).await;
-        let _ = std::fs::remove_dir_all(&label_dir);
+        let work = tempdir_for_label()?;
+        let packed = match wal_tail(&dir, &end, info.wal_segment_size, &work) {
+            Ok(tail) => {
+                let tail_size: u64 = tail.iter().map(|e| e.size).sum();
+                options.progress.set_total(walked_size + tail_size);
+                run.pack(tail, false).await
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_dir_all(&work);
         let (more, run) = packed?;
         entries.extend(more);
         let origin = manifest::Origin {
@@ -518,12 +530,46 @@ pub async fn pack_online(
             control,
             lsns: Some((end.start_lsn, end.stop_lsn)),
         };
-        run.finish(origin, entries).await
+        let report = run.finish(origin, entries).await;
+        tracing::debug!("snapshot stored after {:?}", started.elapsed());
+        report
     }
     .await;
     options.progress.finish();
     lock.release().await;
     result
+}
+
+/// The files an online snapshot adds after `pg_backup_stop`: `backup_label`, and the WAL
+/// segments from start to stop. The last segment is copied into `work` with everything
+/// after the stop position zeroed: recovery ends there anyway, and what follows in a
+/// recycled segment is stale WAL that would only cost space.
+fn wal_tail(
+    dir: &Path,
+    end: &super::online::BackupEnd,
+    segment_size: u64,
+    work: &Path,
+) -> Result<Vec<DirEntry>> {
+    let label_path = work.join("backup_label");
+    std::fs::write(&label_path, &end.label)
+        .map_err(|e| SnapshotError::io(&label_path, "write", e))?;
+    let mut tail = vec![DirEntry::file("backup_label", &label_path, 0o600)?];
+    let stop = super::online::parse_lsn(&end.stop_lsn);
+    for (i, segment) in end.segments.iter().enumerate() {
+        let mut abs = dir.join("pg_wal").join(segment);
+        if let (true, Some(stop)) = (i + 1 == end.segments.len(), stop) {
+            let mut bytes = std::fs::read(&abs).map_err(|e| SnapshotError::io(&abs, "read", e))?;
+            let keep = (stop % segment_size) as usize;
+            if keep > 0 && keep < bytes.len() {
+                bytes[keep..].fill(0);
+            }
+            let copy = work.join(segment);
+            std::fs::write(&copy, &bytes).map_err(|e| SnapshotError::io(&copy, "write", e))?;
+            abs = copy;
+        }
+        tail.push(DirEntry::file(&format!("pg_wal/{segment}"), &abs, 0o600)?);
+    }
+    Ok(tail)
 }
 
 /// A private directory for the `backup_label` of an online snapshot.
@@ -720,7 +766,7 @@ impl PackRun {
         let results: Mutex<Vec<Option<RangeRead>>> = Mutex::new(vec![None; work.len()]);
         // Two workers a core: while one waits for a (direct, uncached) read, the other
         // hashes and compresses.
-        let workers = 2 * std::thread::available_parallelism()
+        let workers = 3 * std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let failure: Mutex<Option<SnapshotError>> = Mutex::new(None);

@@ -162,7 +162,8 @@ impl Session {
         let row = self
             .row("SELECT pg_backup_start('zenith', fast => true);")
             .await?;
-        self.start_lsn = row.into_iter().next();
+        // Checked before it is ever placed in a statement.
+        self.start_lsn = row.into_iter().next().filter(|l| parse_lsn(l).is_some());
         Ok(())
     }
 
@@ -212,6 +213,15 @@ pub fn local_data_directory(info: &ServerInfo) -> Option<&Path> {
     }
     let control = datadir::read_control(&info.data_directory).ok()?;
     (control.system_identifier == info.system_identifier).then_some(info.data_directory.as_path())
+}
+
+/// An LSN as PostgreSQL prints it (`16/B374D848`).
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    if hi.is_empty() || lo.is_empty() || hi.len() > 8 || lo.len() > 8 {
+        return None;
+    }
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// WAL file names from `first` to `last` inclusive (same timeline).
@@ -296,6 +306,24 @@ pub fn unlogged_relations(entries: &[datadir::DirEntry]) -> std::collections::Ha
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lsns_parse_like_postgresql_prints_them() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        for bad in [
+            "",
+            "1",
+            "/1",
+            "1/",
+            "x/1",
+            "1/2/3",
+            "123456789/0",
+            "1'; drop/1",
+        ] {
+            assert_eq!(parse_lsn(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn wal_segments_between_two_positions() {
