@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod compute;
+pub mod local;
 pub mod pageserver;
 pub mod safekeeper;
 pub mod snapshot;

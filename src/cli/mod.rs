@@ -4,6 +4,7 @@
 //! Commands that are not built yet are listed (so `--help` shows the whole contract) and
 //! answer "not implemented yet" with exit code 2 instead of pretending to work.
 
+mod local;
 mod progress;
 mod snapshot;
 mod storage;
@@ -31,7 +32,7 @@ pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
     propagate_version = true
 )]
 pub struct Cli {
-    /// The repo directory [default: $ZENITH_REPO_DIR, else ~/.zenith]
+    /// The repo directory [default: $ZENITH_REPO_DIR, else ~/.zenith; /var/lib/zenith as root]
     #[arg(
         long,
         alias = "repo_dir",
@@ -240,6 +241,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Export(args) => snapshot::export(args, !cli.no_progress).await,
         Command::Import(args) => snapshot::import(args, !cli.no_progress).await,
         Command::Snapshot(cmd) => snapshot::run(cmd, !cli.no_progress).await,
+        Command::Init(args) => local::init(args, cli.repo_dir).await,
+        Command::Start { foreground } => local::start(foreground, cli.repo_dir).await,
+        Command::Stop { immediate } => local::stop(immediate, cli.repo_dir).await,
+        Command::Status { json } => local::status(json, cli.repo_dir).await,
         other => Err(CliError::NotImplemented(other.words())),
     }
 }

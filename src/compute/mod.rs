@@ -5,6 +5,7 @@
 
 mod account;
 mod install;
+pub mod node;
 
 pub use account::{hand_to_postgres_user, is_root, lookup, postgres_account, Account};
 pub use install::{find_postgres, find_postgres_with, PgInstall, PgNotFound, SearchEnv};

@@ -17,5 +17,5 @@ mod paths;
 pub mod pgdata;
 
 pub use error::{Result, SnapshotError};
-pub use manifest::{Entry, EntryKind, Format, Manifest, BLOCK_SIZE, FORMAT_VERSION};
+pub use manifest::{now_rfc3339, Entry, EntryKind, Format, Manifest, BLOCK_SIZE, FORMAT_VERSION};
 pub use paths::check_relative_path;

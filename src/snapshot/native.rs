@@ -540,10 +540,13 @@ pub async fn pack_online(
     result
 }
 
+/// PostgreSQL's WAL page size.
+const WAL_PAGE: u64 = 8192;
+
 /// The files an online snapshot adds after `pg_backup_stop`: `backup_label`, and the WAL
-/// segments from start to stop. The last segment is copied into `work` with everything
-/// after the stop position zeroed: recovery ends there anyway, and what follows in a
-/// recycled segment is stale WAL that would only cost space.
+/// segments from start to stop. The first and last segments are copied into `work` with
+/// what recovery never reads zeroed (the pages before the start position, everything after
+/// the stop position): it is stale WAL that would only cost space.
 fn wal_tail(
     dir: &Path,
     end: &super::online::BackupEnd,
@@ -554,14 +557,26 @@ fn wal_tail(
     std::fs::write(&label_path, &end.label)
         .map_err(|e| SnapshotError::io(&label_path, "write", e))?;
     let mut tail = vec![DirEntry::file("backup_label", &label_path, 0o600)?];
+    let start = super::online::parse_lsn(&end.start_lsn);
     let stop = super::online::parse_lsn(&end.stop_lsn);
     for (i, segment) in end.segments.iter().enumerate() {
         let mut abs = dir.join("pg_wal").join(segment);
-        if let (true, Some(stop)) = (i + 1 == end.segments.len(), stop) {
+        let (first, last) = (i == 0, i + 1 == end.segments.len());
+        if let (true, Some(start), Some(stop)) = (first || last, start, stop) {
             let mut bytes = std::fs::read(&abs).map_err(|e| SnapshotError::io(&abs, "read", e))?;
-            let keep = (stop % segment_size) as usize;
-            if keep > 0 && keep < bytes.len() {
-                bytes[keep..].fill(0);
+            if last {
+                let keep = (stop % segment_size) as usize;
+                if keep > 0 && keep < bytes.len() {
+                    bytes[keep..].fill(0);
+                }
+            }
+            if first {
+                // Pages before the one holding the start position are never read; the
+                // segment's first page stays (recovery checks its header).
+                let page = ((start % segment_size) / WAL_PAGE) as usize * WAL_PAGE as usize;
+                if page > WAL_PAGE as usize && page <= bytes.len() {
+                    bytes[WAL_PAGE as usize..page].fill(0);
+                }
             }
             let copy = work.join(segment);
             std::fs::write(&copy, &bytes).map_err(|e| SnapshotError::io(&copy, "write", e))?;

@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod local;
 mod postgres;
 mod snapshots;
 mod storage_conformance;

@@ -1,0 +1,379 @@
+//! One compute node ("pg"): a PostgreSQL data directory zenith created, the port it
+//! listens on and its generated password, and the server process.
+//!
+//! Layout under the node's directory: `data/` (PGDATA), `node.json` (port and password,
+//! mode 0600), `postgres.log`. The server listens on 127.0.0.1 only, with
+//! scram-sha-256 authentication, its Unix socket in the node's directory.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+
+use super::account::{is_root, postgres_account, Account};
+use super::install::PgInstall;
+
+/// What zenith keeps about a pg besides its data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub port: u16,
+    /// The superuser password its connection string carries.
+    pub password: String,
+}
+
+/// A pg's files.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+/// Whether a pg's server is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Running,
+    Stopped,
+}
+
+impl Node {
+    pub fn new(name: &str, dir: PathBuf) -> Node {
+        Node {
+            name: name.to_string(),
+            dir,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+
+    pub fn exists(&self) -> bool {
+        self.data().join("PG_VERSION").exists()
+    }
+
+    pub fn state(&self) -> anyhow::Result<NodeState> {
+        let path = self.state_path();
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!("{}: {e}; is pg {} damaged?", path.display(), self.name)
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}; is pg {} damaged?", path.display(), self.name))
+    }
+
+    pub fn save_state(&self, state: &NodeState) -> anyhow::Result<()> {
+        write_private(
+            &self.state_path(),
+            &serde_json::to_vec_pretty(state).expect("serializes"),
+        )
+    }
+
+    /// A libpq URI that works as is (it carries the password).
+    pub fn connstr(&self, state: &NodeState) -> String {
+        format!(
+            "postgresql://postgres:{}@127.0.0.1:{}/postgres",
+            state.password, state.port
+        )
+    }
+
+    /// Creates the data directory with `initdb` (data checksums on, scram-sha-256) and a
+    /// fresh password.
+    pub fn init(&self, install: &PgInstall, port: u16) -> anyhow::Result<NodeState> {
+        let account = run_as()?;
+        make_dir(&self.dir, account.as_ref())?;
+        let state = NodeState {
+            port,
+            password: generate_password(),
+        };
+        let pwfile = self.dir.join(".pwfile");
+        write_private(&pwfile, state.password.as_bytes())?;
+        if let Some(a) = &account {
+            std::os::unix::fs::chown(&pwfile, Some(a.uid), Some(a.gid))?;
+        }
+        let out = as_account(
+            std::process::Command::new(install.bin("initdb")),
+            account.as_ref(),
+        )
+        .arg("-D")
+        .arg(self.data())
+        .args([
+            "--data-checksums",
+            "--username=postgres",
+            "--auth=scram-sha-256",
+            "--encoding=UTF8",
+            "--no-instructions",
+        ])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .output();
+        let _ = std::fs::remove_file(&pwfile);
+        let out = out.map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("initdb").display()))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(self.data());
+            anyhow::bail!(
+                "initdb failed for pg {}: {}",
+                self.name,
+                last_line(&out.stderr)
+            );
+        }
+        self.save_state(&state)?;
+        Ok(state)
+    }
+
+    /// The postmaster's pid, if a server is running on the data directory.
+    pub fn running_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        alive(pid).then_some(pid)
+    }
+
+    pub fn status(&self) -> Status {
+        if self.running_pid().is_some() {
+            Status::Running
+        } else {
+            Status::Stopped
+        }
+    }
+
+    /// Starts the server as a child process (its output appended to the log) and waits
+    /// until it accepts connections.
+    pub async fn start(
+        &self,
+        install: &PgInstall,
+        state: &NodeState,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let account = run_as()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.log())?;
+        if let Some(a) = &account {
+            std::os::unix::fs::chown(self.log(), Some(a.uid), Some(a.gid))?;
+        }
+        let mut cmd = as_account(
+            std::process::Command::new(install.bin("postgres")),
+            account.as_ref(),
+        );
+        cmd.arg("-D")
+            .arg(self.data())
+            .arg("-p")
+            .arg(state.port.to_string())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // Its own process group: a Ctrl-C meant for zenith does not reach PostgreSQL,
+        // which zenith stops itself.
+        cmd.process_group(0);
+        let mut child = tokio::process::Command::from(cmd)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("postgres").display()))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "pg {} did not start ({status}): {}; see {}",
+                    self.name,
+                    last_log_line(&self.log()),
+                    self.log().display()
+                );
+            }
+            if self.ready() {
+                return Ok(child);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.start_kill();
+                anyhow::bail!(
+                    "pg {} did not become ready in 120 s; see {}",
+                    self.name,
+                    self.log().display()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the postmaster says it is ready (line 8 of postmaster.pid).
+    fn ready(&self) -> bool {
+        std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .map(|t| t.lines().nth(7).map(str::trim) == Some("ready"))
+            .unwrap_or(false)
+    }
+
+    /// Stops the server (fast: rolls back open transactions; immediate: no shutdown
+    /// checkpoint, recovery at next start) and waits until it is gone.
+    pub async fn stop(&self, immediate: bool) -> anyhow::Result<()> {
+        let Some(pid) = self.signal_stop(immediate) else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while alive(pid) {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("pg {} (pid {pid}) did not stop in 120 s", self.name);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Asks the server to stop (fast or immediate) and returns its pid, if it runs.
+    pub fn signal_stop(&self, immediate: bool) -> Option<i32> {
+        let pid = self.running_pid()?;
+        let signal = if immediate {
+            libc::SIGQUIT
+        } else {
+            libc::SIGINT
+        };
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(pid, signal) };
+        Some(pid)
+    }
+
+    /// Stops a server that is this process's child, reaping it.
+    pub async fn stop_child(
+        &self,
+        child: &mut tokio::process::Child,
+        immediate: bool,
+    ) -> anyhow::Result<()> {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        self.signal_stop(immediate);
+        match tokio::time::timeout(std::time::Duration::from_secs(120), child.wait()).await {
+            Ok(status) => status.map(|_| ()).map_err(Into::into),
+            Err(_) => anyhow::bail!("pg {} did not stop in 120 s", self.name),
+        }
+    }
+}
+
+/// Whether a process exists (a zombie child counts until it is reaped).
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// The account to run PostgreSQL as: the postgres account when zenith is root, else the
+/// current user (`None`).
+pub fn run_as() -> anyhow::Result<Option<Account>> {
+    if is_root() {
+        Ok(Some(postgres_account().map_err(anyhow::Error::msg)?))
+    } else {
+        Ok(None)
+    }
+}
+
+fn as_account(mut cmd: std::process::Command, account: Option<&Account>) -> std::process::Command {
+    if let Some(a) = account {
+        // std drops root's supplementary groups along with the uid.
+        cmd.uid(a.uid).gid(a.gid);
+    }
+    cmd
+}
+
+/// Creates `dir` (mode 0700) owned by `account` when given.
+pub fn make_dir(dir: &Path, account: Option<&Account>) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    if let Some(a) = account {
+        std::os::unix::fs::chown(dir, Some(a.uid), Some(a.gid))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner only, atomically.
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let temp = path.with_extension(format!("tmp-{:08x}", fastrand::u32(..)));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        std::io::Write::write_all(&mut f, data)?;
+        f.sync_all()?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&temp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result.map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// 24 random letters and digits (about 143 bits).
+pub fn generate_password() -> String {
+    let mut rng = fastrand::Rng::with_seed(seed());
+    (0..24).map(|_| rng.alphanumeric()).collect()
+}
+
+/// A seed from the kernel's random source, falling back to fastrand's own seeding.
+fn seed() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 8 {
+        u64::from_le_bytes(buf)
+    } else {
+        fastrand::u64(..)
+    }
+}
+
+fn last_line(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no output")
+        .trim()
+        .to_string()
+}
+
+/// The last line of a log file, for messages.
+pub fn last_log_line(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| last_line(&b))
+        .unwrap_or_else(|_| "no log".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_long_and_differ() {
+        let (a, b) = (generate_password(), generate_password());
+        assert_eq!(a.len(), 24);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn private_files_are_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write_private(&path, b"x").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"x");
+    }
+}

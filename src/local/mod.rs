@@ -1,0 +1,161 @@
+//! zenith-local: the process `zenith start` launches. It holds the repo's lock, runs the
+//! main pg as a child process, restarts it once if it dies, and stops it on SIGTERM
+//! (fast shutdown), SIGINT (Ctrl-C in the foreground) or SIGUSR1 (immediate shutdown, for
+//! `zenith stop --immediate`).
+
+pub mod repo;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compute::node::NodeState;
+use repo::{Repo, RepoLock};
+
+/// What zenith-local runs, written to `zenith-local.json` once everything is ready.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalState {
+    pub pid: u32,
+    pub started_at: String,
+    pub pgs: Vec<PgState>,
+}
+
+/// One supervised pg.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PgState {
+    pub name: String,
+    pub port: u16,
+    /// Times zenith-local restarted it after it died.
+    pub restarts: u32,
+    /// Why it is down, when it died and could not be restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+}
+
+/// The first port from `first` on that nothing listens on at 127.0.0.1.
+pub fn free_port(first: u16) -> anyhow::Result<u16> {
+    (first..=u16::MAX)
+        .take(200)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("no free port among the 200 from {first}; set pg_port in config.toml")
+        })
+}
+
+/// Creates the main pg of a new repo.
+pub fn init_main(repo: &Repo, install: &crate::compute::PgInstall) -> anyhow::Result<NodeState> {
+    let config = repo.config()?;
+    let main = repo.node("main");
+    main.init(install, free_port(config.pg_port)?)
+}
+
+/// Runs zenith-local in this process until it is told to stop.
+pub async fn run(repo: Repo) -> anyhow::Result<()> {
+    let _lock = RepoLock::take(&repo)?;
+    crate::compute::node::write_private(
+        &repo.pid_path(),
+        std::process::id().to_string().as_bytes(),
+    )?;
+    let result = supervise(&repo).await;
+    let _ = std::fs::remove_file(repo.state_path());
+    let _ = std::fs::remove_file(repo.pid_path());
+    if let Err(e) = &result {
+        tracing::error!("zenith-local stops: {e:#}");
+    }
+    result
+}
+
+async fn supervise(repo: &Repo) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let install = crate::compute::find_postgres()?;
+    let config = repo.config()?;
+    let main = repo.node("main");
+    if !main.exists() {
+        init_main(repo, &install)?;
+    }
+    let mut state = main.state()?;
+    // A server left running by a zenith-local that was killed: stop it, then supervise anew.
+    if main.running_pid().is_some() {
+        tracing::warn!("pg main was still running without zenith-local; restarting it");
+        main.stop(false).await?;
+    }
+    // The port may be taken before or, in a race, while PostgreSQL binds it: move on.
+    let mut attempts = 0;
+    let mut child = loop {
+        if std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err() {
+            let port = free_port(config.pg_port.max(state.port.saturating_add(1)))?;
+            tracing::warn!("port {} is taken; pg main moves to {port}", state.port);
+            state.port = port;
+            main.save_state(&state)?;
+        }
+        match main.start(&install, &state).await {
+            Ok(child) => break child,
+            Err(e) => {
+                attempts += 1;
+                let taken = std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err();
+                if !taken || attempts >= 3 {
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let mut pg = PgState {
+        name: "main".into(),
+        port: state.port,
+        restarts: 0,
+        failed: None,
+    };
+    let started_at = crate::snapshot::now_rfc3339();
+    write_state(repo, &pg, &started_at)?;
+    tracing::info!("pg main ready on port {}", state.port);
+    let immediate = loop {
+        tokio::select! {
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
+            _ = usr1.recv() => break true,
+            exit = child.wait(), if pg.failed.is_none() => {
+                let exit = exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                let why = format!("exited ({exit}): {}", crate::compute::node::last_log_line(&main.log()));
+                if pg.restarts == 0 {
+                    tracing::warn!("pg main {why}; restarting it");
+                    pg.restarts += 1;
+                    match main.start(&install, &state).await {
+                        Ok(c) => child = c,
+                        Err(e) => pg.failed = Some(format!("{e:#}")),
+                    }
+                } else {
+                    tracing::error!("pg main {why} again; not restarting it");
+                    pg.failed = Some(why);
+                }
+                write_state(repo, &pg, &started_at)?;
+            }
+        }
+    };
+    tracing::info!(
+        "stopping pg main ({})",
+        if immediate { "immediate" } else { "fast" }
+    );
+    main.stop_child(&mut child, immediate).await
+}
+
+fn write_state(repo: &Repo, pg: &PgState, started_at: &str) -> anyhow::Result<()> {
+    let state = LocalState {
+        pid: std::process::id(),
+        started_at: started_at.to_string(),
+        pgs: vec![pg.clone()],
+    };
+    crate::compute::node::write_private(
+        &repo.state_path(),
+        &serde_json::to_vec_pretty(&state).expect("serializes"),
+    )
+}
+
+/// zenith-local's state, if it runs.
+pub fn running(repo: &Repo) -> Option<LocalState> {
+    if !RepoLock::held(repo) {
+        return None;
+    }
+    let text = std::fs::read_to_string(repo.state_path()).ok()?;
+    serde_json::from_str(&text).ok()
+}
