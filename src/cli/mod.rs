@@ -5,6 +5,7 @@
 //! answer "not implemented yet" with exit code 2 instead of pretending to work.
 
 mod local;
+mod pg;
 mod progress;
 mod snapshot;
 mod storage;
@@ -240,7 +241,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Storage(cmd) => storage::run(cmd).await,
         Command::Export(args) => snapshot::export(args, !cli.no_progress).await,
         Command::Import(args) => snapshot::import(args, !cli.no_progress).await,
-        Command::Snapshot(cmd) => snapshot::run(cmd, !cli.no_progress).await,
+        Command::Snapshot(snapshot::SnapshotCommand::Create { name }) => {
+            pg::snapshot_create(name, cli.repo_dir, !cli.no_progress).await
+        }
+        Command::Snapshot(cmd) => snapshot::run(cmd, cli.repo_dir, !cli.no_progress).await,
+        Command::Pg(cmd) => pg::run(cmd, cli.repo_dir, !cli.no_progress).await,
         Command::Init(args) => local::init(args, cli.repo_dir).await,
         Command::Start { foreground } => local::start(foreground, cli.repo_dir).await,
         Command::Stop { immediate } => local::stop(immediate, cli.repo_dir).await,

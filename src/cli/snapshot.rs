@@ -339,13 +339,22 @@ async fn resolve_any(
     }
 }
 
-pub async fn run(cmd: SnapshotCommand, progress: bool) -> Result<(), CliError> {
+pub async fn run(
+    cmd: SnapshotCommand,
+    repo_dir: Option<std::path::PathBuf>,
+    progress: bool,
+) -> Result<(), CliError> {
     let words = |w: &str| CliError::NotImplemented(w.to_string());
+    // Without --storage, the repo's own snapshots.
+    let at = |storage: Option<String>| -> Result<String, CliError> {
+        match storage {
+            Some(url) => Ok(url),
+            None => Ok(crate::local::repo::Repo::existing(repo_dir.clone())?.store_url()),
+        }
+    };
     match cmd {
-        SnapshotCommand::List {
-            storage: Some(url),
-            json,
-        } => {
+        SnapshotCommand::List { storage, json } => {
+            let url = at(storage)?;
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
             let all = snapshots_at(storage.as_ref()).await?;
             if json {
@@ -376,9 +385,10 @@ pub async fn run(cmd: SnapshotCommand, progress: bool) -> Result<(), CliError> {
         }
         SnapshotCommand::Show {
             snapshot,
-            storage: Some(url),
+            storage,
             json,
         } => {
+            let url = at(storage)?;
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
             let m = resolve_any(storage.as_ref(), &snapshot).await?;
             if json {
@@ -396,10 +406,8 @@ pub async fn run(cmd: SnapshotCommand, progress: bool) -> Result<(), CliError> {
             }
             Ok(())
         }
-        SnapshotCommand::Verify {
-            snapshot,
-            storage: Some(url),
-        } => {
+        SnapshotCommand::Verify { snapshot, storage } => {
+            let url = at(storage)?;
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
             let m = resolve_any(storage.as_ref(), &snapshot).await?;
             if m.format == Format::Pgdata {
@@ -431,17 +439,13 @@ pub async fn run(cmd: SnapshotCommand, progress: bool) -> Result<(), CliError> {
             Ok(())
         }
         SnapshotCommand::Create { .. } => Err(words("snapshot create")),
-        SnapshotCommand::List { storage: None, .. } => Err(words("snapshot list (of the repo)")),
-        SnapshotCommand::Show { storage: None, .. } => Err(words("snapshot show (of the repo)")),
-        SnapshotCommand::Verify { storage: None, .. } => {
-            Err(words("snapshot verify (of the repo)"))
-        }
         SnapshotCommand::Delete {
             snapshot,
-            storage: Some(url),
+            storage,
             grace,
             max_unused,
         } => {
+            let url = at(storage)?;
             let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
             let m = native::resolve(storage.as_ref(), &snapshot)
                 .await
@@ -461,9 +465,6 @@ pub async fn run(cmd: SnapshotCommand, progress: bool) -> Result<(), CliError> {
                 ),
             }
             Ok(())
-        }
-        SnapshotCommand::Delete { storage: None, .. } => {
-            Err(words("snapshot delete (in the repo)"))
         }
         SnapshotCommand::Diff { .. } => Err(words("snapshot diff")),
     }

@@ -58,6 +58,12 @@ impl Node {
         self.dir.join("node.json")
     }
 
+    /// Present while a checkout replaces the data directory: a supervisor must not treat
+    /// the stopped server as a failure, nor start it.
+    pub fn hold_path(&self) -> PathBuf {
+        self.dir.join("hold")
+    }
+
     pub fn exists(&self) -> bool {
         self.data().join("PG_VERSION").exists()
     }
@@ -76,6 +82,49 @@ impl Node {
             &self.state_path(),
             &serde_json::to_vec_pretty(state).expect("serializes"),
         )
+    }
+
+    /// zenith's own connection: the Unix socket in the pg's private directory.
+    pub fn local_connstr(&self, state: &NodeState) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.display(),
+            state.port
+        )
+    }
+
+    /// Sets the superuser's password to the pg's own (after a snapshot from another pg
+    /// brought a different one), through the local socket; the password travels on stdin,
+    /// never in a command line.
+    pub async fn set_password(&self, install: &PgInstall, state: &NodeState) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(install.bin("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.local_connstr(state))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin
+            .write_all(
+                format!(
+                    "SET log_statement = 'none';\nALTER ROLE postgres PASSWORD '{}';\n",
+                    state.password
+                )
+                .as_bytes(),
+            )
+            .await?;
+        drop(stdin);
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "cannot set the password of pg {}: {}",
+                self.name,
+                last_line(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// A libpq URI that works as is (it carries the password).
@@ -160,12 +209,22 @@ impl Node {
         if let Some(a) = &account {
             std::os::unix::fs::chown(self.log(), Some(a.uid), Some(a.gid))?;
         }
+        // zenith's own access rules, outside the data directory (a snapshot from elsewhere
+        // brings its own): the Unix socket, in the pg's private directory, trusts its
+        // account; TCP on 127.0.0.1 needs the password.
+        let hba = self.dir.join("pg_hba.conf");
+        std::fs::write(&hba, HBA)?;
+        if let Some(a) = &account {
+            std::os::unix::fs::chown(&hba, Some(a.uid), Some(a.gid))?;
+        }
         let mut cmd = as_account(
             std::process::Command::new(install.bin("postgres")),
             account.as_ref(),
         );
         cmd.arg("-D")
             .arg(self.data())
+            .arg("-c")
+            .arg(format!("hba_file={}", hba.display()))
             .arg("-p")
             .arg(state.port.to_string())
             .args(["-c", "listen_addresses=127.0.0.1"])
@@ -206,7 +265,7 @@ impl Node {
     }
 
     /// Whether the postmaster says it is ready (line 8 of postmaster.pid).
-    fn ready(&self) -> bool {
+    pub fn ready(&self) -> bool {
         std::fs::read_to_string(self.data().join("postmaster.pid"))
             .map(|t| t.lines().nth(7).map(str::trim) == Some("ready"))
             .unwrap_or(false)
@@ -259,6 +318,13 @@ impl Node {
         }
     }
 }
+
+/// Access rules of every pg zenith runs.
+const HBA: &str = "# Written by zenith at each start.\n\
+local all all trust\n\
+local replication all trust\n\
+host all all 127.0.0.1/32 scram-sha-256\n\
+host replication all 127.0.0.1/32 scram-sha-256\n";
 
 /// Whether a process exists (a zombie child counts until it is reaped).
 pub fn alive(pid: i32) -> bool {

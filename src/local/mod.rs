@@ -80,54 +80,67 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         tracing::warn!("pg main was still running without zenith-local; restarting it");
         main.stop(false).await?;
     }
-    // The port may be taken before or, in a race, while PostgreSQL binds it: move on.
-    let mut attempts = 0;
-    let mut child = loop {
-        if std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err() {
-            let port = free_port(config.pg_port.max(state.port.saturating_add(1)))?;
-            tracing::warn!("port {} is taken; pg main moves to {port}", state.port);
-            state.port = port;
-            main.save_state(&state)?;
-        }
-        match main.start(&install, &state).await {
-            Ok(child) => break child,
-            Err(e) => {
-                attempts += 1;
-                let taken = std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err();
-                if !taken || attempts >= 3 {
-                    return Err(e);
-                }
-            }
-        }
-    };
+    let mut child = start_main(&main, &install, &mut state, config.pg_port).await?;
     let mut pg = PgState {
         name: "main".into(),
         port: state.port,
         restarts: 0,
         failed: None,
     };
+    set_password(&main, &install, &state).await;
     let started_at = crate::snapshot::now_rfc3339();
     write_state(repo, &pg, &started_at)?;
     tracing::info!("pg main ready on port {}", state.port);
+    // While `hold` exists (a checkout swaps the data directory), a stopped pg is expected
+    // and started again only once the file is gone.
+    let hold = main.hold_path();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut up = true;
     let immediate = loop {
         tokio::select! {
             _ = term.recv() => break false,
             _ = int.recv() => break false,
             _ = usr1.recv() => break true,
-            exit = child.wait(), if pg.failed.is_none() => {
+            exit = child.wait(), if up => {
+                up = false;
+                if hold.exists() {
+                    tracing::info!("pg main stopped for a checkout");
+                    continue;
+                }
                 let exit = exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 let why = format!("exited ({exit}): {}", crate::compute::node::last_log_line(&main.log()));
                 if pg.restarts == 0 {
                     tracing::warn!("pg main {why}; restarting it");
                     pg.restarts += 1;
-                    match main.start(&install, &state).await {
-                        Ok(c) => child = c,
+                    match start_main(&main, &install, &mut state, config.pg_port).await {
+                        Ok(c) => {
+                            child = c;
+                            up = true;
+                            set_password(&main, &install, &state).await;
+                        }
                         Err(e) => pg.failed = Some(format!("{e:#}")),
                     }
+                    pg.port = state.port;
                 } else {
                     tracing::error!("pg main {why} again; not restarting it");
                     pg.failed = Some(why);
                 }
+                write_state(repo, &pg, &started_at)?;
+            }
+            _ = tick.tick(), if !up && pg.failed.is_none() => {
+                if hold.exists() {
+                    continue;
+                }
+                tracing::info!("starting pg main again after a checkout");
+                match start_main(&main, &install, &mut state, config.pg_port).await {
+                    Ok(c) => {
+                        child = c;
+                        up = true;
+                        set_password(&main, &install, &state).await;
+                    }
+                    Err(e) => pg.failed = Some(format!("{e:#}")),
+                }
+                pg.port = state.port;
                 write_state(repo, &pg, &started_at)?;
             }
         }
@@ -136,7 +149,51 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         "stopping pg main ({})",
         if immediate { "immediate" } else { "fast" }
     );
-    main.stop_child(&mut child, immediate).await
+    if up {
+        main.stop_child(&mut child, immediate).await?;
+    }
+    Ok(())
+}
+
+/// Starts the main pg. Its port may be taken before or, in a race, while PostgreSQL binds
+/// it (another program, another repo): it then moves to the next free port, saved.
+async fn start_main(
+    main: &crate::compute::node::Node,
+    install: &crate::compute::PgInstall,
+    state: &mut NodeState,
+    first_port: u16,
+) -> anyhow::Result<tokio::process::Child> {
+    let mut attempts = 0;
+    loop {
+        if std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err() {
+            let port = free_port(first_port.max(state.port.saturating_add(1)))?;
+            tracing::warn!("port {} is taken; pg main moves to {port}", state.port);
+            state.port = port;
+            main.save_state(state)?;
+        }
+        match main.start(install, state).await {
+            Ok(child) => return Ok(child),
+            Err(e) => {
+                attempts += 1;
+                let taken = std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err();
+                if !taken || attempts >= 3 {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// The pg's superuser gets the pg's password (its data may come from another pg's
+/// snapshot); a failure is logged, the server keeps running.
+async fn set_password(
+    node: &crate::compute::node::Node,
+    install: &crate::compute::PgInstall,
+    state: &NodeState,
+) {
+    if let Err(e) = node.set_password(install, state).await {
+        tracing::warn!("{e:#}");
+    }
 }
 
 fn write_state(repo: &Repo, pg: &PgState, started_at: &str) -> anyhow::Result<()> {

@@ -30,7 +30,8 @@ pub struct Config {
     /// Where snapshots are pushed (a URL; credentials stay in the environment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_dest: Option<String>,
-    /// First port tried for the main pg (the next free one is used if it is taken).
+    /// First port tried for the main pg (the next free one is used if it is taken); a new
+    /// repo takes it from `$ZENITH_PG_PORT`, else 55432.
     #[serde(default = "default_pg_port")]
     pub pg_port: u16,
     /// Port of the REST API on 127.0.0.1.
@@ -38,8 +39,13 @@ pub struct Config {
     pub api_port: u16,
 }
 
+/// `$ZENITH_PG_PORT` when it is a port number, else 55432.
 fn default_pg_port() -> u16 {
-    DEFAULT_PG_PORT
+    std::env::var("ZENITH_PG_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .filter(|&p| p > 0)
+        .unwrap_or(DEFAULT_PG_PORT)
 }
 
 fn default_api_port() -> u16 {
@@ -50,7 +56,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             storage_dest: None,
-            pg_port: DEFAULT_PG_PORT,
+            pg_port: default_pg_port(),
             api_port: DEFAULT_API_PORT,
         }
     }
@@ -105,6 +111,23 @@ impl Repo {
     }
     pub fn pgs_dir(&self) -> PathBuf {
         self.root.join("pgs")
+    }
+
+    /// The local snapshot store (zenith format).
+    pub fn store_url(&self) -> String {
+        format!("file://{}", self.root.join("snapshots").display())
+    }
+
+    /// The repo, which must exist.
+    pub fn existing(explicit: Option<PathBuf>) -> anyhow::Result<Repo> {
+        let repo = Repo::locate(explicit)?;
+        if !repo.exists() {
+            anyhow::bail!(
+                "there is no zenith repo at {}; `zenith start` creates one (or pass --repo-dir)",
+                repo.root.display()
+            );
+        }
+        Ok(repo)
     }
 
     pub fn node(&self, name: &str) -> Node {

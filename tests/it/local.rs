@@ -10,11 +10,23 @@ use zenith::compute::find_postgres;
 use crate::support::pg::pg_tempdir;
 use crate::support::{assert_clean_failure, require, run, text, zenith};
 
-/// `zenith --repo-dir REPO ...`.
+/// `zenith --repo-dir REPO ...`. Each repo's pgs start from their own port range (a new
+/// repo reads ZENITH_PG_PORT), so tests running side by side do not contend for ports.
 fn z(repo: &Path) -> Command {
     let mut cmd = zenith();
-    cmd.arg("--repo-dir").arg(repo);
+    let base = 20_000 + (port_slot(repo) * 50);
+    cmd.arg("--repo-dir")
+        .arg(repo)
+        .env("ZENITH_PG_PORT", base.to_string());
     cmd
+}
+
+/// A slot in 0..800 derived from the repo path.
+fn port_slot(repo: &Path) -> u16 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    repo.hash(&mut h);
+    (h.finish() % 800) as u16
 }
 
 fn ok(cmd: &mut Command) -> String {
@@ -275,4 +287,95 @@ fn bad_repos_and_busy_ports_are_clear() {
     assert!(!connstr.contains(&format!(":{port}/")), "{connstr}");
     assert_eq!(psql(&connstr, "select 1"), "1");
     ok(z(&repo.path).arg("stop"));
+}
+
+fn connstr_of(repo: &Path, pg: &str) -> String {
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(z(repo).args(["pg", "show", pg, "--json"]))).unwrap();
+    for key in ["name", "status", "port", "connstr"] {
+        assert!(!shown[key].is_null(), "pg show --json lacks {key}: {shown}");
+    }
+    shown["connstr"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn snapshots_checkout_and_branches() {
+    let Some(repo) = TestRepo::new() else {
+        return;
+    };
+    ok(z(&repo.path).arg("start"));
+    let main = connstr_of(&repo.path, "main");
+    psql(&main, "create table t (i int); insert into t values (1)");
+    let out = ok(z(&repo.path).args(["snapshot", "create", "main@t1"]));
+    assert!(out.contains("(main@t1)"), "{out}");
+    psql(&main, "insert into t values (2)");
+
+    // Unknown references and taken names change nothing.
+    assert_clean_failure(
+        &run(z(&repo.path).args(["pg", "checkout", "main", "main@nope"])),
+        "main@nope",
+    );
+    assert_clean_failure(
+        &run(z(&repo.path).args(["snapshot", "create", "main@t1"])),
+        "already exists",
+    );
+    assert_eq!(
+        psql(&main, "select array_agg(i order by i) from t"),
+        "{1,2}"
+    );
+
+    // Checkout rolls back, at the same address; the state it left is main@HEAD{0}.
+    let out = ok(z(&repo.path).args(["pg", "checkout", "main", "main@t1"]));
+    assert!(out.contains("main@HEAD{0}"), "{out}");
+    assert_eq!(connstr_of(&repo.path, "main"), main);
+    assert_eq!(psql(&main, "select array_agg(i order by i) from t"), "{1}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(z(&repo.path).args(["snapshot", "list", "--json"]))).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(names, ["main@t1", "main@HEAD{0}"]);
+
+    // Two pgs from one snapshot diverge independently.
+    ok(z(&repo.path).args(["pg", "create", "b1", "--snapshot", "main@HEAD{0}"]));
+    ok(z(&repo.path).args(["pg", "create", "b2", "--snapshot", "main@HEAD{0}"]));
+    let (b1, b2) = (connstr_of(&repo.path, "b1"), connstr_of(&repo.path, "b2"));
+    assert_ne!(b1, b2);
+    psql(&b1, "insert into t values (3)");
+    psql(&b2, "insert into t values (4)");
+    assert_eq!(
+        psql(&b1, "select array_agg(i order by i) from t"),
+        "{1,2,3}"
+    );
+    assert_eq!(
+        psql(&b2, "select array_agg(i order by i) from t"),
+        "{1,2,4}"
+    );
+    assert_eq!(psql(&main, "select array_agg(i order by i) from t"), "{1}");
+    // A second checkout keeps HEAD{1}; main comes back to its later rows.
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));
+    assert_eq!(
+        psql(&main, "select array_agg(i order by i) from t"),
+        "{1,2}"
+    );
+    assert!(ok(z(&repo.path).args(["snapshot", "list"])).contains("main@HEAD{1}"));
+
+    // Creating an existing pg: refused, nothing changed.
+    assert_clean_failure(
+        &run(z(&repo.path).args(["pg", "create", "b1"])),
+        "already exists",
+    );
+    assert_eq!(
+        psql(&b1, "select array_agg(i order by i) from t"),
+        "{1,2,3}"
+    );
+    let out = ok(z(&repo.path).args(["pg", "destroy", "b2"]));
+    assert!(out.contains("destroyed"), "{out}");
+    assert_clean_failure(&run(z(&repo.path).args(["pg", "show", "b2"])), "no pg");
+
+    ok(z(&repo.path).arg("stop"));
+    assert_eq!(processes_mentioning(&repo.path), Vec::<String>::new());
 }
