@@ -105,6 +105,13 @@ pub async fn run(
     repo_dir: Option<PathBuf>,
     progress: bool,
 ) -> Result<(), CliError> {
+    match &cmd {
+        PgCommand::Promote { .. } => return Err(CliError::NotImplemented("pg promote".into())),
+        PgCommand::Start { replica: true, .. } => {
+            return Err(CliError::NotImplemented("pg start --replica".into()))
+        }
+        _ => {}
+    }
     let repo = Repo::existing(repo_dir)?;
     match cmd {
         PgCommand::Create {
@@ -143,10 +150,7 @@ pub async fn run(
             println!("pg {name}: {}", node.connstr(&state));
             Ok(())
         }
-        PgCommand::Start { name, replica } => {
-            if replica {
-                return Err(CliError::NotImplemented("pg start --replica".into()));
-            }
+        PgCommand::Start { name, .. } => {
             let (node, state) = existing(&repo, &name)?;
             let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
             start_detached(&install, &node, &state).await?;

@@ -188,7 +188,13 @@ pub async fn export(args: ExportArgs, progress: bool) -> Result<(), CliError> {
             };
             (m, format!("{detail}, backup_manifest"))
         }
-        (_, None) => unreachable!("other formats always have a directory"),
+        (other, None) => {
+            return Err(anyhow::anyhow!(
+                "an online {} export found no copy of the server to pack",
+                other.as_str()
+            )
+            .into())
+        }
     };
     drop(staged);
     println!(

@@ -97,6 +97,21 @@ impl Node {
     /// brought a different one), through the local socket; the password travels on stdin,
     /// never in a command line.
     pub async fn set_password(&self, install: &PgInstall, state: &NodeState) -> anyhow::Result<()> {
+        // Two setters at once (a supervisor and a command) may collide; it is idempotent.
+        let mut attempt = 0;
+        loop {
+            match self.try_set_password(install, state).await {
+                Err(e) if attempt < 5 => {
+                    tracing::debug!("{e:#}; trying again");
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_set_password(&self, install: &PgInstall, state: &NodeState) -> anyhow::Result<()> {
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new(install.bin("psql"))
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])

@@ -112,15 +112,10 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
                 if pg.restarts == 0 {
                     tracing::warn!("pg main {why}; restarting it");
                     pg.restarts += 1;
-                    match start_main(&main, &install, &mut state, config.pg_port).await {
-                        Ok(c) => {
-                            child = c;
-                            up = true;
-                            set_password(&main, &install, &state).await;
-                        }
-                        Err(e) => pg.failed = Some(format!("{e:#}")),
+                    if let Some(c) = restart(&main, &install, &mut state, config.pg_port, &mut pg).await {
+                        child = c;
+                        up = true;
                     }
-                    pg.port = state.port;
                 } else {
                     tracing::error!("pg main {why} again; not restarting it");
                     pg.failed = Some(why);
@@ -132,15 +127,10 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
                     continue;
                 }
                 tracing::info!("starting pg main again after a checkout");
-                match start_main(&main, &install, &mut state, config.pg_port).await {
-                    Ok(c) => {
-                        child = c;
-                        up = true;
-                        set_password(&main, &install, &state).await;
-                    }
-                    Err(e) => pg.failed = Some(format!("{e:#}")),
+                if let Some(c) = restart(&main, &install, &mut state, config.pg_port, &mut pg).await {
+                    child = c;
+                    up = true;
                 }
-                pg.port = state.port;
                 write_state(repo, &pg, &started_at)?;
             }
         }
@@ -180,6 +170,28 @@ async fn start_main(
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// Starts the main pg again and gives it its password; a failure is recorded in `pg`.
+async fn restart(
+    main: &crate::compute::node::Node,
+    install: &crate::compute::PgInstall,
+    state: &mut NodeState,
+    first_port: u16,
+    pg: &mut PgState,
+) -> Option<tokio::process::Child> {
+    let started = start_main(main, install, state, first_port).await;
+    pg.port = state.port;
+    match started {
+        Ok(child) => {
+            set_password(main, install, state).await;
+            Some(child)
+        }
+        Err(e) => {
+            pg.failed = Some(format!("{e:#}"));
+            None
         }
     }
 }

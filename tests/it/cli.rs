@@ -55,11 +55,11 @@ fn help_shows_the_whole_command_surface() {
 #[test]
 fn commands_not_built_yet_say_so_with_exit_code_2() {
     for args in [
-        vec!["init", "--storage_dest=s3://bucket/x"],
-        vec!["init", "--storage-dest", "s3://bucket/x"],
-        vec!["start"],
-        vec!["pg", "list"],
-        vec!["snapshot", "create", "main@t1"],
+        vec!["init", "--snapshot_path=/x", "--snapshot-format", "pgdata"],
+        vec!["push"],
+        vec!["pull", "s3://bucket/x"],
+        vec!["pg", "promote", "main"],
+        vec!["snapshot", "diff", "a", "b"],
         vec!["storage", "attach", "-n", "team", "--path", "s3://bucket/x"],
         vec!["wal-push", "pg_wal/000000010000000000000001"],
     ] {

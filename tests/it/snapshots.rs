@@ -621,19 +621,23 @@ fn online_snapshot_while_pgbench_writes(url: &str, env: &[(&'static str, String)
     );
 
     let target = pg_tempdir();
-    let data = target.path().join("restored");
-    ok(zenith_with(env)
-        .args([
-            "import",
-            "--snapshot_path",
-            url,
-            "--snapshot",
-            "online",
-            "--pgdata",
-        ])
-        .arg(&data));
-    let mut copy = PgCluster::at(&pg.install, &data);
-    copy.start();
+    let restore = |name: &str| {
+        let data = target.path().join(name);
+        ok(zenith_with(env)
+            .args([
+                "import",
+                "--snapshot_path",
+                url,
+                "--snapshot",
+                name,
+                "--pgdata",
+            ])
+            .arg(&data));
+        let mut copy = PgCluster::at(&pg.install, &data);
+        copy.start();
+        copy
+    };
+    let mut copy = restore("online");
     assert_eq!(copy.sql("select count(*) from marker"), "1");
     let history_copy: u64 = copy
         .sql("select count(*) from pgbench_history")
@@ -669,19 +673,7 @@ fn online_snapshot_while_pgbench_writes(url: &str, env: &[(&'static str, String)
         &connstr,
     ]));
     assert!(out.contains("unchanged files not read again"), "{out}");
-    let data2 = target.path().join("restored2");
-    ok(zenith_with(env)
-        .args([
-            "import",
-            "--snapshot_path",
-            url,
-            "--snapshot",
-            "online2",
-            "--pgdata",
-        ])
-        .arg(&data2));
-    let mut copy2 = PgCluster::at(&pg.install, &data2);
-    copy2.start();
+    let mut copy2 = restore("online2");
     assert_eq!(copy2.sql("select count(*) from marker"), "2");
     assert_eq!(content(&copy2), expected);
     copy2.client(

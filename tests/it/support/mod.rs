@@ -70,7 +70,9 @@ pub fn zenith() -> Command {
             cmd.env_remove(&key);
         }
     }
-    cmd.env("AWS_EC2_METADATA_DISABLED", "true")
+    // A test that forgets --repo-dir must never touch the machine's own repo.
+    cmd.env("ZENITH_REPO_DIR", "/nonexistent/zenith-test/repo")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/nonexistent/zenith-test/config")
         .env(
             "AWS_SHARED_CREDENTIALS_FILE",
