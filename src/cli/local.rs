@@ -248,6 +248,7 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
             "zenith_local": {
                 "running": local.is_some(),
                 "pid": local.as_ref().map(|l| l.pid),
+                "api": local.as_ref().map(|l| format!("http://127.0.0.1:{}", l.api_port)),
             },
             "pgs": pgs,
             "newest_snapshot": serde_json::Value::Null,
@@ -260,9 +261,10 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
     }
     match &local {
         Some(l) => println!(
-            "zenith-local: running (pid {}), repo {}",
+            "zenith-local: running (pid {}), repo {}, API http://127.0.0.1:{}",
             l.pid,
-            repo.root.display()
+            repo.root.display(),
+            l.api_port
         ),
         None => println!("zenith-local: stopped, repo {}", repo.root.display()),
     }

@@ -477,18 +477,5 @@ pub async fn run(
 }
 
 fn summary(m: &Manifest) -> serde_json::Value {
-    serde_json::json!({
-        "id": m.id,
-        "name": m.name,
-        "format": m.format.as_str(),
-        "created_at": m.created_at,
-        "pg_version": m.pg_version,
-        "system_identifier": m.system_identifier.to_string(),
-        "timeline": m.timeline,
-        "start_lsn": m.start_lsn,
-        "stop_lsn": m.stop_lsn,
-        "files": m.entries.iter().filter(|e| e.kind == crate::snapshot::EntryKind::File).count(),
-        "total_size": m.total_size,
-        "stored_size": m.stored_size,
-    })
+    m.summary()
 }

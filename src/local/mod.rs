@@ -3,6 +3,8 @@
 //! (fast shutdown), SIGINT (Ctrl-C in the foreground) or SIGUSR1 (immediate shutdown, for
 //! `zenith stop --immediate`).
 
+pub mod api;
+pub mod ops;
 pub mod repo;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +16,8 @@ use repo::{Repo, RepoLock};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LocalState {
     pub pid: u32,
+    /// Port of the REST API on 127.0.0.1.
+    pub api_port: u16,
     pub started_at: String,
     pub pgs: Vec<PgState>,
 }
@@ -80,6 +84,18 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         tracing::warn!("pg main was still running without zenith-local; restarting it");
         main.stop(false).await?;
     }
+    // The REST API, on the configured port or the next free one.
+    let api_port = free_port(config.api_port)?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", api_port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{api_port}: {e}"))?;
+    let token = std::fs::read_to_string(repo.token_path())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", repo.token_path().display()))?;
+    let server = tokio::spawn(api::serve(
+        listener,
+        api::router(repo.clone(), token.trim().to_string()),
+    ));
+    let _server = AbortOnDrop(server);
     let mut child = start_main(&main, &install, &mut state, config.pg_port).await?;
     let mut pg = PgState {
         name: "main".into(),
@@ -89,7 +105,8 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     };
     set_password(&main, &install, &state).await;
     let started_at = crate::snapshot::now_rfc3339();
-    write_state(repo, &pg, &started_at)?;
+    let write_state = |pg: &PgState| write_state(repo, pg, &started_at, api_port);
+    write_state(&pg)?;
     tracing::info!("pg main ready on port {}", state.port);
     // While `hold` exists (a checkout swaps the data directory), a stopped pg is expected
     // and started again only once the file is gone.
@@ -120,7 +137,7 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
                     tracing::error!("pg main {why} again; not restarting it");
                     pg.failed = Some(why);
                 }
-                write_state(repo, &pg, &started_at)?;
+                write_state(&pg)?;
             }
             _ = tick.tick(), if !up && pg.failed.is_none() => {
                 if hold.exists() {
@@ -131,7 +148,7 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
                     child = c;
                     up = true;
                 }
-                write_state(repo, &pg, &started_at)?;
+                write_state(&pg)?;
             }
         }
     };
@@ -208,9 +225,19 @@ async fn set_password(
     }
 }
 
-fn write_state(repo: &Repo, pg: &PgState, started_at: &str) -> anyhow::Result<()> {
+/// Stops a background task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn write_state(repo: &Repo, pg: &PgState, started_at: &str, api_port: u16) -> anyhow::Result<()> {
     let state = LocalState {
         pid: std::process::id(),
+        api_port,
         started_at: started_at.to_string(),
         pgs: vec![pg.clone()],
     };

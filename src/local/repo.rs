@@ -34,7 +34,8 @@ pub struct Config {
     /// repo takes it from `$ZENITH_PG_PORT`, else 55432.
     #[serde(default = "default_pg_port")]
     pub pg_port: u16,
-    /// Port of the REST API on 127.0.0.1.
+    /// Port of the REST API on 127.0.0.1 (the next free one is used if it is taken); a
+    /// new repo takes it from `$ZENITH_API_PORT`, else 3000.
     #[serde(default = "default_api_port")]
     pub api_port: u16,
 }
@@ -48,8 +49,13 @@ fn default_pg_port() -> u16 {
         .unwrap_or(DEFAULT_PG_PORT)
 }
 
+/// `$ZENITH_API_PORT` when it is a port number, else 3000.
 fn default_api_port() -> u16 {
-    DEFAULT_API_PORT
+    std::env::var("ZENITH_API_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .filter(|&p| p > 0)
+        .unwrap_or(DEFAULT_API_PORT)
 }
 
 impl Default for Config {
@@ -57,7 +63,7 @@ impl Default for Config {
         Config {
             storage_dest: None,
             pg_port: default_pg_port(),
-            api_port: DEFAULT_API_PORT,
+            api_port: default_api_port(),
         }
     }
 }

@@ -251,6 +251,24 @@ impl Manifest {
         Ok(())
     }
 
+    /// What listings show of a snapshot (everything but the file list).
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "format": self.format.as_str(),
+            "created_at": self.created_at,
+            "pg_version": self.pg_version,
+            "system_identifier": self.system_identifier.to_string(),
+            "timeline": self.timeline,
+            "start_lsn": self.start_lsn,
+            "stop_lsn": self.stop_lsn,
+            "files": self.entries.iter().filter(|e| e.kind == EntryKind::File).count(),
+            "total_size": self.total_size,
+            "stored_size": self.stored_size,
+        })
+    }
+
     /// The manifest as pretty JSON.
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serializes");

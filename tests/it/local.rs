@@ -17,7 +17,8 @@ fn z(repo: &Path) -> Command {
     let base = 20_000 + (port_slot(repo) * 50);
     cmd.arg("--repo-dir")
         .arg(repo)
-        .env("ZENITH_PG_PORT", base.to_string());
+        .env("ZENITH_PG_PORT", base.to_string())
+        .env("ZENITH_API_PORT", (base + 40).to_string());
     cmd
 }
 
@@ -376,6 +377,169 @@ fn snapshots_checkout_and_branches() {
     assert!(out.contains("destroyed"), "{out}");
     assert_clean_failure(&run(z(&repo.path).args(["pg", "show", "b2"])), "no pg");
 
+    ok(z(&repo.path).arg("stop"));
+    assert_eq!(processes_mentioning(&repo.path), Vec::<String>::new());
+}
+
+/// One HTTP/1.1 request to zenith-local's API; returns the status and the JSON body.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        request.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, payload) = response.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let json = if payload.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(payload).unwrap_or_else(|e| panic!("{e}: {payload}"))
+    };
+    (status, json)
+}
+
+#[test]
+fn the_rest_api_serves_every_resource_behind_its_token() {
+    let Some(repo) = TestRepo::new() else {
+        return;
+    };
+    ok(z(&repo.path).arg("start"));
+    let token = std::fs::read_to_string(repo.path.join("api-token")).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.path.join("zenith-local.json")).unwrap())
+            .unwrap();
+    let port = state["api_port"].as_u64().unwrap() as u16;
+    let call =
+        |method: &str, path: &str, body: Option<&str>| http(port, method, path, Some(&token), body);
+
+    // No token, a wrong one: 401 with a JSON error, for every resource.
+    for path in ["/pgs", "/snapshots", "/status", "/openapi.json"] {
+        let (status, body) = http(port, "GET", path, None, None);
+        assert_eq!(status, 401, "{path}");
+        assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+        assert_eq!(
+            http(port, "GET", path, Some("wrong"), None).0,
+            401,
+            "{path}"
+        );
+    }
+    let (status, doc) = call("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::support::repo_root().join("docs/openapi.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc, committed);
+
+    let (status, s) = call("GET", "/status", None);
+    assert_eq!(
+        (status, &s["pgs"][0]["name"]),
+        (200, &serde_json::json!("main"))
+    );
+    let (status, pgs) = call("GET", "/pgs", None);
+    assert_eq!(status, 200);
+    let main = pgs[0]["connstr"].as_str().unwrap().to_string();
+    assert_eq!(call("GET", "/pgs/main", None).1["connstr"], main.as_str());
+    let (status, body) = call("GET", "/pgs/nope", None);
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("nope"), "{body}");
+
+    // Snapshots.
+    psql(&main, "create table t (i int); insert into t values (7)");
+    let (status, snap) = call("POST", "/snapshots", Some(r#"{"name": "main@api"}"#));
+    assert_eq!(status, 201, "{snap}");
+    assert_eq!(snap["name"], "main@api");
+    let id = snap["id"].as_str().unwrap().to_string();
+    let (status, listed) = call("GET", "/snapshots", None);
+    assert_eq!((status, listed[0]["id"].as_str()), (200, Some(id.as_str())));
+    assert_eq!(
+        call("GET", &format!("/snapshots/{id}"), None).1["name"],
+        "main@api"
+    );
+    assert_eq!(call("GET", "/snapshots/main@nope", None).0, 404);
+    assert_eq!(
+        call("POST", "/snapshots", Some(r#"{"name": "main@api"}"#)).0,
+        409
+    );
+
+    // Pgs: create from the snapshot, refuse a second one of that name, act, delete.
+    let (status, b1) = call(
+        "PUT",
+        "/pgs",
+        Some(&format!(r#"{{"name": "b1", "snapshot": "{id}"}}"#)),
+    );
+    assert_eq!(status, 201, "{b1}");
+    let b1_connstr = b1["connstr"].as_str().unwrap().to_string();
+    assert_eq!(psql(&b1_connstr, "select i from t"), "7");
+    let (status, body) = call("PUT", "/pgs", Some(r#"{"name": "b1"}"#));
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        psql(&b1_connstr, "select i from t"),
+        "7",
+        "a refused create changed b1"
+    );
+    assert_eq!(call("PUT", "/pgs", Some("{not json")).0, 400);
+    assert_eq!(call("PUT", "/pgs", Some(r#"{"name": "Bad Name"}"#)).0, 400);
+    let (status, stopped) = call("POST", "/pgs/b1/actions", Some(r#"{"action": "stop"}"#));
+    assert_eq!(
+        (status, &stopped["status"]),
+        (200, &serde_json::json!("stopped"))
+    );
+    let (status, started) = call("POST", "/pgs/b1/actions", Some(r#"{"action": "start"}"#));
+    assert_eq!(
+        (status, &started["status"]),
+        (200, &serde_json::json!("running"))
+    );
+    assert_eq!(psql(&b1_connstr, "select i from t"), "7");
+    assert_eq!(
+        call("POST", "/pgs/b1/actions", Some(r#"{"action": "dance"}"#)).0,
+        400
+    );
+    assert_eq!(
+        call(
+            "POST",
+            "/pgs/b1/actions",
+            Some(r#"{"action": "start", "is_replica": true}"#)
+        )
+        .0,
+        501
+    );
+    assert_eq!(
+        call("POST", "/pgs/main/actions", Some(r#"{"action": "stop"}"#)).0,
+        409
+    );
+    assert_eq!(call("DELETE", "/pgs/b1", None).0, 204);
+    assert_eq!(call("GET", "/pgs/b1", None).0, 404);
+    assert_eq!(call("DELETE", "/pgs/main", None).0, 409);
+
+    // Storages: storage_dest only, for now.
+    assert_eq!(call("GET", "/storages", None), (200, serde_json::json!([])));
+    assert_eq!(call("GET", "/storages/team", None).0, 404);
+    assert_eq!(call("PUT", "/storages", None).0, 501);
+    assert_eq!(call("DELETE", "/storages/team", None).0, 501);
+
+    let (status, deleted) = call("DELETE", &format!("/snapshots/{id}"), None);
+    assert_eq!(
+        (status, deleted["deleted"].as_str()),
+        (200, Some(id.as_str()))
+    );
+    assert_eq!(call("GET", &format!("/snapshots/{id}"), None).0, 404);
     ok(z(&repo.path).arg("stop"));
     assert_eq!(processes_mentioning(&repo.path), Vec::<String>::new());
 }

@@ -1,0 +1,329 @@
+//! zenith-local's REST API on 127.0.0.1: pgs, snapshots, storages and status, JSON in and
+//! out. Every request carries `Authorization: Bearer <token>`, the token being the file
+//! `api-token` of the repo (mode 0600); errors are `{"error": "..."}` with a fitting status.
+//! The OpenAPI document is `docs/openapi.json`, also served at `/openapi.json`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, Request, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::ops::{self, OpError};
+use super::repo::Repo;
+
+/// The OpenAPI document, as committed under docs/.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+#[derive(Clone)]
+struct Api {
+    repo: Repo,
+    token: Arc<String>,
+}
+
+impl IntoResponse for OpError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            OpError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            OpError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &self {
+            OpError::Other(e) => format!("{e:#}"),
+            other => other.to_string(),
+        };
+        error(status, &message)
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+type Reply = Result<Response, OpError>;
+
+fn ok(value: Value) -> Reply {
+    Ok(Json(value).into_response())
+}
+
+/// A JSON body, or a 400 that says what is wrong with it.
+fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, OpError> {
+    parsed
+        .map(|Json(t)| t)
+        .map_err(|e| OpError::BadRequest(format!("the request body: {}", e.body_text())))
+}
+
+/// The routes, behind the bearer token.
+pub fn router(repo: Repo, token: String) -> Router {
+    let api = Api {
+        repo,
+        token: Arc::new(token),
+    };
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/status", get(status))
+        .route("/pgs", get(list_pgs).put(create_pg))
+        .route("/pgs/{name}", get(show_pg).delete(destroy_pg))
+        .route("/pgs/{name}/actions", post(pg_action))
+        .route("/snapshots", get(list_snapshots).post(create_snapshot))
+        .route(
+            "/snapshots/{id}",
+            get(show_snapshot).delete(delete_snapshot),
+        )
+        .route("/storages", get(list_storages).put(attach_storage))
+        .route("/storages/{name}", get(show_storage).delete(detach_storage))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource; see /openapi.json") })
+        .layer(middleware::from_fn_with_state(api.clone(), authorize))
+        .with_state(api)
+}
+
+/// Serves `router` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    axum::serve(listener, router).await
+}
+
+/// Runs an operation on a blocking thread, on the runtime but not as a task of it: the
+/// operations' futures borrow across awaits in ways the compiler cannot prove `Send` for
+/// every lifetime, which axum's handlers require.
+async fn op<T, F, Fut>(api: &Api, f: F) -> Result<T, OpError>
+where
+    T: Send + 'static,
+    F: FnOnce(Repo) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, OpError>>,
+{
+    let repo = api.repo.clone();
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || handle.block_on(f(repo)))
+        .await
+        .map_err(|e| OpError::Other(anyhow::anyhow!("the operation failed: {e}")))?
+}
+
+async fn authorize(State(api): State<Api>, request: Request<Body>, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !same(given.as_bytes(), api.token.as_bytes()) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "send Authorization: Bearer <token>, the token being the repo's api-token file",
+        );
+    }
+    next.run(request).await
+}
+
+/// Compares in time that does not depend on where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn status(State(api): State<Api>) -> Reply {
+    let local = super::running(&api.repo);
+    ok(json!({
+        "repo": api.repo.root,
+        "zenith_local": { "running": true, "pid": std::process::id(), "api_port": local.as_ref().map(|l| l.api_port) },
+        "pgs": ops::list_pgs(&api.repo)?,
+    }))
+}
+
+async fn list_pgs(State(api): State<Api>) -> Reply {
+    ok(Value::Array(ops::list_pgs(&api.repo)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPg {
+    name: String,
+    #[serde(default)]
+    snapshot: Option<String>,
+    #[serde(default = "yes")]
+    start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn create_pg(State(api): State<Api>, new: Result<Json<NewPg>, JsonRejection>) -> Reply {
+    let new = body(new)?;
+    let pg = op(&api, move |repo| async move {
+        ops::create_pg(
+            &repo,
+            &new.name,
+            new.snapshot.as_deref(),
+            !new.start,
+            Default::default(),
+        )
+        .await
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(pg)).into_response())
+}
+
+async fn show_pg(State(api): State<Api>, Path(name): Path<String>) -> Reply {
+    ok(ops::show_pg(&api.repo, &name)?)
+}
+
+async fn destroy_pg(State(api): State<Api>, Path(name): Path<String>) -> Reply {
+    op(&api, move |repo| async move {
+        ops::destroy_pg(&repo, &name).await
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Action {
+    action: String,
+    #[serde(default)]
+    is_replica: bool,
+}
+
+async fn pg_action(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    action: Result<Json<Action>, JsonRejection>,
+) -> Reply {
+    let action = body(action)?;
+    match (action.action.as_str(), action.is_replica) {
+        ("start", false) => ok(op(&api, move |repo| async move {
+            ops::start_pg(&repo, &name).await
+        })
+        .await?),
+        ("start", true) => Err(OpError::NotImplemented("replicas are not built yet".into())),
+        ("stop", _) => ok(op(
+            &api,
+            move |repo| async move { ops::stop_pg(&repo, &name).await },
+        )
+        .await?),
+        ("promote", _) => Err(OpError::NotImplemented("promote is not built yet".into())),
+        (other, _) => Err(OpError::BadRequest(format!(
+            "unknown action {other:?}; use start, stop or promote"
+        ))),
+    }
+}
+
+async fn list_snapshots(State(api): State<Api>) -> Reply {
+    let all = op(&api, |repo| async move { ops::list_snapshots(&repo).await }).await?;
+    ok(Value::Array(all.iter().map(|m| m.summary()).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSnapshot {
+    /// `PG` or `PG@TAG` [default: main].
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn create_snapshot(
+    State(api): State<Api>,
+    new: Result<Json<NewSnapshot>, JsonRejection>,
+) -> Reply {
+    let new = body(new)?;
+    let m = op(&api, move |repo| async move {
+        ops::create_snapshot(&repo, new.name.as_deref(), Default::default()).await
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(m.summary())).into_response())
+}
+
+async fn show_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
+    let m = op(&api, move |repo| async move {
+        ops::show_snapshot(&repo, &id).await
+    })
+    .await?;
+    ok(m.summary())
+}
+
+async fn delete_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
+    let report = op(&api, move |repo| async move {
+        ops::delete_snapshot(&repo, &id).await
+    })
+    .await?;
+    ok(json!({
+        "deleted": report.deleted,
+        "bytes_freed": report.gc.bytes_freed,
+        "collection_skipped": report.gc.skipped,
+    }))
+}
+
+/// The storages zenith knows: today only `storage_dest` from config.toml.
+fn storages(repo: &Repo) -> Result<Vec<Value>, OpError> {
+    let config = repo.config()?;
+    Ok(config
+        .storage_dest
+        .map(|url| json!({ "name": "storage_dest", "url": url }))
+        .into_iter()
+        .collect())
+}
+
+async fn list_storages(State(api): State<Api>) -> Reply {
+    ok(Value::Array(storages(&api.repo)?))
+}
+
+async fn show_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
+    storages(&api.repo)?
+        .into_iter()
+        .find(|s| s["name"] == name.as_str())
+        .map(|s| Json(s).into_response())
+        .ok_or_else(|| OpError::NotFound(format!("there is no storage {name:?}")))
+}
+
+async fn attach_storage() -> Reply {
+    Err(OpError::NotImplemented(
+        "attaching named storages is not built yet".into(),
+    ))
+}
+
+async fn detach_storage() -> Reply {
+    Err(OpError::NotImplemented(
+        "detaching named storages is not built yet".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+        assert!(!same(b"", b"a"));
+    }
+
+    #[test]
+    fn the_openapi_document_is_json_and_names_every_route() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        for path in [
+            "/pgs",
+            "/pgs/{name}",
+            "/pgs/{name}/actions",
+            "/snapshots",
+            "/snapshots/{id}",
+            "/storages",
+            "/storages/{name}",
+            "/status",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path}");
+        }
+    }
+}
