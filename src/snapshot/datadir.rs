@@ -16,6 +16,79 @@ pub struct ControlInfo {
     pub timeline: u32,
 }
 
+/// `DBState` of a cluster shut down cleanly (not in recovery).
+pub const SHUT_DOWN: u32 = 1;
+
+/// A cleanly shut down cluster needs, of its WAL, only the segment holding its last
+/// checkpoint (startup reads that record and finds nothing to replay); every other segment
+/// is old or preallocated and would only cost space. Timeline history files stay.
+pub fn without_stale_wal(entries: Vec<DirEntry>, control: &ControlInfo) -> Vec<DirEntry> {
+    let is_segment = |name: &str| name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit());
+    // All segments have the cluster's segment size; without one, keep everything.
+    let Some(segment_size) = entries
+        .iter()
+        .find(|e| e.rel.strip_prefix("pg_wal/").is_some_and(is_segment))
+        .map(|e| e.size)
+        .filter(|s| s.is_power_of_two() && *s >= 1 << 20)
+    else {
+        return entries;
+    };
+    let per = 0x1_0000_0000 / segment_size;
+    let segno = control.checkpoint_lsn / segment_size;
+    let keep = format!(
+        "{:08X}{:08X}{:08X}",
+        control.timeline,
+        segno / per,
+        segno % per
+    );
+    entries
+        .into_iter()
+        .filter(|e| match e.rel.strip_prefix("pg_wal/") {
+            Some(name) if is_segment(name) => name == keep,
+            _ => true,
+        })
+        .collect()
+}
+
+/// Copies the WAL segment holding a clean cluster's last checkpoint into `work`, with
+/// what follows the checkpoint record zeroed (a page past its end, to spare a record that
+/// crosses a page): in a recycled segment that is stale WAL, which startup never reads and
+/// which would only cost space. The entry then reads the copy.
+pub fn zero_after_checkpoint(
+    entries: &mut [DirEntry],
+    control: &ControlInfo,
+    work: &Path,
+) -> Result<()> {
+    const PAGE: u64 = 8192;
+    for entry in entries
+        .iter_mut()
+        .filter(|e| e.rel.starts_with("pg_wal/") && e.size >= 1 << 20)
+    {
+        let name = entry.rel.trim_start_matches("pg_wal/");
+        if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let mut bytes =
+            std::fs::read(&entry.abs).map_err(|e| SnapshotError::io(&entry.abs, "read", e))?;
+        let offset = (control.checkpoint_lsn % bytes.len() as u64) as usize;
+        let Some(len) = bytes
+            .get(offset..offset + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        else {
+            continue;
+        };
+        let end = offset as u64 + len as u64;
+        let zero_from = ((end / PAGE) + 2) * PAGE;
+        if zero_from < bytes.len() as u64 {
+            bytes[zero_from as usize..].fill(0);
+        }
+        let copy = work.join(name);
+        std::fs::write(&copy, &bytes).map_err(|e| SnapshotError::io(&copy, "write", e))?;
+        entry.abs = copy;
+    }
+    Ok(())
+}
+
 impl ControlInfo {
     /// Cleanly shut down (as a primary or as a standby).
     pub fn is_shut_down(&self) -> bool {
@@ -255,6 +328,46 @@ fn walk_with(dir: &Path, live: bool) -> Result<Vec<DirEntry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clean_cluster_keeps_only_its_checkpoint_segment() {
+        let entry = |rel: &str, size: u64| DirEntry {
+            rel: rel.into(),
+            abs: PathBuf::from("/x").join(rel),
+            is_dir: false,
+            size,
+            mode: 0o600,
+            mtime: 0,
+            stamp: None,
+        };
+        let seg = 16 << 20;
+        let entries = vec![
+            entry("base/1/1", 8192),
+            entry("pg_wal/000000020000000100000003", seg),
+            entry("pg_wal/000000020000000100000004", seg),
+            entry("pg_wal/000000020000000100000005", seg),
+            entry("pg_wal/00000002.history", 42),
+        ];
+        let control = ControlInfo {
+            system_identifier: 1,
+            state: SHUT_DOWN,
+            checkpoint_lsn: 0x1_0400_0028,
+            redo_lsn: 0x1_0400_0028,
+            timeline: 2,
+        };
+        let kept: Vec<String> = without_stale_wal(entries, &control)
+            .into_iter()
+            .map(|e| e.rel)
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "base/1/1",
+                "pg_wal/000000020000000100000004",
+                "pg_wal/00000002.history"
+            ]
+        );
+    }
 
     #[test]
     fn lsns_print_like_postgresql() {

@@ -200,46 +200,135 @@ fn list_key(hash: &str) -> String {
     format!("lists/{hash}")
 }
 
-/// Reads one file's block list, checked against its name and the file's size.
-async fn load_list(storage: &dyn Storage, entry: &Entry, snapshot: &str) -> Result<Vec<Hash>> {
-    let Some(name) = &entry.list else {
-        return Ok(Vec::new());
-    };
-    let key = list_key(name);
-    let raw_len = entry.block_count() as usize * 32;
-    let corrupt = |what: String| SnapshotError::Corrupt {
-        object: format!("{}/{key} (used by {snapshot})", storage.url()),
-        what,
-    };
+/// A list stored as the changes from another (full) list: `lists/<list>.patch`.
+const PATCH_MAGIC: &[u8; 8] = b"ZNPATCH1";
+const PATCH_HEADER: usize = 8 + 32 + 8 + 8 + 4;
+const PATCH_ENTRY: usize = 4 + 32;
+
+fn patch_key(hash: &str) -> String {
+    format!("lists/{hash}.patch")
+}
+
+/// A patch turning the full list `base` (named `base_name`) into `list`, or `None` when
+/// the lists differ too much for a patch to pay off.
+fn encode_patch(base_name: &str, base: &[u8], list: &[u8]) -> Option<Vec<u8>> {
+    let mut base_hash = [0u8; 32];
+    hex::decode_to_slice(base_name, &mut base_hash).ok()?;
+    let changed: Vec<(u32, &[u8])> = list
+        .chunks_exact(32)
+        .enumerate()
+        .filter(|(i, h)| base.get(i * 32..i * 32 + 32) != Some(*h))
+        .map(|(i, h)| (i as u32, h))
+        .collect();
+    if changed.len() * PATCH_ENTRY * 4 > list.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(PATCH_HEADER + changed.len() * PATCH_ENTRY);
+    out.extend_from_slice(PATCH_MAGIC);
+    out.extend_from_slice(&base_hash);
+    out.extend_from_slice(&(base.len() as u64 / 32).to_le_bytes());
+    out.extend_from_slice(&(list.len() as u64 / 32).to_le_bytes());
+    out.extend_from_slice(&(changed.len() as u32).to_le_bytes());
+    for (i, h) in changed {
+        out.extend_from_slice(&i.to_le_bytes());
+        out.extend_from_slice(h);
+    }
+    Some(out)
+}
+
+/// Reads a full list object (zstd) of `blocks` hashes, checked against its name;
+/// `None` when there is no such object.
+async fn fetch_full_list(
+    storage: &dyn Storage,
+    name: &str,
+    blocks: u64,
+    corrupt: &dyn Fn(String) -> SnapshotError,
+) -> Result<Option<Vec<u8>>> {
+    let raw_len = usize::try_from(blocks.saturating_mul(32))
+        .map_err(|_| corrupt("a block list is impossibly long".into()))?;
     let bytes = match storage
-        .get_bytes_limited(&key, zstd::zstd_safe::compress_bound(raw_len) as u64 + 64)
+        .get_bytes_limited(
+            &list_key(name),
+            zstd::zstd_safe::compress_bound(raw_len) as u64 + 64,
+        )
         .await
     {
         Ok(bytes) => bytes,
-        Err(crate::storage::Error::NotFound { .. }) => {
-            return Err(corrupt(format!(
-                "the block list of {} is missing",
-                entry.path
-            )))
-        }
+        Err(crate::storage::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let list = zstd::bulk::decompress(&bytes, raw_len).map_err(|e| {
-        corrupt(format!(
-            "the block list of {} does not decompress: {e}",
-            entry.path
-        ))
-    })?;
-    if list.len() != raw_len || hex::encode(Sha256::digest(&list)) != *name {
-        return Err(corrupt(format!(
-            "the block list of {} fails its SHA-256 check",
-            entry.path
-        )));
+    let list = zstd::bulk::decompress(&bytes, raw_len)
+        .map_err(|e| corrupt(format!("does not decompress: {e}")))?;
+    if list.len() != raw_len || hex::encode(Sha256::digest(&list)) != name {
+        return Err(corrupt("fails its SHA-256 check".into()));
     }
-    Ok(list
-        .chunks_exact(32)
-        .map(|c| c.try_into().expect("32 bytes"))
-        .collect())
+    Ok(Some(list))
+}
+
+/// Reads one file's block list, full or as a patch of a full list, checked against its
+/// name (the SHA-256 of the whole list) and the file's size. Also returns the full list a
+/// patch is based on.
+async fn load_list_named(
+    storage: &dyn Storage,
+    entry: &Entry,
+    snapshot: &str,
+) -> Result<(Vec<Hash>, Option<(String, Vec<u8>)>)> {
+    let Some(name) = &entry.list else {
+        return Ok((Vec::new(), None));
+    };
+    let blocks = entry.block_count();
+    let corrupt = |what: String| SnapshotError::Corrupt {
+        object: format!("{}/{} (used by {snapshot})", storage.url(), list_key(name)),
+        what: format!("the block list of {} {what}", entry.path),
+    };
+    let (list, base) = match fetch_full_list(storage, name, blocks, &corrupt).await? {
+        Some(list) => (list, None),
+        None => {
+            let cap =
+                (PATCH_HEADER as u64).saturating_add(blocks.saturating_mul(PATCH_ENTRY as u64));
+            let patch = match storage.get_bytes_limited(&patch_key(name), cap).await {
+                Ok(bytes) => bytes,
+                Err(crate::storage::Error::NotFound { .. }) => {
+                    return Err(corrupt("is missing".into()))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if patch.len() < PATCH_HEADER || &patch[..8] != PATCH_MAGIC {
+                return Err(corrupt("is not a zenith list patch".into()));
+            }
+            let base_name = hex::encode(&patch[8..40]);
+            let base_blocks = u64::from_le_bytes(patch[40..48].try_into().expect("8 bytes"));
+            let count = u64::from_le_bytes(patch[48..56].try_into().expect("8 bytes"));
+            let n = u32::from_le_bytes(patch[56..60].try_into().expect("4 bytes")) as usize;
+            if count != blocks || patch.len() != PATCH_HEADER + n * PATCH_ENTRY {
+                return Err(corrupt("has a patch of the wrong length".into()));
+            }
+            let base = fetch_full_list(storage, &base_name, base_blocks, &corrupt)
+                .await?
+                .ok_or_else(|| {
+                    corrupt(format!("is based on list {base_name}, which is missing"))
+                })?;
+            let mut list = base.clone();
+            list.resize(count as usize * 32, 0);
+            for change in patch[PATCH_HEADER..].chunks_exact(PATCH_ENTRY) {
+                let i = u32::from_le_bytes(change[..4].try_into().expect("4 bytes")) as usize;
+                let slot = list
+                    .get_mut(i * 32..i * 32 + 32)
+                    .ok_or_else(|| corrupt("has a patch beyond its end".into()))?;
+                slot.copy_from_slice(&change[4..]);
+            }
+            if hex::encode(Sha256::digest(&list)) != *name {
+                return Err(corrupt("fails its SHA-256 check".into()));
+            }
+            (list, Some((base_name, base)))
+        }
+    };
+    Ok((
+        list.chunks_exact(32)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect(),
+        base,
+    ))
 }
 
 /// The block lists of every file of `manifest`, in entry order (empty for directories).
@@ -256,7 +345,7 @@ async fn load_lists(storage: &dyn Storage, manifest: &Manifest) -> Result<Vec<Ar
             .map(|e| {
                 let snapshot = &snapshot;
                 async move {
-                    let list = load_list(storage, e, snapshot).await?;
+                    let (list, _) = load_list_named(storage, e, snapshot).await?;
                     Ok((e.list.clone().expect("has a list"), Arc::new(list)))
                 }
             })
@@ -308,7 +397,10 @@ pub(crate) async fn survey_for(
     options: &PackOptions,
     lsns: Option<(String, String)>,
 ) -> Result<(manifest::Origin, Vec<DirEntry>)> {
-    let survey = datadir::survey(dir).await?;
+    let mut survey = datadir::survey(dir).await?;
+    if format == Format::Zenith && lsns.is_none() && survey.control.state == datadir::SHUT_DOWN {
+        survey.entries = datadir::without_stale_wal(survey.entries, &survey.control);
+    }
     options
         .progress
         .set_total(survey.entries.iter().map(|e| e.size).sum());
@@ -437,8 +529,23 @@ pub async fn pack_dir(
     options: &PackOptions,
     lsns: Option<(String, String)>,
 ) -> Result<PackReport> {
-    let (origin, entries) = survey_for(dir, Format::Zenith, options, lsns).await?;
-    let lock = take_export_lock(&storage).await?;
+    let (origin, mut entries) = survey_for(dir, Format::Zenith, options, lsns.clone()).await?;
+    // A clean cluster keeps one WAL segment (see survey_for); its stale tail is zeroed in a
+    // copy.
+    let work = tempdir_for_label()?;
+    if lsns.is_none() && origin.control.state == datadir::SHUT_DOWN {
+        if let Err(e) = datadir::zero_after_checkpoint(&mut entries, &origin.control, &work) {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e);
+        }
+    }
+    let lock = match take_export_lock(&storage).await {
+        Ok(lock) => lock,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e);
+        }
+    };
     let result = async {
         let run = PackRun::prepare(
             Arc::clone(&storage),
@@ -452,6 +559,7 @@ pub async fn pack_dir(
     .await;
     options.progress.finish();
     lock.release().await;
+    let _ = std::fs::remove_dir_all(&work);
     result
 }
 
@@ -587,7 +695,7 @@ fn wal_tail(
     Ok(tail)
 }
 
-/// A private directory for the `backup_label` of an online snapshot.
+/// A private directory for files an export writes itself (`backup_label`, WAL copies).
 fn tempdir_for_label() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("zenith-label-{:016x}", fastrand::u64(..)));
     std::fs::create_dir(&dir).map_err(|e| SnapshotError::io(&dir, "create", e))?;
@@ -693,6 +801,9 @@ struct PackRun {
     lists: Mutex<HashSet<String>>,
     /// The previous snapshot's files that carry a stamp, by path.
     previous: HashMap<String, Entry>,
+    /// Every file of the previous snapshot whose list is stored, by path: a changed
+    /// file's new list is stored as a patch of the old one when few blocks changed.
+    previous_lists: HashMap<String, Entry>,
     previous_id: Option<String>,
     progress: crate::util::progress::ProgressHandle,
     blocks_total: AtomicU64,
@@ -711,7 +822,10 @@ impl PackRun {
             .list("lists/")
             .await?
             .into_iter()
-            .map(|o| o.key.trim_start_matches("lists/").to_string())
+            .map(|o| {
+                let file = o.key.trim_start_matches("lists/");
+                file.strip_suffix(".patch").unwrap_or(file).to_string()
+            })
             .collect();
         let previous = list(storage.as_ref())
             .await?
@@ -719,17 +833,20 @@ impl PackRun {
             .rev()
             .find(|m| m.system_identifier == system_identifier);
         let previous_id = previous.as_ref().map(|m| m.id.clone());
-        let previous = previous
+        let previous_lists: HashMap<String, Entry> = previous
             .map(|m| {
                 m.entries
                     .into_iter()
-                    .filter(|e| {
-                        e.stamp.is_some() && e.list.as_ref().is_some_and(|l| lists.contains(l))
-                    })
+                    .filter(|e| e.list.as_ref().is_some_and(|l| lists.contains(l)))
                     .map(|e| (e.path.clone(), e))
                     .collect()
             })
             .unwrap_or_default();
+        let previous = previous_lists
+            .iter()
+            .filter(|(_, e)| e.stamp.is_some())
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
         let runtime = tokio::runtime::Handle::current();
         Ok(PackRun {
             packer: Packer::new(runtime, Arc::clone(&storage)),
@@ -737,6 +854,7 @@ impl PackRun {
             claimed: Mutex::new(claimed),
             lists: Mutex::new(lists),
             previous,
+            previous_lists,
             previous_id,
             progress: options.progress.clone(),
             blocks_total: AtomicU64::new(0),
@@ -858,10 +976,15 @@ impl PackRun {
             let name = (size > 0).then(|| hex::encode(Sha256::digest(&list)));
             if let Some(name) = &name {
                 if self.lists.lock().expect("lock").insert(name.clone()) {
-                    let compressed = compressor
-                        .compress(&list)
-                        .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
-                    self.packer.put_object(list_key(name), compressed)?;
+                    match self.patch_from_previous(&item.rel, &list) {
+                        Some(patch) => self.packer.put_object(patch_key(name), patch)?,
+                        None => {
+                            let compressed = compressor
+                                .compress(&list)
+                                .map_err(|e| SnapshotError::io(&item.abs, "compress", e))?;
+                            self.packer.put_object(list_key(name), compressed)?;
+                        }
+                    }
                 }
             }
             // The size is what was read: a file that grew or shrank since the walk is taken
@@ -877,6 +1000,32 @@ impl PackRun {
             });
         }
         Ok(done.into_iter().flatten().collect())
+    }
+
+    /// The new list of a file that changed since the previous snapshot, as a patch of the
+    /// full list the previous one is (or is based on), when few blocks changed. Any trouble
+    /// reading the previous list just means a full list is stored.
+    fn patch_from_previous(&self, path: &str, list: &[u8]) -> Option<Vec<u8>> {
+        let prev = self.previous_lists.get(path)?;
+        let loaded = self.packer.runtime.block_on(load_list_named(
+            self.storage.as_ref(),
+            prev,
+            "the previous snapshot",
+        ));
+        let (prev_list, base) = match loaded {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!("{e}; storing a full list for {path}");
+                return None;
+            }
+        };
+        match base {
+            Some((base_name, base)) => encode_patch(&base_name, &base, list),
+            None => {
+                let bytes: Vec<u8> = prev_list.iter().flatten().copied().collect();
+                encode_patch(prev.list.as_deref()?, &bytes, list)
+            }
+        }
     }
 
     /// The previous snapshot's entry for a file unchanged since (same file, size and change
@@ -1233,22 +1382,36 @@ async fn collect_locked(
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
     let manifests = list(storage.as_ref()).await?;
-    let mut live: HashSet<Hash> = HashSet::new();
-    let mut live_lists: HashSet<String> = HashSet::new();
+    // Every block a remaining snapshot uses, through each distinct list it names (and the
+    // full lists that patches rely on).
+    let mut unique: HashMap<String, (&Entry, &str)> = HashMap::new();
     for m in &manifests {
-        let fresh = Manifest {
-            entries: m
-                .entries
-                .iter()
-                .filter(|e| e.list.as_ref().is_some_and(|l| !live_lists.contains(l)))
-                .cloned()
-                .collect(),
-            ..m.clone()
-        };
-        for list in load_lists(storage.as_ref(), &fresh).await? {
-            live.extend(list.iter().copied());
+        for e in &m.entries {
+            if let Some(name) = &e.list {
+                unique.entry(name.clone()).or_insert((e, m.id.as_str()));
+            }
         }
-        live_lists.extend(fresh.entries.iter().filter_map(|e| e.list.clone()));
+    }
+    let live_lists: HashSet<String> = unique.keys().cloned().collect();
+    let loaded: Vec<Result<(Vec<Hash>, Option<String>)>> =
+        futures::stream::iter(unique.into_values())
+            .map(|(e, id)| {
+                let storage = Arc::clone(&storage);
+                async move {
+                    let (list, base) =
+                        load_list_named(storage.as_ref(), e, &format!("snapshot {id}")).await?;
+                    Ok((list, base.map(|(name, _)| name)))
+                }
+            })
+            .buffer_unordered(TRANSFER_CONCURRENCY * 4)
+            .collect()
+            .await;
+    let mut live: HashSet<Hash> = HashSet::new();
+    let mut bases: HashSet<String> = HashSet::new();
+    for item in loaded {
+        let (list, base) = item?;
+        live.extend(list);
+        bases.extend(base);
     }
     let ages: HashMap<String, Option<std::time::SystemTime>> = storage
         .list("packs/")
@@ -1370,8 +1533,12 @@ async fn collect_locked(
     }
     // Lists no snapshot names, once past the grace period (an export may be about to).
     for object in storage.list("lists/").await? {
-        let name = object.key.trim_start_matches("lists/");
-        if !live_lists.contains(name) && older_than(object.last_modified, grace) {
+        let file = object.key.trim_start_matches("lists/");
+        let used = match file.strip_suffix(".patch") {
+            Some(name) => live_lists.contains(name),
+            None => live_lists.contains(file) || bases.contains(file),
+        };
+        if !used && older_than(object.last_modified, grace) {
             freed += object.size;
             storage.delete(&object.key).await?;
         }
