@@ -42,20 +42,20 @@ pub struct Config {
 
 /// `$ZENITH_PG_PORT` when it is a port number, else 55432.
 fn default_pg_port() -> u16 {
-    std::env::var("ZENITH_PG_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .filter(|&p| p > 0)
-        .unwrap_or(DEFAULT_PG_PORT)
+    port_from_env("ZENITH_PG_PORT", DEFAULT_PG_PORT)
 }
 
 /// `$ZENITH_API_PORT` when it is a port number, else 3000.
 fn default_api_port() -> u16 {
-    std::env::var("ZENITH_API_PORT")
+    port_from_env("ZENITH_API_PORT", DEFAULT_API_PORT)
+}
+
+fn port_from_env(var: &str, default: u16) -> u16 {
+    std::env::var(var)
         .ok()
         .and_then(|p| p.parse().ok())
         .filter(|&p| p > 0)
-        .unwrap_or(DEFAULT_API_PORT)
+        .unwrap_or(default)
 }
 
 impl Default for Config {

@@ -63,6 +63,11 @@ fn psql(connstr: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The test table's rows, in order.
+fn rows(connstr: &str) -> String {
+    psql(connstr, "select array_agg(i order by i) from t")
+}
+
 fn status(repo: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(z(repo).args(["status", "--json"]))).unwrap()
 }
@@ -320,16 +325,13 @@ fn snapshots_checkout_and_branches() {
         &run(z(&repo.path).args(["snapshot", "create", "main@t1"])),
         "already exists",
     );
-    assert_eq!(
-        psql(&main, "select array_agg(i order by i) from t"),
-        "{1,2}"
-    );
+    assert_eq!(rows(&main), "{1,2}");
 
     // Checkout rolls back, at the same address; the state it left is main@HEAD{0}.
     let out = ok(z(&repo.path).args(["pg", "checkout", "main", "main@t1"]));
     assert!(out.contains("main@HEAD{0}"), "{out}");
     assert_eq!(connstr_of(&repo.path, "main"), main);
-    assert_eq!(psql(&main, "select array_agg(i order by i) from t"), "{1}");
+    assert_eq!(rows(&main), "{1}");
     let listed: serde_json::Value =
         serde_json::from_str(&ok(z(&repo.path).args(["snapshot", "list", "--json"]))).unwrap();
     let names: Vec<&str> = listed
@@ -347,21 +349,12 @@ fn snapshots_checkout_and_branches() {
     assert_ne!(b1, b2);
     psql(&b1, "insert into t values (3)");
     psql(&b2, "insert into t values (4)");
-    assert_eq!(
-        psql(&b1, "select array_agg(i order by i) from t"),
-        "{1,2,3}"
-    );
-    assert_eq!(
-        psql(&b2, "select array_agg(i order by i) from t"),
-        "{1,2,4}"
-    );
-    assert_eq!(psql(&main, "select array_agg(i order by i) from t"), "{1}");
+    assert_eq!(rows(&b1), "{1,2,3}");
+    assert_eq!(rows(&b2), "{1,2,4}");
+    assert_eq!(rows(&main), "{1}");
     // A second checkout keeps HEAD{1}; main comes back to its later rows.
     ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));
-    assert_eq!(
-        psql(&main, "select array_agg(i order by i) from t"),
-        "{1,2}"
-    );
+    assert_eq!(rows(&main), "{1,2}");
     assert!(ok(z(&repo.path).args(["snapshot", "list"])).contains("main@HEAD{1}"));
 
     // Creating an existing pg: refused, nothing changed.
@@ -369,10 +362,7 @@ fn snapshots_checkout_and_branches() {
         &run(z(&repo.path).args(["pg", "create", "b1"])),
         "already exists",
     );
-    assert_eq!(
-        psql(&b1, "select array_agg(i order by i) from t"),
-        "{1,2,3}"
-    );
+    assert_eq!(rows(&b1), "{1,2,3}");
     let out = ok(z(&repo.path).args(["pg", "destroy", "b2"]));
     assert!(out.contains("destroyed"), "{out}");
     assert_clean_failure(&run(z(&repo.path).args(["pg", "show", "b2"])), "no pg");
