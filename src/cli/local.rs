@@ -123,37 +123,16 @@ pub async fn start(foreground: bool, repo_dir: Option<PathBuf>) -> Result<(), Cl
     Ok(())
 }
 
-/// The last error zenith-local logged, without its timestamp and colours.
+/// The last error zenith-local logged, without its timestamp.
 fn last_error(repo: &Repo) -> String {
     let text = std::fs::read_to_string(repo.log_path()).unwrap_or_default();
     text.lines()
         .rev()
-        .find(|l| l.contains("ERROR") || l.contains("error:"))
-        .map(|l| {
-            let l = strip_ansi(l);
-            match l.split_once("ERROR") {
-                Some((_, rest)) => rest.trim().to_string(),
-                None => l.trim().to_string(),
-            }
+        .find_map(|l| {
+            l.split_once("ERROR")
+                .map(|(_, rest)| rest.trim().to_string())
         })
         .unwrap_or_else(|| format!("see {}", repo.log_path().display()))
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 pub async fn stop(immediate: bool, repo_dir: Option<PathBuf>) -> Result<(), CliError> {

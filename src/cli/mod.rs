@@ -254,6 +254,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// A JSON object as aligned `key value` lines.
+fn print_fields(value: &serde_json::Value) {
+    for (k, v) in value.as_object().into_iter().flatten() {
+        let text = v
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string());
+        println!("{k:<18} {text}");
+    }
+}
+
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -267,6 +278,8 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only for a person: zenith-local's stderr is its log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -17,17 +17,6 @@ impl From<OpError> for CliError {
     }
 }
 
-fn print_pg(row: &serde_json::Value) {
-    for (k, v) in row.as_object().expect("object") {
-        println!(
-            "{k:<16} {}",
-            v.as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string())
-        );
-    }
-}
-
 pub async fn run(
     cmd: PgCommand,
     repo_dir: Option<PathBuf>,
@@ -98,7 +87,7 @@ pub async fn run(
                     serde_json::to_string_pretty(&row).expect("serializes")
                 );
             } else {
-                print_pg(&row);
+                super::print_fields(&row);
             }
         }
         PgCommand::Checkout { name, snapshot } => {

@@ -400,15 +400,7 @@ pub async fn run(
             if json {
                 println!("{}", String::from_utf8_lossy(&m.to_json()));
             } else {
-                let s = summary(&m);
-                for (k, v) in s.as_object().expect("object") {
-                    println!(
-                        "{k:<18} {}",
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string())
-                    );
-                }
+                super::print_fields(&summary(&m));
             }
             Ok(())
         }

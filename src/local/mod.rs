@@ -36,14 +36,19 @@ pub struct PgState {
 
 /// The first port from `first` on that nothing listens on at 127.0.0.1.
 pub fn free_port(first: u16) -> anyhow::Result<u16> {
-    (first..=u16::MAX)
-        .take(200)
-        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .ok_or_else(|| {
-            anyhow::anyhow!("no free port among the 200 from {first}; set pg_port in config.toml")
-        })
+    free_port_except(first, &[])
 }
 
+/// The first port from `first` on that nothing listens on at 127.0.0.1 and that is not
+/// in `promised` (ports of stopped pgs).
+pub fn free_port_except(first: u16, promised: &[u16]) -> anyhow::Result<u16> {
+    (first..=u16::MAX)
+        .take(1000)
+        .find(|p| !promised.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("no free port among the 1000 from {first}; set pg_port in config.toml")
+        })
+}
 /// Creates the main pg of a new repo.
 pub fn init_main(repo: &Repo, install: &crate::compute::PgInstall) -> anyhow::Result<NodeState> {
     let config = repo.config()?;

@@ -86,10 +86,7 @@ fn new_port(repo: &Repo) -> OpResult<u16> {
         .iter()
         .filter_map(|n| n.state().ok().map(|s| s.port))
         .collect();
-    Ok((config.pg_port..=u16::MAX)
-        .take(1000)
-        .find(|p| !promised.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .ok_or_else(|| anyhow::anyhow!("no free port near {}", config.pg_port))?)
+    Ok(super::free_port_except(config.pg_port, &promised)?)
 }
 
 /// Starts a pg outside zenith-local's supervision (which covers `main`) and gives its
@@ -197,14 +194,25 @@ async fn fill(
     let m = native::resolve(store.as_ref(), reference).await?;
     let account = run_as()?;
     make_dir(&node.dir, account.as_ref())?;
-    native::unpack(store.as_ref(), &m, &node.data(), &progress).await?;
-    crate::compute::hand_to_postgres_user(&node.dir).map_err(anyhow::Error::msg)?;
+    materialize(store.as_ref(), &m, &node.data(), &progress).await?;
     let state = NodeState {
         port,
         password: crate::compute::node::generate_password(),
     };
     node.save_state(&state)?;
     Ok(state)
+}
+
+/// Restores a snapshot into the new data directory `dir`, owned by PostgreSQL's account.
+async fn materialize(
+    store: &dyn Storage,
+    m: &Manifest,
+    dir: &std::path::Path,
+    progress: &crate::util::progress::ProgressHandle,
+) -> OpResult<()> {
+    native::unpack(store, m, dir, progress).await?;
+    crate::compute::hand_to_postgres_user(dir).map_err(anyhow::Error::msg)?;
+    Ok(())
 }
 
 pub async fn start_pg(repo: &Repo, name: &str) -> OpResult<Value> {
@@ -361,8 +369,7 @@ pub async fn checkout(
         // The new data next to the old, swapped only when complete.
         let fresh = node.dir.join("data.checkout");
         let _ = std::fs::remove_dir_all(&fresh);
-        native::unpack(store.as_ref(), &target, &fresh, &progress).await?;
-        crate::compute::hand_to_postgres_user(&fresh).map_err(anyhow::Error::msg)?;
+        materialize(store.as_ref(), &target, &fresh, &progress).await?;
         let old = node.dir.join("data.old");
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(node.data(), &old).map_err(anyhow::Error::from)?;

@@ -333,39 +333,45 @@ async fn load_list_named(
 
 /// The block lists of every file of `manifest`, in entry order (empty for directories).
 async fn load_lists(storage: &dyn Storage, manifest: &Manifest) -> Result<Vec<Arc<Vec<Hash>>>> {
-    let snapshot = format!("snapshot {}", manifest.id);
-    let mut unique: HashMap<&str, &Entry> = HashMap::new();
-    for e in &manifest.entries {
-        if let Some(name) = &e.list {
-            unique.entry(name.as_str()).or_insert(e);
-        }
-    }
-    let fetched: Vec<Result<(String, Arc<Vec<Hash>>)>> =
-        futures::stream::iter(unique.into_values())
-            .map(|e| {
-                let snapshot = &snapshot;
-                async move {
-                    let (list, _) = load_list_named(storage, e, snapshot).await?;
-                    Ok((e.list.clone().expect("has a list"), Arc::new(list)))
-                }
-            })
-            .buffer_unordered(TRANSFER_CONCURRENCY * 4)
-            .collect()
-            .await;
-    let mut by_name = HashMap::new();
-    for item in fetched {
-        let (name, list) = item?;
-        by_name.insert(name, list);
-    }
+    let by_name = fetch_lists(storage, std::slice::from_ref(manifest)).await?;
     let empty = Arc::new(Vec::new());
     Ok(manifest
         .entries
         .iter()
         .map(|e| match &e.list {
-            Some(name) => Arc::clone(&by_name[name]),
+            Some(name) => Arc::clone(&by_name[name].0),
             None => Arc::clone(&empty),
         })
         .collect())
+}
+
+/// Each distinct block list the manifests name, fetched concurrently and checked, by
+/// name, with the name of the full list it is a patch of, if it is one.
+async fn fetch_lists(
+    storage: &dyn Storage,
+    manifests: &[Manifest],
+) -> Result<HashMap<String, (Arc<Vec<Hash>>, Option<String>)>> {
+    let mut unique: HashMap<&str, (&Entry, &str)> = HashMap::new();
+    for m in manifests {
+        for e in &m.entries {
+            if let Some(name) = &e.list {
+                unique.entry(name.as_str()).or_insert((e, m.id.as_str()));
+            }
+        }
+    }
+    let fetched: Vec<Result<(String, (Arc<Vec<Hash>>, Option<String>))>> =
+        futures::stream::iter(unique)
+            .map(|(name, (e, id))| async move {
+                let (list, base) = load_list_named(storage, e, &format!("snapshot {id}")).await?;
+                Ok((
+                    name.to_string(),
+                    (Arc::new(list), base.map(|(base_name, _)| base_name)),
+                ))
+            })
+            .buffer_unordered(TRANSFER_CONCURRENCY * 4)
+            .collect()
+            .await;
+    fetched.into_iter().collect()
 }
 
 /// Options for taking a snapshot.
@@ -706,24 +712,14 @@ fn tempdir_for_label() -> Result<PathBuf> {
 /// packs this run relies on; a collection already under way makes this export wait for
 /// another day.
 async fn take_export_lock(storage: &Arc<dyn Storage>) -> Result<HeldLock> {
-    let lock = HeldLock::take(Arc::clone(storage), "export").await?;
-    let gc = match live_locks(storage.as_ref(), "locks/gc-").await {
-        Ok(gc) => gc,
-        Err(e) => {
-            lock.release().await;
-            return Err(e);
-        }
-    };
-    if let Some(gc) = gc.first() {
-        lock.release().await;
-        return Err(SnapshotError::Refused {
+    HeldLock::take_unless(storage, "export", "locks/gc-")
+        .await?
+        .map_err(|gc| SnapshotError::Refused {
             reason: format!(
                 "a `zenith snapshot delete` is collecting unused data in {} right now ({gc}); run the export again when it has finished",
                 storage.url()
             ),
-        });
-    }
-    Ok(lock)
+        })
 }
 
 /// How often a held lock is rewritten, and after how long without a rewrite it counts as
@@ -764,6 +760,29 @@ impl HeldLock {
         })
     }
 
+    /// Takes a `kind` lock unless a live lock under `other` exists: then the lock is
+    /// released again and the other one's description returned.
+    async fn take_unless(
+        storage: &Arc<dyn Storage>,
+        kind: &str,
+        other: &str,
+    ) -> Result<std::result::Result<HeldLock, String>> {
+        let lock = HeldLock::take(Arc::clone(storage), kind).await?;
+        match live_locks(storage.as_ref(), other).await {
+            Ok(found) => match found.into_iter().next() {
+                Some(holder) => {
+                    lock.release().await;
+                    Ok(Err(holder))
+                }
+                None => Ok(Ok(lock)),
+            },
+            Err(e) => {
+                lock.release().await;
+                Err(e)
+            }
+        }
+    }
+
     async fn release(self) {
         self.refresher.abort();
         if let Err(e) = self.storage.delete(&self.key).await {
@@ -799,10 +818,9 @@ struct PackRun {
     claimed: Mutex<HashSet<Hash>>,
     /// Lists stored, or uploaded by this run.
     lists: Mutex<HashSet<String>>,
-    /// The previous snapshot's files that carry a stamp, by path.
-    previous: HashMap<String, Entry>,
-    /// Every file of the previous snapshot whose list is stored, by path: a changed
-    /// file's new list is stored as a patch of the old one when few blocks changed.
+    /// Every file of the previous snapshot whose list is stored, by path: an unchanged
+    /// file (same stamp) reuses its entry, a changed file's new list is stored as a patch
+    /// of the old one when few blocks changed.
     previous_lists: HashMap<String, Entry>,
     previous_id: Option<String>,
     progress: crate::util::progress::ProgressHandle,
@@ -842,18 +860,12 @@ impl PackRun {
                     .collect()
             })
             .unwrap_or_default();
-        let previous = previous_lists
-            .iter()
-            .filter(|(_, e)| e.stamp.is_some())
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
         let runtime = tokio::runtime::Handle::current();
         Ok(PackRun {
             packer: Packer::new(runtime, Arc::clone(&storage)),
             storage,
             claimed: Mutex::new(claimed),
             lists: Mutex::new(lists),
-            previous,
             previous_lists,
             previous_id,
             progress: options.progress.clone(),
@@ -1032,7 +1044,7 @@ impl PackRun {
     /// time), if there is one.
     fn reuse(&self, item: &DirEntry) -> Option<Entry> {
         let stamp = item.stamp.as_ref()?;
-        let prev = self.previous.get(&item.rel)?;
+        let prev = self.previous_lists.get(&item.rel)?;
         if prev.stamp.as_ref() != Some(stamp) || prev.size != item.size {
             return None;
         }
@@ -1352,24 +1364,17 @@ pub async fn collect_garbage(
     grace: std::time::Duration,
     max_unused: f64,
 ) -> Result<GcReport> {
-    let lock = HeldLock::take(Arc::clone(&storage), "gc").await?;
-    let exports = match live_locks(storage.as_ref(), "locks/export-").await {
-        Ok(exports) => exports,
-        Err(e) => {
-            lock.release().await;
-            return Err(e);
+    let lock = match HeldLock::take_unless(&storage, "gc", "locks/export-").await? {
+        Ok(lock) => lock,
+        Err(export) => {
+            return Ok(GcReport {
+                skipped: Some(format!(
+                    "an export is running ({export}); a later delete collects the unused data"
+                )),
+                ..GcReport::default()
+            })
         }
     };
-    if let Some(export) = exports.first() {
-        lock.release().await;
-        let report = GcReport {
-            skipped: Some(format!(
-                "an export is running ({export}); a later delete collects the unused data"
-            )),
-            ..GcReport::default()
-        };
-        return Ok(report);
-    }
     let result = collect_locked(Arc::clone(&storage), grace, max_unused).await;
     lock.release().await;
     result
@@ -1384,35 +1389,16 @@ async fn collect_locked(
     let manifests = list(storage.as_ref()).await?;
     // Every block a remaining snapshot uses, through each distinct list it names (and the
     // full lists that patches rely on).
-    let mut unique: HashMap<String, (&Entry, &str)> = HashMap::new();
-    for m in &manifests {
-        for e in &m.entries {
-            if let Some(name) = &e.list {
-                unique.entry(name.clone()).or_insert((e, m.id.as_str()));
-            }
-        }
-    }
-    let live_lists: HashSet<String> = unique.keys().cloned().collect();
-    let loaded: Vec<Result<(Vec<Hash>, Option<String>)>> =
-        futures::stream::iter(unique.into_values())
-            .map(|(e, id)| {
-                let storage = Arc::clone(&storage);
-                async move {
-                    let (list, base) =
-                        load_list_named(storage.as_ref(), e, &format!("snapshot {id}")).await?;
-                    Ok((list, base.map(|(name, _)| name)))
-                }
-            })
-            .buffer_unordered(TRANSFER_CONCURRENCY * 4)
-            .collect()
-            .await;
-    let mut live: HashSet<Hash> = HashSet::new();
-    let mut bases: HashSet<String> = HashSet::new();
-    for item in loaded {
-        let (list, base) = item?;
-        live.extend(list);
-        bases.extend(base);
-    }
+    let lists = fetch_lists(storage.as_ref(), &manifests).await?;
+    let live: HashSet<Hash> = lists
+        .values()
+        .flat_map(|(list, _)| list.iter().copied())
+        .collect();
+    let bases: HashSet<&str> = lists
+        .values()
+        .filter_map(|(_, base)| base.as_deref())
+        .collect();
+    let live_lists: HashSet<&str> = lists.keys().map(String::as_str).collect();
     let ages: HashMap<String, Option<std::time::SystemTime>> = storage
         .list("packs/")
         .await?
