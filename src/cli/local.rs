@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{CliError, InitArgs};
-use crate::compute::node::Status;
 use crate::local::repo::{Config, Repo, RepoLock};
 
 /// How long `start` waits for zenith-local to be ready, and `stop` for it to be gone.
@@ -204,65 +203,54 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
         )
         .into());
     }
-    let local = crate::local::running(&repo);
-    let mut pgs = Vec::new();
-    for node in repo.nodes().into_iter().filter(|n| n.exists()) {
-        let state = node.state()?;
-        let supervised = local
-            .as_ref()
-            .and_then(|l| l.pgs.iter().find(|p| p.name == node.name));
-        let status = node.status();
-        pgs.push(serde_json::json!({
-            "name": node.name,
-            "status": status,
-            "port": state.port,
-            "connstr": node.connstr(&state),
-            "restarts": supervised.map(|p| p.restarts).unwrap_or(0),
-            "failed": supervised.and_then(|p| p.failed.clone()),
-        }));
-    }
+    let out = super::pg::Backend::for_repo(&repo)?.status().await?;
     if json {
-        let out = serde_json::json!({
-            "repo": repo.root,
-            "zenith_local": {
-                "running": local.is_some(),
-                "pid": local.as_ref().map(|l| l.pid),
-                "api": local.as_ref().map(|l| format!("http://127.0.0.1:{}", l.api_port)),
-            },
-            "pgs": pgs,
-            "newest_snapshot": serde_json::Value::Null,
-        });
         println!(
             "{}",
             serde_json::to_string_pretty(&out).expect("serializes")
         );
         return Ok(());
     }
-    match &local {
-        Some(l) => println!(
-            "zenith-local: running (pid {}), repo {}, API http://127.0.0.1:{}",
-            l.pid,
+    let local = &out["zenith_local"];
+    if local["running"] == true {
+        println!(
+            "zenith-local: running (pid {}), repo {}, API {}",
+            local["pid"],
             repo.root.display(),
-            l.api_port
-        ),
-        None => println!("zenith-local: stopped, repo {}", repo.root.display()),
+            local["api"].as_str().unwrap_or("")
+        );
+    } else {
+        println!("zenith-local: stopped, repo {}", repo.root.display());
     }
-    for pg in &pgs {
-        let status = if pg["status"] == serde_json::json!(Status::Running) {
-            "running"
-        } else {
-            "stopped"
-        };
+    for pg in out["pgs"].as_array().into_iter().flatten() {
         print!(
-            "pg {}: {status}, port {}",
+            "pg {}: {}, port {}",
             pg["name"].as_str().unwrap_or(""),
+            pg["status"].as_str().unwrap_or(""),
             pg["port"]
         );
+        if let Some(p) = pg["primary"].as_str() {
+            print!(", replica of {p}");
+        }
+        if pg["restarts"].as_u64().unwrap_or(0) > 0 {
+            print!(", restarted {} time(s)", pg["restarts"]);
+        }
         if let Some(why) = pg["failed"].as_str() {
             print!(" (failed: {why})");
         }
         println!();
     }
-    println!("newest snapshot: none");
+    match out["newest_snapshot"].as_object() {
+        Some(m) => println!(
+            "newest snapshot: {}{}, {}",
+            m["id"].as_str().unwrap_or(""),
+            m["name"]
+                .as_str()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+            m["created_at"].as_str().unwrap_or("")
+        ),
+        None => println!("newest snapshot: none"),
+    }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! Commands that are not built yet are listed (so `--help` shows the whole contract) and
 //! answer "not implemented yet" with exit code 2 instead of pretending to work.
 
+mod client;
 mod local;
 mod pg;
 mod progress;
@@ -142,15 +143,24 @@ pub enum PgCommand {
         #[arg(long)]
         no_start: bool,
     },
-    /// Start a pg
+    /// Start a pg; --replica makes it a streaming replica of a primary (its data becomes
+    /// a copy of the primary's, its own kept first as snapshot NAME@HEAD{n})
     Start {
         name: String,
         #[arg(long)]
         replica: bool,
+        /// The pg a replica follows [default: main]
+        #[arg(long, value_name = "PG", requires = "replica")]
+        primary: Option<String>,
     },
     /// Stop a pg
-    Stop { name: String },
-    /// Promote a replica to a primary
+    Stop {
+        name: String,
+        /// Do not wait for clients to disconnect
+        #[arg(long)]
+        immediate: bool,
+    },
+    /// Promote a running replica to a primary of its own
     Promote { name: String },
     /// Stop and delete a pg
     Destroy { name: String },
@@ -239,8 +249,8 @@ pub fn main() -> ExitCode {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => storage::run(cmd).await,
-        Command::Export(args) => snapshot::export(args, !cli.no_progress).await,
-        Command::Import(args) => snapshot::import(args, !cli.no_progress).await,
+        Command::Export(args) => snapshot::export(args, cli.repo_dir, !cli.no_progress).await,
+        Command::Import(args) => snapshot::import(args, cli.repo_dir, !cli.no_progress).await,
         Command::Snapshot(snapshot::SnapshotCommand::Create { name }) => {
             pg::snapshot_create(name, cli.repo_dir, !cli.no_progress).await
         }

@@ -1,10 +1,13 @@
-//! `zenith pg ...` (compute nodes) and `zenith snapshot create`: printing what
-//! [`crate::local::ops`] does.
+//! `zenith pg ...` (compute nodes) and `zenith snapshot create`: requests to zenith-local
+//! while it runs, the same operations ([`crate::local::ops`]) in this process when not.
 
 use std::path::PathBuf;
 
+use serde_json::{json, Value};
+
+use super::client::{segment, Client};
 use super::{CliError, PgCommand};
-use crate::local::ops::{self, OpError};
+use crate::local::ops::{self, Action, OpError, Ops};
 use crate::local::repo::Repo;
 
 impl From<OpError> for CliError {
@@ -17,27 +20,72 @@ impl From<OpError> for CliError {
     }
 }
 
+/// Where a command is carried out.
+pub enum Backend {
+    /// zenith-local runs: through its REST API.
+    Api(Client),
+    /// zenith-local is down: here.
+    Direct(Ops),
+}
+
+impl Backend {
+    pub fn for_repo(repo: &Repo) -> Result<Backend, CliError> {
+        Ok(match Client::for_repo(repo)? {
+            Some(client) => Backend::Api(client),
+            None => Backend::Direct(Ops::direct(repo.clone())),
+        })
+    }
+
+    async fn action(&self, name: &str, action: Action, progress: bool) -> Result<Value, CliError> {
+        match self {
+            Backend::Api(c) => {
+                let body = serde_json::to_value(&action).expect("serializes");
+                c.call(
+                    "POST",
+                    &format!("/pgs/{}/actions", segment(name)),
+                    Some(&body),
+                )
+                .await
+            }
+            Backend::Direct(ops) => {
+                let bar = super::progress::bar(&action.action, progress);
+                Ok(ops.act(name, &action, bar).await?)
+            }
+        }
+    }
+
+    pub async fn status(&self) -> Result<Value, CliError> {
+        match self {
+            Backend::Api(c) => c.get("/status").await,
+            Backend::Direct(ops) => Ok(ops.status().await?),
+        }
+    }
+}
+
 pub async fn run(
     cmd: PgCommand,
     repo_dir: Option<PathBuf>,
     progress: bool,
 ) -> Result<(), CliError> {
-    match &cmd {
-        PgCommand::Promote { .. } => return Err(CliError::NotImplemented("pg promote".into())),
-        PgCommand::Start { replica: true, .. } => {
-            return Err(CliError::NotImplemented("pg start --replica".into()))
-        }
-        _ => {}
-    }
     let repo = Repo::existing(repo_dir)?;
+    let backend = Backend::for_repo(&repo)?;
     match cmd {
         PgCommand::Create {
             name,
             snapshot,
             no_start,
         } => {
-            let bar = super::progress::bar("restore", progress);
-            let pg = ops::create_pg(&repo, &name, snapshot.as_deref(), no_start, bar).await?;
+            let pg = match &backend {
+                Backend::Api(c) => {
+                    let body = json!({ "name": name, "snapshot": snapshot, "start": !no_start });
+                    c.call("PUT", "/pgs", Some(&body)).await?
+                }
+                Backend::Direct(ops) => {
+                    let bar = super::progress::bar("restore", progress);
+                    ops.create_pg(&name, snapshot.as_deref(), no_start, bar)
+                        .await?
+                }
+            };
             println!(
                 "created pg {name}{}{}",
                 snapshot
@@ -45,34 +93,78 @@ pub async fn run(
                     .unwrap_or_default(),
                 if no_start { " (not started)" } else { "" }
             );
-            println!("pg {name}: {}", pg["connstr"].as_str().unwrap_or(""));
+            print_connstr(&pg);
         }
-        PgCommand::Start { name, .. } => {
-            let pg = ops::start_pg(&repo, &name).await?;
-            println!("pg {name}: {}", pg["connstr"].as_str().unwrap_or(""));
+        PgCommand::Start {
+            name,
+            replica,
+            primary,
+        } => {
+            let action = Action {
+                action: "start".into(),
+                is_replica: replica,
+                primary,
+                ..Action::default()
+            };
+            let pg = backend.action(&name, action, progress).await?;
+            if let Some(p) = pg["primary"].as_str() {
+                println!("pg {name} follows pg {p} (streaming replica, read-only)");
+            }
+            print_connstr(&pg);
         }
-        PgCommand::Stop { name } => {
-            ops::stop_pg(&repo, &name).await?;
+        PgCommand::Stop { name, immediate } => {
+            let action = Action {
+                action: "stop".into(),
+                immediate,
+                ..Action::default()
+            };
+            backend.action(&name, action, progress).await?;
             println!("stopped pg {name}");
         }
+        PgCommand::Promote { name } => {
+            let action = Action {
+                action: "promote".into(),
+                ..Action::default()
+            };
+            let pg = backend.action(&name, action, progress).await?;
+            println!("promoted pg {name}: it is a primary of its own now");
+            print_connstr(&pg);
+        }
         PgCommand::Destroy { name } => {
-            ops::destroy_pg(&repo, &name).await?;
+            match &backend {
+                Backend::Api(c) => {
+                    c.call("DELETE", &format!("/pgs/{}", segment(&name)), None)
+                        .await?;
+                }
+                Backend::Direct(ops) => ops.destroy_pg(&name).await?,
+            }
             println!("destroyed pg {name} (its snapshots stay in the repo)");
         }
         PgCommand::List { json } => {
-            let rows = ops::list_pgs(&repo)?;
+            let rows = match &backend {
+                Backend::Api(c) => c.get("/pgs").await?,
+                Backend::Direct(ops) => Value::Array(ops.list_pgs()?),
+            };
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&rows).expect("serializes")
                 );
             } else {
-                println!("{:<16}  {:<8}  {:>5}  CONNSTR", "NAME", "STATUS", "PORT");
-                for r in &rows {
+                println!(
+                    "{:<16}  {:<8}  {:<12}  {:>5}  CONNSTR",
+                    "NAME", "STATUS", "ROLE", "PORT"
+                );
+                for r in rows.as_array().into_iter().flatten() {
+                    let role = match r["primary"].as_str() {
+                        Some(p) => format!("replica:{p}"),
+                        None => "primary".into(),
+                    };
                     println!(
-                        "{:<16}  {:<8}  {:>5}  {}",
+                        "{:<16}  {:<8}  {:<12}  {:>5}  {}",
                         r["name"].as_str().unwrap_or(""),
                         r["status"].as_str().unwrap_or(""),
+                        role,
                         r["port"],
                         r["connstr"].as_str().unwrap_or("")
                     );
@@ -80,7 +172,10 @@ pub async fn run(
             }
         }
         PgCommand::Show { name, json } => {
-            let row = ops::show_pg(&repo, &name)?;
+            let row = match &backend {
+                Backend::Api(c) => c.get(&format!("/pgs/{}", segment(&name))).await?,
+                Backend::Direct(ops) => ops.show_pg(&name)?,
+            };
             if json {
                 println!(
                     "{}",
@@ -91,21 +186,32 @@ pub async fn run(
             }
         }
         PgCommand::Checkout { name, snapshot } => {
-            let bar = super::progress::bar("checkout", progress);
-            let done = ops::checkout(&repo, &name, &snapshot, bar).await?;
+            let action = Action {
+                action: "checkout".into(),
+                snapshot: Some(snapshot.clone()),
+                ..Action::default()
+            };
+            let done = backend.action(&name, action, progress).await?;
             println!(
                 "pg {name}: kept its previous state as snapshot {} ({}); now at {snapshot} ({})",
-                done.kept.id,
-                done.kept.name.as_deref().unwrap_or(""),
-                done.target.id
+                done["kept"]["id"].as_str().unwrap_or(""),
+                done["kept"]["name"].as_str().unwrap_or(""),
+                done["target"]["id"].as_str().unwrap_or("")
             );
-            if let Some(pg) = done.pg {
-                println!("pg {name}: {}", pg["connstr"].as_str().unwrap_or(""));
+            if !done["pg"].is_null() {
+                print_connstr(&done["pg"]);
             }
         }
-        PgCommand::Promote { .. } => return Err(CliError::NotImplemented("pg promote".into())),
     }
     Ok(())
+}
+
+fn print_connstr(pg: &Value) {
+    println!(
+        "pg {}: {}",
+        pg["name"].as_str().unwrap_or(""),
+        pg["connstr"].as_str().unwrap_or("")
+    );
 }
 
 /// `zenith snapshot create [PG@TAG]`.
@@ -115,18 +221,27 @@ pub async fn snapshot_create(
     progress: bool,
 ) -> Result<(), CliError> {
     let repo = Repo::existing(repo_dir)?;
-    let bar = super::progress::bar("snapshot", progress);
-    let m = ops::create_snapshot(&repo, name.as_deref(), bar).await?;
+    let m = match Backend::for_repo(&repo)? {
+        Backend::Api(c) => {
+            c.call("POST", "/snapshots", Some(&json!({ "name": name })))
+                .await?
+        }
+        Backend::Direct(ops) => {
+            let bar = super::progress::bar("snapshot", progress);
+            ops.create_snapshot(name.as_deref(), bar).await?.summary()
+        }
+    };
     let (pg, _) = ops::split_reference(name.as_deref());
+    let size = |k: &str| crate::util::size::format_size(m[k].as_u64().unwrap_or(0));
     println!(
         "snapshot {}{} of pg {pg}: {} ({} new)",
-        m.id,
-        m.name
-            .as_deref()
+        m["id"].as_str().unwrap_or(""),
+        m["name"]
+            .as_str()
             .map(|n| format!(" ({n})"))
             .unwrap_or_default(),
-        crate::util::size::format_size(m.total_size),
-        crate::util::size::format_size(m.stored_size)
+        size("total_size"),
+        size("stored_size")
     );
     Ok(())
 }

@@ -1,10 +1,7 @@
-//! `zenith export`, `zenith import` and `zenith snapshot ...` against a storage URL.
-//!
-//! Built: the `zenith` and `pgdata` formats from a stopped data directory or a running
-//! server (online), into a new data directory (or from an existing `$PGDATA`), and listing,
-//! showing and verifying the snapshots of a storage.
-//! All three formats: `zenith`, `pgdata`, `basebackup`. Deleting a snapshot collects the
-//! data no other snapshot needs. Snapshots inside a zenith repo answer "not implemented yet".
+//! `zenith export`, `zenith import` and `zenith snapshot ...`: snapshots of data
+//! directories, running servers and the repo, to and from storage URLs, in all three
+//! formats (`zenith`, `pgdata`, `basebackup`); listing, showing, verifying and deleting the
+//! snapshots of a storage or of the repo.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -45,7 +42,8 @@ pub struct ExportArgs {
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Where the snapshot is: file:///path, a plain path, or s3://bucket/prefix
+    /// Where the snapshot is: file:///path, a plain path, s3://bucket/prefix, or (into
+    /// the repo) a running server as postgres://...
     #[arg(long, alias = "snapshot_path", value_name = "URL")]
     pub snapshot_path: String,
     /// pgdata, basebackup or zenith
@@ -113,8 +111,16 @@ fn parse_format(format: &str) -> Result<Format, CliError> {
     Ok(Format::parse(format).map_err(anyhow::Error::msg)?)
 }
 
-pub async fn export(args: ExportArgs, progress: bool) -> Result<(), CliError> {
+pub async fn export(
+    args: ExportArgs,
+    repo_dir: Option<std::path::PathBuf>,
+    progress: bool,
+) -> Result<(), CliError> {
     let format = parse_format(&args.snapshot_format)?;
+    if args.pgdata.is_none() && args.connstr.is_none() {
+        let reference = args.snapshot.as_deref().unwrap_or("LATEST");
+        return export_from_repo(&args, format, reference, repo_dir, progress).await;
+    }
     let storage = storage::open(&args.snapshot_path)
         .await
         .map_err(anyhow::Error::from)?;
@@ -146,7 +152,7 @@ pub async fn export(args: ExportArgs, progress: bool) -> Result<(), CliError> {
                 found
             }
         }
-        (None, None) => return Err(CliError::NotImplemented("export of a repo snapshot".into())),
+        (None, None) => unreachable!("repo exports return above"),
     };
     let (m, detail) = match (format, dir) {
         (Format::Zenith, dir) => {
@@ -216,10 +222,14 @@ pub async fn export(args: ExportArgs, progress: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn import(args: ImportArgs, progress: bool) -> Result<(), CliError> {
+pub async fn import(
+    args: ImportArgs,
+    repo_dir: Option<std::path::PathBuf>,
+    progress: bool,
+) -> Result<(), CliError> {
     let format = parse_format(&args.snapshot_format)?;
     let Some(pgdata) = args.pgdata else {
-        return Err(CliError::NotImplemented("import into the repo".into()));
+        return import_into_repo(&args, format, repo_dir, progress).await;
     };
     let storage = storage::open(&args.snapshot_path)
         .await
@@ -300,6 +310,98 @@ pub async fn import(args: ImportArgs, progress: bool) -> Result<(), CliError> {
         "restored snapshot {id} into {}: {}, {checked}",
         pgdata.display(),
         format_size(size)
+    );
+    Ok(())
+}
+
+/// `zenith export REF --snapshot_path=URL`: a snapshot of the repo, elsewhere.
+async fn export_from_repo(
+    args: &ExportArgs,
+    format: Format,
+    reference: &str,
+    repo_dir: Option<std::path::PathBuf>,
+    progress: bool,
+) -> Result<(), CliError> {
+    let repo = crate::local::repo::Repo::existing(repo_dir)?;
+    let ops = crate::local::ops::Ops::direct(repo);
+    let bar = super::progress::bar("export", progress);
+    let done = ops
+        .export(
+            reference,
+            &args.snapshot_path,
+            format,
+            !args.no_compress,
+            bar,
+        )
+        .await?;
+    let m = &done["snapshot"];
+    let what = if done["already_there"] == true {
+        "already there, nothing sent".to_string()
+    } else if format == Format::Zenith {
+        format!(
+            "sent {} in {} objects, {} objects already there",
+            format_size(done["bytes_sent"].as_u64().unwrap_or(0)),
+            done["objects_sent"],
+            done["objects_skipped"]
+        )
+    } else {
+        format!(
+            "wrote {}",
+            format_size(done["bytes_sent"].as_u64().unwrap_or(0))
+        )
+    };
+    println!(
+        "exported snapshot {}{} as {} to {}: {what}",
+        m["id"].as_str().unwrap_or(""),
+        m["name"]
+            .as_str()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default(),
+        format.as_str(),
+        done["url"].as_str().unwrap_or("")
+    );
+    Ok(())
+}
+
+/// `zenith import --snapshot_path=URL [--name PG@TAG]`: a new snapshot in the repo.
+async fn import_into_repo(
+    args: &ImportArgs,
+    format: Format,
+    repo_dir: Option<std::path::PathBuf>,
+    progress: bool,
+) -> Result<(), CliError> {
+    let repo = crate::local::repo::Repo::existing(repo_dir)?;
+    let ops = crate::local::ops::Ops::direct(repo);
+    let bar = super::progress::bar("import", progress);
+    let (m, already_there) = ops
+        .import(
+            &args.snapshot_path,
+            format,
+            &args.snapshot,
+            args.name.as_deref(),
+            bar,
+        )
+        .await?;
+    if already_there {
+        println!(
+            "snapshot {}{} is in the repo already; nothing imported",
+            m.id,
+            m.name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!(
+        "imported snapshot {}{}: {} ({} new in the repo)",
+        m.id,
+        m.name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default(),
+        format_size(m.total_size),
+        format_size(m.stored_size)
     );
     Ok(())
 }

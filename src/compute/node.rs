@@ -21,6 +21,29 @@ pub struct NodeState {
     pub port: u16,
     /// The superuser password its connection string carries.
     pub password: String,
+    /// The pg this one follows as a streaming replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Whether the server has run as a primary on this data: false for a pg created from
+    /// a snapshot and not started yet, whose data a replica copy may replace.
+    #[serde(default = "yes")]
+    pub has_run: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl NodeState {
+    /// A new pg's state: a fresh password, a primary.
+    pub fn new(port: u16) -> NodeState {
+        NodeState {
+            port,
+            password: generate_password(),
+            primary: None,
+            has_run: true,
+        }
+    }
 }
 
 /// A pg's files.
@@ -56,12 +79,6 @@ impl Node {
 
     fn state_path(&self) -> PathBuf {
         self.dir.join("node.json")
-    }
-
-    /// Present while a checkout replaces the data directory: a supervisor must not treat
-    /// the stopped server as a failure, nor start it.
-    pub fn hold_path(&self) -> PathBuf {
-        self.dir.join("hold")
     }
 
     pub fn exists(&self) -> bool {
@@ -155,9 +172,10 @@ impl Node {
     pub fn init(&self, install: &PgInstall, port: u16) -> anyhow::Result<NodeState> {
         let account = run_as()?;
         make_dir(&self.dir, account.as_ref())?;
+        // An empty cluster that never ran: a replica copy may replace it.
         let state = NodeState {
-            port,
-            password: generate_password(),
+            has_run: false,
+            ..NodeState::new(port)
         };
         let pwfile = self.dir.join(".pwfile");
         write_private(&pwfile, state.password.as_bytes())?;
@@ -208,12 +226,36 @@ impl Node {
         }
     }
 
+    /// Runs one SQL text through the local socket as the superuser and returns psql's
+    /// unaligned, tuples-only output.
+    pub async fn query(
+        &self,
+        install: &PgInstall,
+        state: &NodeState,
+        sql: &str,
+    ) -> anyhow::Result<String> {
+        let out = tokio::process::Command::new(install.bin("psql"))
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.local_connstr(state))
+            .arg("-c")
+            .arg(sql)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("psql").display()))?;
+        if !out.status.success() {
+            anyhow::bail!("pg {}: {}", self.name, last_line(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// Starts the server as a child process (its output appended to the log) and waits
-    /// until it accepts connections.
+    /// until it accepts connections. `settings` are extra `name=value` server settings.
     pub async fn start(
         &self,
         install: &PgInstall,
         state: &NodeState,
+        settings: &[String],
     ) -> anyhow::Result<tokio::process::Child> {
         let account = run_as()?;
         let log = std::fs::OpenOptions::new()
@@ -244,8 +286,11 @@ impl Node {
             .arg(state.port.to_string())
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.display()))
-            .stdin(Stdio::null())
+            .arg(format!("unix_socket_directories={}", self.dir.display()));
+        for setting in settings {
+            cmd.arg("-c").arg(setting);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         // Its own process group: a Ctrl-C meant for zenith does not reach PostgreSQL,
@@ -357,6 +402,14 @@ pub fn run_as() -> anyhow::Result<Option<Account>> {
     } else {
         Ok(None)
     }
+}
+
+/// A command that runs as PostgreSQL's account (see [`run_as`]).
+pub fn as_postgres(program: &Path) -> anyhow::Result<std::process::Command> {
+    Ok(as_account(
+        std::process::Command::new(program),
+        run_as()?.as_ref(),
+    ))
 }
 
 fn as_account(mut cmd: std::process::Command, account: Option<&Account>) -> std::process::Command {

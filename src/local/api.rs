@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::ops::{self, OpError};
+use super::ops::{Action, OpError, Ops};
 use super::repo::Repo;
 
 /// The OpenAPI document, as committed under docs/.
@@ -24,7 +24,7 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 #[derive(Clone)]
 struct Api {
-    repo: Repo,
+    ops: Ops,
     token: Arc<String>,
 }
 
@@ -63,9 +63,9 @@ fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, OpError> {
 }
 
 /// The routes, behind the bearer token.
-pub fn router(repo: Repo, token: String) -> Router {
+pub fn router(ops: Ops, token: String) -> Router {
     let api = Api {
-        repo,
+        ops,
         token: Arc::new(token),
     };
     Router::new()
@@ -97,12 +97,12 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
 async fn op<T, F, Fut>(api: &Api, f: F) -> Result<T, OpError>
 where
     T: Send + 'static,
-    F: FnOnce(Repo) -> Fut + Send + 'static,
+    F: FnOnce(Ops) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, OpError>>,
 {
-    let repo = api.repo.clone();
+    let ops = api.ops.clone();
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || handle.block_on(f(repo)))
+    tokio::task::spawn_blocking(move || handle.block_on(f(ops)))
         .await
         .map_err(|e| OpError::Other(anyhow::anyhow!("the operation failed: {e}")))?
 }
@@ -133,16 +133,12 @@ async fn openapi() -> Response {
 }
 
 async fn status(State(api): State<Api>) -> Reply {
-    let local = super::running(&api.repo);
-    ok(json!({
-        "repo": api.repo.root,
-        "zenith_local": { "running": true, "pid": std::process::id(), "api_port": local.as_ref().map(|l| l.api_port) },
-        "pgs": ops::list_pgs(&api.repo)?,
-    }))
+    let value = op(&api, |ops| async move { ops.status().await }).await?;
+    ok(value)
 }
 
 async fn list_pgs(State(api): State<Api>) -> Reply {
-    ok(Value::Array(ops::list_pgs(&api.repo)?))
+    ok(Value::Array(api.ops.list_pgs()?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,9 +157,8 @@ fn yes() -> bool {
 
 async fn create_pg(State(api): State<Api>, new: Result<Json<NewPg>, JsonRejection>) -> Reply {
     let new = body(new)?;
-    let pg = op(&api, move |repo| async move {
-        ops::create_pg(
-            &repo,
+    let pg = op(&api, move |ops| async move {
+        ops.create_pg(
             &new.name,
             new.snapshot.as_deref(),
             !new.start,
@@ -176,23 +171,12 @@ async fn create_pg(State(api): State<Api>, new: Result<Json<NewPg>, JsonRejectio
 }
 
 async fn show_pg(State(api): State<Api>, Path(name): Path<String>) -> Reply {
-    ok(ops::show_pg(&api.repo, &name)?)
+    ok(api.ops.show_pg(&name)?)
 }
 
 async fn destroy_pg(State(api): State<Api>, Path(name): Path<String>) -> Reply {
-    op(&api, move |repo| async move {
-        ops::destroy_pg(&repo, &name).await
-    })
-    .await?;
+    op(&api, move |ops| async move { ops.destroy_pg(&name).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Action {
-    action: String,
-    #[serde(default)]
-    is_replica: bool,
 }
 
 async fn pg_action(
@@ -201,26 +185,14 @@ async fn pg_action(
     action: Result<Json<Action>, JsonRejection>,
 ) -> Reply {
     let action = body(action)?;
-    match (action.action.as_str(), action.is_replica) {
-        ("start", false) => ok(op(&api, move |repo| async move {
-            ops::start_pg(&repo, &name).await
-        })
-        .await?),
-        ("start", true) => Err(OpError::NotImplemented("replicas are not built yet".into())),
-        ("stop", _) => ok(op(
-            &api,
-            move |repo| async move { ops::stop_pg(&repo, &name).await },
-        )
-        .await?),
-        ("promote", _) => Err(OpError::NotImplemented("promote is not built yet".into())),
-        (other, _) => Err(OpError::BadRequest(format!(
-            "unknown action {other:?}; use start, stop or promote"
-        ))),
-    }
+    ok(op(&api, move |ops| async move {
+        ops.act(&name, &action, Default::default()).await
+    })
+    .await?)
 }
 
 async fn list_snapshots(State(api): State<Api>) -> Reply {
-    let all = op(&api, |repo| async move { ops::list_snapshots(&repo).await }).await?;
+    let all = op(&api, |ops| async move { ops.list_snapshots().await }).await?;
     ok(Value::Array(all.iter().map(|m| m.summary()).collect()))
 }
 
@@ -237,25 +209,24 @@ async fn create_snapshot(
     new: Result<Json<NewSnapshot>, JsonRejection>,
 ) -> Reply {
     let new = body(new)?;
-    let m = op(&api, move |repo| async move {
-        ops::create_snapshot(&repo, new.name.as_deref(), Default::default()).await
+    let m = op(&api, move |ops| async move {
+        ops.create_snapshot(new.name.as_deref(), Default::default())
+            .await
     })
     .await?;
     Ok((StatusCode::CREATED, Json(m.summary())).into_response())
 }
 
 async fn show_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
-    let m = op(&api, move |repo| async move {
-        ops::show_snapshot(&repo, &id).await
-    })
-    .await?;
+    let m = op(&api, move |ops| async move { ops.show_snapshot(&id).await }).await?;
     ok(m.summary())
 }
 
 async fn delete_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
-    let report = op(&api, move |repo| async move {
-        ops::delete_snapshot(&repo, &id).await
-    })
+    let report = op(
+        &api,
+        move |ops| async move { ops.delete_snapshot(&id).await },
+    )
     .await?;
     ok(json!({
         "deleted": report.deleted,
@@ -275,11 +246,11 @@ fn storages(repo: &Repo) -> Result<Vec<Value>, OpError> {
 }
 
 async fn list_storages(State(api): State<Api>) -> Reply {
-    ok(Value::Array(storages(&api.repo)?))
+    ok(Value::Array(storages(&api.ops.repo)?))
 }
 
 async fn show_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
-    storages(&api.repo)?
+    storages(&api.ops.repo)?
         .into_iter()
         .find(|s| s["name"] == name.as_str())
         .map(|s| Json(s).into_response())

@@ -1,11 +1,16 @@
 //! zenith-local: the process `zenith start` launches. It holds the repo's lock, runs the
-//! main pg as a child process, restarts it once if it dies, and stops it on SIGTERM
-//! (fast shutdown), SIGINT (Ctrl-C in the foreground) or SIGUSR1 (immediate shutdown, for
-//! `zenith stop --immediate`).
+//! main pg and every pg started through its REST API as child processes, restarts each
+//! once if it dies, and stops them all on SIGTERM (fast shutdown), SIGINT (Ctrl-C in the
+//! foreground) or SIGUSR1 (immediate shutdown, for `zenith stop --immediate`).
 
 pub mod api;
+mod exchange;
 pub mod ops;
+pub mod replica;
 pub mod repo;
+pub mod supervisor;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,11 +89,6 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         init_main(repo, &install)?;
     }
     let mut state = main.state()?;
-    // A server left running by a zenith-local that was killed: stop it, then supervise anew.
-    if main.running_pid().is_some() {
-        tracing::warn!("pg main was still running without zenith-local; restarting it");
-        main.stop(false).await?;
-    }
     // The REST API, on the configured port or the next free one.
     let api_port = free_port(config.api_port)?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", api_port))
@@ -96,138 +96,27 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{api_port}: {e}"))?;
     let token = std::fs::read_to_string(repo.token_path())
         .map_err(|e| anyhow::anyhow!("{}: {e}", repo.token_path().display()))?;
+    let supervisor = supervisor::Supervisor::new(repo.clone(), install, api_port);
+    // A server left running by a zenith-local that was killed is restarted as a child.
+    supervisor.start(&main, &mut state).await?;
+    tracing::info!("pg main ready on port {}", state.port);
+    let ops = ops::Ops::supervised(repo.clone(), Arc::clone(&supervisor));
     let server = tokio::spawn(api::serve(
         listener,
-        api::router(repo.clone(), token.trim().to_string()),
+        api::router(ops, token.trim().to_string()),
     ));
     let _server = AbortOnDrop(server);
-    let mut child = start_main(&main, &install, &mut state, config.pg_port).await?;
-    let mut pg = PgState {
-        name: "main".into(),
-        port: state.port,
-        restarts: 0,
-        failed: None,
-    };
-    set_password(&main, &install, &state).await;
-    let started_at = crate::snapshot::now_rfc3339();
-    let write_state = |pg: &PgState| write_state(repo, pg, &started_at, api_port);
-    write_state(&pg)?;
-    tracing::info!("pg main ready on port {}", state.port);
-    // While `hold` exists (a checkout swaps the data directory), a stopped pg is expected
-    // and started again only once the file is gone.
-    let hold = main.hold_path();
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-    let mut up = true;
-    let immediate = loop {
-        tokio::select! {
-            _ = term.recv() => break false,
-            _ = int.recv() => break false,
-            _ = usr1.recv() => break true,
-            exit = child.wait(), if up => {
-                up = false;
-                if hold.exists() {
-                    tracing::info!("pg main stopped for a checkout");
-                    continue;
-                }
-                let exit = exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                let why = format!("exited ({exit}): {}", crate::compute::node::last_log_line(&main.log()));
-                if pg.restarts == 0 {
-                    tracing::warn!("pg main {why}; restarting it");
-                    pg.restarts += 1;
-                    if let Some(c) = restart(&main, &install, &mut state, config.pg_port, &mut pg).await {
-                        child = c;
-                        up = true;
-                    }
-                } else {
-                    tracing::error!("pg main {why} again; not restarting it");
-                    pg.failed = Some(why);
-                }
-                write_state(&pg)?;
-            }
-            _ = tick.tick(), if !up && pg.failed.is_none() => {
-                if hold.exists() {
-                    continue;
-                }
-                tracing::info!("starting pg main again after a checkout");
-                if let Some(c) = restart(&main, &install, &mut state, config.pg_port, &mut pg).await {
-                    child = c;
-                    up = true;
-                }
-                write_state(&pg)?;
-            }
-        }
+    let immediate = tokio::select! {
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+        _ = usr1.recv() => true,
     };
     tracing::info!(
-        "stopping pg main ({})",
+        "stopping every pg ({})",
         if immediate { "immediate" } else { "fast" }
     );
-    if up {
-        main.stop_child(&mut child, immediate).await?;
-    }
+    supervisor.stop_all(immediate).await;
     Ok(())
-}
-
-/// Starts the main pg. Its port may be taken before or, in a race, while PostgreSQL binds
-/// it (another program, another repo): it then moves to the next free port, saved.
-async fn start_main(
-    main: &crate::compute::node::Node,
-    install: &crate::compute::PgInstall,
-    state: &mut NodeState,
-    first_port: u16,
-) -> anyhow::Result<tokio::process::Child> {
-    let mut attempts = 0;
-    loop {
-        if std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err() {
-            let port = free_port(first_port.max(state.port.saturating_add(1)))?;
-            tracing::warn!("port {} is taken; pg main moves to {port}", state.port);
-            state.port = port;
-            main.save_state(state)?;
-        }
-        match main.start(install, state).await {
-            Ok(child) => return Ok(child),
-            Err(e) => {
-                attempts += 1;
-                let taken = std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err();
-                if !taken || attempts >= 3 {
-                    return Err(e);
-                }
-            }
-        }
-    }
-}
-
-/// Starts the main pg again and gives it its password; a failure is recorded in `pg`.
-async fn restart(
-    main: &crate::compute::node::Node,
-    install: &crate::compute::PgInstall,
-    state: &mut NodeState,
-    first_port: u16,
-    pg: &mut PgState,
-) -> Option<tokio::process::Child> {
-    let started = start_main(main, install, state, first_port).await;
-    pg.port = state.port;
-    match started {
-        Ok(child) => {
-            set_password(main, install, state).await;
-            Some(child)
-        }
-        Err(e) => {
-            pg.failed = Some(format!("{e:#}"));
-            None
-        }
-    }
-}
-
-/// The pg's superuser gets the pg's password (its data may come from another pg's
-/// snapshot); a failure is logged, the server keeps running.
-async fn set_password(
-    node: &crate::compute::node::Node,
-    install: &crate::compute::PgInstall,
-    state: &NodeState,
-) {
-    if let Err(e) = node.set_password(install, state).await {
-        tracing::warn!("{e:#}");
-    }
 }
 
 /// Stops a background task when dropped.
@@ -237,19 +126,6 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn write_state(repo: &Repo, pg: &PgState, started_at: &str, api_port: u16) -> anyhow::Result<()> {
-    let state = LocalState {
-        pid: std::process::id(),
-        api_port,
-        started_at: started_at.to_string(),
-        pgs: vec![pg.clone()],
-    };
-    crate::compute::node::write_private(
-        &repo.state_path(),
-        &serde_json::to_vec_pretty(&state).expect("serializes"),
-    )
 }
 
 /// zenith-local's state, if it runs.

@@ -3,13 +3,17 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::replica;
 use super::repo::Repo;
+use super::supervisor::Supervisor;
 use crate::compute::node::{make_dir, run_as, Node, NodeState, Status};
 use crate::compute::PgInstall;
 use crate::snapshot::{native, Manifest};
 use crate::storage::Storage;
+use crate::util::progress::ProgressHandle;
 
 /// A failed operation, by kind (the REST API maps kinds to HTTP statuses).
 #[derive(Debug, thiserror::Error)]
@@ -78,48 +82,50 @@ pub fn existing(repo: &Repo, name: &str) -> OpResult<(Node, NodeState)> {
     Ok((node, state))
 }
 
+/// Ports of the repo's pgs other than `except`: promised to them even while stopped.
+pub fn promised_ports(repo: &Repo, except: &str) -> Vec<u16> {
+    repo.nodes()
+        .iter()
+        .filter(|n| n.name != except)
+        .filter_map(|n| n.state().ok().map(|s| s.port))
+        .collect()
+}
+
 /// A port for a new pg: free now, and promised to no other pg of the repo.
 fn new_port(repo: &Repo) -> OpResult<u16> {
     let config = repo.config()?;
-    let promised: Vec<u16> = repo
-        .nodes()
-        .iter()
-        .filter_map(|n| n.state().ok().map(|s| s.port))
-        .collect();
-    Ok(super::free_port_except(config.pg_port, &promised)?)
+    Ok(super::free_port_except(
+        config.pg_port,
+        &promised_ports(repo, ""),
+    )?)
 }
 
-/// Starts a pg outside zenith-local's supervision (which covers `main`) and gives its
-/// superuser the pg's password. The server is reaped by a background task while this
-/// process lives, and by init after.
-pub async fn start_detached(install: &PgInstall, node: &Node, state: &NodeState) -> OpResult<()> {
-    if node.status() == Status::Running {
-        return Ok(());
-    }
-    let mut child = node.start(install, state).await?;
-    tokio::spawn(async move {
-        let _ = child.wait().await;
-    });
-    Ok(node.set_password(install, state).await?)
+/// How the operations run: in zenith-local, which supervises the pgs it starts, or in a
+/// command run while zenith-local is down, whose pgs run on unsupervised.
+#[derive(Clone)]
+pub struct Ops {
+    pub repo: Repo,
+    supervisor: Option<Arc<Supervisor>>,
 }
 
-/// Waits until a supervisor has started `node` again.
-async fn wait_running(node: &Node) -> OpResult<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        if node.status() == Status::Running && node.ready() {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(anyhow::anyhow!(
-                "pg {} did not come back in 120 s; see {}",
-                node.name,
-                node.log().display()
-            )
-            .into());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+/// What `POST /pgs/NAME/actions` (and the CLI's pg commands) ask for.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// start, stop, promote or checkout.
+    pub action: String,
+    /// start: as a streaming replica.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_replica: bool,
+    /// start with is_replica: the pg to follow [default: main].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// stop: without waiting for clients.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub immediate: bool,
+    /// checkout: the snapshot to roll back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// A pg as `pg show --json` and `GET /pgs/NAME` describe it.
@@ -129,78 +135,426 @@ pub fn describe(node: &Node, state: &NodeState) -> Value {
         "status": node.status(),
         "port": state.port,
         "connstr": node.connstr(state),
+        "role": if state.primary.is_some() { "replica" } else { "primary" },
+        "primary": state.primary,
         "data_directory": node.data(),
         "log": node.log(),
     })
 }
 
-pub fn list_pgs(repo: &Repo) -> OpResult<Vec<Value>> {
-    let mut rows = Vec::new();
-    for node in repo.nodes().into_iter().filter(|n| n.exists()) {
-        let state = node.state()?;
-        rows.push(describe(&node, &state));
-    }
-    Ok(rows)
-}
-
-pub fn show_pg(repo: &Repo, name: &str) -> OpResult<Value> {
-    let (node, state) = existing(repo, name)?;
-    Ok(describe(&node, &state))
-}
-
-/// Creates a pg, empty or from a snapshot of the repo; started unless `no_start`.
-pub async fn create_pg(
-    repo: &Repo,
-    name: &str,
-    snapshot: Option<&str>,
-    no_start: bool,
-    progress: crate::util::progress::ProgressHandle,
-) -> OpResult<Value> {
-    check_name(name)?;
-    let node = repo.node(name);
-    if node.dir.exists() {
-        return Err(OpError::Conflict(format!(
-            "pg {name:?} already exists; nothing was changed (`zenith pg destroy {name}` removes it)"
-        )));
-    }
-    let install = install()?;
-    let port = new_port(repo)?;
-    let state = match fill(repo, &install, &node, port, snapshot, progress).await {
-        Ok(state) => state,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&node.dir);
-            return Err(e);
+impl Ops {
+    /// Operations in zenith-local, which supervises every pg they start.
+    pub fn supervised(repo: Repo, supervisor: Arc<Supervisor>) -> Ops {
+        Ops {
+            repo,
+            supervisor: Some(supervisor),
         }
-    };
-    if !no_start {
-        start_detached(&install, &node, &state).await?;
     }
-    Ok(describe(&node, &state))
+
+    /// Operations in a command while zenith-local is down.
+    pub fn direct(repo: Repo) -> Ops {
+        Ops {
+            repo,
+            supervisor: None,
+        }
+    }
+
+    /// Starts a pg: under zenith-local's supervision, or left running on its own, reaped
+    /// by a background task while this process lives and by init after.
+    async fn run_node(&self, node: &Node, state: &mut NodeState) -> OpResult<()> {
+        match &self.supervisor {
+            Some(s) => Ok(s.start(node, state).await?),
+            None => {
+                if node.status() == Status::Running {
+                    return Ok(());
+                }
+                let mut child =
+                    super::supervisor::launch(&self.repo, &install()?, node, state).await?;
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn halt_node(&self, node: &Node, immediate: bool) -> OpResult<()> {
+        if let Some(s) = &self.supervisor {
+            if s.stop(&node.name, immediate).await {
+                return Ok(());
+            }
+        }
+        Ok(node.stop(immediate).await?)
+    }
+
+    pub fn list_pgs(&self) -> OpResult<Vec<Value>> {
+        let mut rows = Vec::new();
+        for node in self.repo.nodes().into_iter().filter(|n| n.exists()) {
+            let state = node.state()?;
+            rows.push(describe(&node, &state));
+        }
+        Ok(rows)
+    }
+
+    pub fn show_pg(&self, name: &str) -> OpResult<Value> {
+        let (node, state) = existing(&self.repo, name)?;
+        Ok(describe(&node, &state))
+    }
+
+    /// Creates a pg, empty or from a snapshot of the repo; started unless `no_start`.
+    pub async fn create_pg(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+        no_start: bool,
+        progress: ProgressHandle,
+    ) -> OpResult<Value> {
+        check_name(name)?;
+        let node = self.repo.node(name);
+        if node.dir.exists() {
+            return Err(OpError::Conflict(format!(
+                "pg {name:?} already exists; nothing was changed (`zenith pg destroy {name}` removes it)"
+            )));
+        }
+        let install = install()?;
+        let port = new_port(&self.repo)?;
+        let mut state = match self.fill(&install, &node, port, snapshot, progress).await {
+            Ok(state) => state,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&node.dir);
+                return Err(e);
+            }
+        };
+        if !no_start {
+            self.run_node(&node, &mut state).await?;
+        }
+        Ok(describe(&node, &state))
+    }
+
+    /// A new pg's data: from a snapshot of the repo, or a fresh initdb.
+    async fn fill(
+        &self,
+        install: &PgInstall,
+        node: &Node,
+        port: u16,
+        snapshot: Option<&str>,
+        progress: ProgressHandle,
+    ) -> OpResult<NodeState> {
+        let Some(reference) = snapshot else {
+            return Ok(node.init(install, port)?);
+        };
+        let store = store(&self.repo).await?;
+        let m = native::resolve(store.as_ref(), reference).await?;
+        let account = run_as()?;
+        make_dir(&node.dir, account.as_ref())?;
+        materialize(store.as_ref(), &m, &node.data(), &progress).await?;
+        let state = NodeState {
+            has_run: false,
+            ..NodeState::new(port)
+        };
+        node.save_state(&state)?;
+        Ok(state)
+    }
+
+    /// `pg start`, `stop`, `promote` and `checkout`.
+    pub async fn act(
+        &self,
+        name: &str,
+        action: &Action,
+        progress: ProgressHandle,
+    ) -> OpResult<Value> {
+        match action.action.as_str() {
+            "start" if action.is_replica => {
+                self.start_replica(name, action.primary.as_deref().unwrap_or("main"))
+                    .await
+            }
+            "start" => {
+                let (node, mut state) = existing(&self.repo, name)?;
+                if state.primary.is_some() {
+                    return Err(OpError::Conflict(format!(
+                        "pg {name} is a replica; `zenith pg start {name} --replica` starts it, `zenith pg promote {name}` makes it a primary"
+                    )));
+                }
+                self.run_node(&node, &mut state).await?;
+                Ok(describe(&node, &state))
+            }
+            "stop" => {
+                let (node, state) = existing(&self.repo, name)?;
+                self.halt_node(&node, action.immediate).await?;
+                Ok(describe(&node, &state))
+            }
+            "promote" => self.promote(name).await,
+            "checkout" => {
+                let reference = action.snapshot.as_deref().ok_or_else(|| {
+                    OpError::BadRequest(
+                        "checkout needs \"snapshot\": the reference to roll back to".into(),
+                    )
+                })?;
+                let done = self.checkout(name, reference, progress).await?;
+                Ok(json!({
+                    "kept": done.kept.summary(),
+                    "target": done.target.summary(),
+                    "pg": done.pg,
+                }))
+            }
+            other => Err(OpError::BadRequest(format!(
+                "unknown action {other:?}; use start, stop, promote or checkout"
+            ))),
+        }
+    }
+
+    /// Starts `name` as a streaming replica of `primary`. A pg that is not its replica
+    /// yet gets a fresh copy of the primary's data; what it held is kept first as
+    /// snapshot `NAME@HEAD{n}`, unless it never ran (its data is then still the snapshot
+    /// it was created from).
+    async fn start_replica(&self, name: &str, primary: &str) -> OpResult<Value> {
+        let (node, mut state) = existing(&self.repo, name)?;
+        if name == primary {
+            return Err(OpError::BadRequest(format!(
+                "pg {name} cannot follow itself"
+            )));
+        }
+        let (pnode, pstate) = existing(&self.repo, primary)?;
+        if state.primary.as_deref() == Some(primary) {
+            self.run_node(&node, &mut state).await?;
+            return Ok(describe(&node, &state));
+        }
+        if let Some(other) = &state.primary {
+            return Err(OpError::Conflict(format!(
+                "pg {name} follows pg {other}; `zenith pg promote {name}` first"
+            )));
+        }
+        if pstate.primary.is_some() {
+            return Err(OpError::BadRequest(format!(
+                "pg {primary} is itself a replica; follow a primary instead"
+            )));
+        }
+        let followers = replica::replicas_of(&self.repo, name);
+        if !followers.is_empty() {
+            return Err(OpError::Conflict(format!(
+                "pg {name} has replicas ({}); promote or destroy them first",
+                followers.join(", ")
+            )));
+        }
+        if pnode.status() != Status::Running {
+            return Err(OpError::Conflict(format!(
+                "pg {primary} is not running; `zenith pg start {primary}` first"
+            )));
+        }
+        if name == "main" {
+            return Err(OpError::BadRequest(
+                "pg main is the repo's own pg and stays a primary; create a new pg for the replica"
+                    .into(),
+            ));
+        }
+        let install = install()?;
+        self.halt_node(&node, false).await?;
+        if state.has_run {
+            let kept = self.keep_head(&node, &state, Default::default()).await?;
+            tracing::info!("pg {name}: kept its data as snapshot {}", kept.id);
+        }
+        let fresh = node.dir.join("data.replica");
+        let _ = std::fs::remove_dir_all(&fresh);
+        if let Err(e) = replica::copy_primary(&install, &pnode, &pstate, name, &fresh).await {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(e.into());
+        }
+        swap_data(&node, &fresh)?;
+        state.primary = Some(primary.to_string());
+        // The copy carries the primary's roles and passwords; a replica is read-only.
+        state.password = pstate.password.clone();
+        state.has_run = false;
+        node.save_state(&state)?;
+        self.run_node(&node, &mut state).await?;
+        replica::wait_streaming(&install, &node, &state).await?;
+        Ok(describe(&node, &state))
+    }
+
+    /// Makes a running replica a primary of its own (a new timeline); its primary drops
+    /// the slot it kept for it.
+    async fn promote(&self, name: &str) -> OpResult<Value> {
+        let (node, mut state) = existing(&self.repo, name)?;
+        let Some(primary) = state.primary.clone() else {
+            return Err(OpError::BadRequest(format!(
+                "pg {name} is not a replica; there is nothing to promote"
+            )));
+        };
+        if node.status() != Status::Running {
+            return Err(OpError::Conflict(format!(
+                "pg {name} is not running; `zenith pg start {name} --replica` first"
+            )));
+        }
+        let install = install()?;
+        let done = node
+            .query(&install, &state, "SELECT pg_promote(true, 120)")
+            .await?;
+        if done != "t" {
+            return Err(anyhow::anyhow!(
+                "pg {name} did not finish its promotion in 120 s; see {}",
+                node.log().display()
+            )
+            .into());
+        }
+        state.primary = None;
+        state.has_run = true;
+        node.save_state(&state)?;
+        node.set_password(&install, &state).await?;
+        let pnode = self.repo.node(&primary);
+        if let Ok(pstate) = pnode.state() {
+            if pnode.status() == Status::Running {
+                replica::prune_slots(&self.repo, &install, &pnode, &pstate).await;
+            }
+        }
+        Ok(describe(&node, &state))
+    }
+
+    pub async fn destroy_pg(&self, name: &str) -> OpResult<()> {
+        let (node, state) = existing(&self.repo, name)?;
+        if name == "main" {
+            return Err(OpError::Conflict(
+                "pg main is the repo's own pg and is not destroyed; its snapshots stay in the repo"
+                    .into(),
+            ));
+        }
+        let followers = replica::replicas_of(&self.repo, name);
+        if !followers.is_empty() {
+            return Err(OpError::Conflict(format!(
+                "pg {name} has replicas ({}); promote or destroy them first",
+                followers.join(", ")
+            )));
+        }
+        self.halt_node(&node, true).await?;
+        std::fs::remove_dir_all(&node.dir)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", node.dir.display()))?;
+        if let Some(primary) = &state.primary {
+            let pnode = self.repo.node(primary);
+            if let (Ok(pstate), Status::Running) = (pnode.state(), pnode.status()) {
+                replica::prune_slots(&self.repo, &install()?, &pnode, &pstate).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Snapshots a pg into the repo: online when it runs, from its directory when not.
+    pub async fn create_snapshot(
+        &self,
+        reference: Option<&str>,
+        progress: ProgressHandle,
+    ) -> OpResult<Manifest> {
+        let (pg, name) = split_reference(reference);
+        let (node, state) = existing(&self.repo, &pg)?;
+        if let Some(n) = &name {
+            if n.contains("@HEAD") {
+                return Err(OpError::BadRequest(format!(
+                    "{n:?}: names with @HEAD are kept for checkouts; choose another tag"
+                )));
+            }
+        }
+        take(&node, &state, store(&self.repo).await?, name, progress).await
+    }
+
+    pub async fn list_snapshots(&self) -> OpResult<Vec<Manifest>> {
+        Ok(native::list(store(&self.repo).await?.as_ref()).await?)
+    }
+
+    pub async fn show_snapshot(&self, reference: &str) -> OpResult<Manifest> {
+        Ok(native::resolve(store(&self.repo).await?.as_ref(), reference).await?)
+    }
+
+    pub async fn delete_snapshot(&self, reference: &str) -> OpResult<native::DeleteReport> {
+        let store = store(&self.repo).await?;
+        let m = native::resolve(store.as_ref(), reference).await?;
+        // The repo's own store: no other writer but this machine, so a short grace suffices.
+        Ok(native::delete(store, &m, std::time::Duration::from_secs(60), 0.05).await?)
+    }
+
+    /// The newest snapshot of the repo, if any.
+    pub async fn newest_snapshot(&self) -> OpResult<Option<Manifest>> {
+        Ok(self
+            .list_snapshots()
+            .await?
+            .into_iter()
+            .max_by(|a, b| a.id.cmp(&b.id)))
+    }
+
+    /// Keeps a stopped pg's data as snapshot `NAME@HEAD{n}`, n one more than the last.
+    async fn keep_head(
+        &self,
+        node: &Node,
+        state: &NodeState,
+        progress: ProgressHandle,
+    ) -> OpResult<Manifest> {
+        let store = store(&self.repo).await?;
+        let prefix = format!("{}@HEAD{{", node.name);
+        let heads = native::list(store.as_ref())
+            .await?
+            .iter()
+            .filter(|m| m.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
+            .count();
+        let head = format!("{}@HEAD{{{heads}}}", node.name);
+        take(node, state, store, Some(head), progress).await
+    }
+
+    /// `pg checkout NAME REF`: keeps NAME's state as `NAME@HEAD{n}`, then replaces its
+    /// data with REF and starts it again if it ran. Nothing is lost: the old state is a
+    /// snapshot before anything is replaced, and an unknown REF changes nothing.
+    pub async fn checkout(
+        &self,
+        name: &str,
+        reference: &str,
+        progress: ProgressHandle,
+    ) -> OpResult<Checkout> {
+        let (node, mut state) = existing(&self.repo, name)?;
+        if state.primary.is_some() {
+            return Err(OpError::Conflict(format!(
+                "pg {name} is a replica and follows its primary; `zenith pg promote {name}` first"
+            )));
+        }
+        let followers = replica::replicas_of(&self.repo, name);
+        if !followers.is_empty() {
+            return Err(OpError::Conflict(format!(
+                "pg {name} has replicas ({}), which cannot follow a rollback; promote or destroy them first",
+                followers.join(", ")
+            )));
+        }
+        let store = store(&self.repo).await?;
+        let target = native::resolve(store.as_ref(), reference).await?;
+        let was_running = node.status() == Status::Running;
+        self.halt_node(&node, false).await?;
+        let result = async {
+            let kept = self.keep_head(&node, &state, progress.clone()).await?;
+            // The new data next to the old, swapped only when complete.
+            let fresh = node.dir.join("data.checkout");
+            let _ = std::fs::remove_dir_all(&fresh);
+            if let Err(e) = materialize(store.as_ref(), &target, &fresh, &progress).await {
+                let _ = std::fs::remove_dir_all(&fresh);
+                return Err(e);
+            }
+            swap_data(&node, &fresh)?;
+            OpResult::Ok(kept)
+        }
+        .await;
+        // Failed or not, a pg that ran runs again (on its old data if nothing changed).
+        if was_running {
+            self.run_node(&node, &mut state).await?;
+        }
+        let kept = result?;
+        Ok(Checkout {
+            kept,
+            target,
+            pg: was_running.then(|| describe(&node, &state)),
+        })
+    }
 }
 
-/// A new pg's data: from a snapshot of the repo, or a fresh initdb.
-async fn fill(
-    repo: &Repo,
-    install: &PgInstall,
-    node: &Node,
-    port: u16,
-    snapshot: Option<&str>,
-    progress: crate::util::progress::ProgressHandle,
-) -> OpResult<NodeState> {
-    let Some(reference) = snapshot else {
-        return Ok(node.init(install, port)?);
-    };
-    let store = store(repo).await?;
-    let m = native::resolve(store.as_ref(), reference).await?;
-    let account = run_as()?;
-    make_dir(&node.dir, account.as_ref())?;
-    materialize(store.as_ref(), &m, &node.data(), &progress).await?;
-    let state = NodeState {
-        port,
-        password: crate::compute::node::generate_password(),
-    };
-    node.save_state(&state)?;
-    Ok(state)
+/// Replaces a stopped pg's data directory by the complete directory `fresh`.
+fn swap_data(node: &Node, fresh: &std::path::Path) -> OpResult<()> {
+    let old = node.dir.join("data.old");
+    let _ = std::fs::remove_dir_all(&old);
+    std::fs::rename(node.data(), &old).map_err(anyhow::Error::from)?;
+    std::fs::rename(fresh, node.data()).map_err(anyhow::Error::from)?;
+    std::fs::remove_dir_all(&old).map_err(anyhow::Error::from)?;
+    Ok(())
 }
 
 /// Restores a snapshot into the new data directory `dir`, owned by PostgreSQL's account.
@@ -208,42 +562,14 @@ async fn materialize(
     store: &dyn Storage,
     m: &Manifest,
     dir: &std::path::Path,
-    progress: &crate::util::progress::ProgressHandle,
+    progress: &ProgressHandle,
 ) -> OpResult<()> {
     native::unpack(store, m, dir, progress).await?;
+    // A snapshot of a replica carries its standby.signal; a pg made from it is a primary.
+    for signal in ["standby.signal", "recovery.signal"] {
+        let _ = std::fs::remove_file(dir.join(signal));
+    }
     crate::compute::hand_to_postgres_user(dir).map_err(anyhow::Error::msg)?;
-    Ok(())
-}
-
-pub async fn start_pg(repo: &Repo, name: &str) -> OpResult<Value> {
-    let (node, state) = existing(repo, name)?;
-    start_detached(&install()?, &node, &state).await?;
-    Ok(describe(&node, &state))
-}
-
-pub async fn stop_pg(repo: &Repo, name: &str) -> OpResult<Value> {
-    let (node, state) = existing(repo, name)?;
-    if name == "main" && super::running(repo).is_some() {
-        return Err(OpError::Conflict(
-            "pg main runs under zenith-local, which would start it again; `zenith stop` stops both"
-                .into(),
-        ));
-    }
-    node.stop(false).await?;
-    Ok(describe(&node, &state))
-}
-
-pub async fn destroy_pg(repo: &Repo, name: &str) -> OpResult<()> {
-    let (node, _) = existing(repo, name)?;
-    if name == "main" {
-        return Err(OpError::Conflict(
-            "pg main is the repo's own pg and is not destroyed; its snapshots stay in the repo"
-                .into(),
-        ));
-    }
-    node.stop(true).await?;
-    std::fs::remove_dir_all(&node.dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", node.dir.display()))?;
     Ok(())
 }
 
@@ -258,31 +584,13 @@ pub fn split_reference(text: Option<&str>) -> (String, Option<String>) {
     }
 }
 
-/// Snapshots a pg into the repo: online when it runs, from its directory when not.
-pub async fn create_snapshot(
-    repo: &Repo,
-    reference: Option<&str>,
-    progress: crate::util::progress::ProgressHandle,
-) -> OpResult<Manifest> {
-    let (pg, name) = split_reference(reference);
-    let (node, state) = existing(repo, &pg)?;
-    if let Some(n) = &name {
-        if n.contains("@HEAD") {
-            return Err(OpError::BadRequest(format!(
-                "{n:?}: names with @HEAD are kept for checkouts; choose another tag"
-            )));
-        }
-    }
-    take(&node, &state, store(repo).await?, name, progress).await
-}
-
 /// Snapshots a pg into `store` under `name`, which must be new.
 async fn take(
     node: &Node,
     state: &NodeState,
     store: Arc<dyn Storage>,
     name: Option<String>,
-    progress: crate::util::progress::ProgressHandle,
+    progress: ProgressHandle,
 ) -> OpResult<Manifest> {
     if let Some(n) = &name {
         if native::list(store.as_ref())
@@ -308,21 +616,6 @@ async fn take(
     Ok(report.manifest)
 }
 
-pub async fn list_snapshots(repo: &Repo) -> OpResult<Vec<Manifest>> {
-    Ok(native::list(store(repo).await?.as_ref()).await?)
-}
-
-pub async fn show_snapshot(repo: &Repo, reference: &str) -> OpResult<Manifest> {
-    Ok(native::resolve(store(repo).await?.as_ref(), reference).await?)
-}
-
-pub async fn delete_snapshot(repo: &Repo, reference: &str) -> OpResult<native::DeleteReport> {
-    let store = store(repo).await?;
-    let m = native::resolve(store.as_ref(), reference).await?;
-    // The repo's own store: no other writer but this machine, so a short grace suffices.
-    Ok(native::delete(store, &m, std::time::Duration::from_secs(60), 0.05).await?)
-}
-
 /// What a checkout did.
 pub struct Checkout {
     pub kept: Manifest,
@@ -330,65 +623,40 @@ pub struct Checkout {
     pub pg: Option<Value>,
 }
 
-/// `pg checkout NAME REF`: keeps NAME's state as `NAME@HEAD{n}`, then replaces its data
-/// with REF and starts it again if it ran. Nothing is lost: the old state is a snapshot
-/// before anything is replaced, and an unknown REF changes nothing.
-pub async fn checkout(
-    repo: &Repo,
-    name: &str,
-    reference: &str,
-    progress: crate::util::progress::ProgressHandle,
-) -> OpResult<Checkout> {
-    let (node, state) = existing(repo, name)?;
-    let install = install()?;
-    let store = store(repo).await?;
-    let target = native::resolve(store.as_ref(), reference).await?;
-    let supervised = name == "main" && super::running(repo).is_some();
-    let was_running = node.status() == Status::Running;
-    std::fs::write(node.hold_path(), b"checkout").map_err(anyhow::Error::from)?;
-    let result = async {
-        node.stop(false).await?;
-        let heads = native::list(store.as_ref())
-            .await?
-            .iter()
-            .filter(|m| {
-                m.name
-                    .as_deref()
-                    .is_some_and(|n| n.starts_with(&format!("{name}@HEAD{{")))
+impl Ops {
+    /// What `zenith status` and `GET /status` show: zenith-local, every pg (with what
+    /// supervision saw of it) and the newest snapshot.
+    pub async fn status(&self) -> OpResult<Value> {
+        let local = super::running(&self.repo);
+        let mut pgs = Vec::new();
+        for node in self.repo.nodes().into_iter().filter(|n| n.exists()) {
+            let state = node.state()?;
+            let watched = local
+                .as_ref()
+                .and_then(|l| l.pgs.iter().find(|p| p.name == node.name));
+            let mut row = describe(&node, &state);
+            row["supervised"] = json!(watched.is_some_and(|p| p.failed.is_none()));
+            row["restarts"] = json!(watched.map(|p| p.restarts).unwrap_or(0));
+            row["failed"] = json!(watched.and_then(|p| p.failed.clone()));
+            pgs.push(row);
+        }
+        let newest = self.newest_snapshot().await?.map(|m| {
+            json!({
+                "id": m.id,
+                "name": m.name,
+                "created_at": m.created_at,
+                "total_size": m.total_size,
             })
-            .count();
-        let head = format!("{name}@HEAD{{{heads}}}");
-        let kept = take(
-            &node,
-            &state,
-            Arc::clone(&store),
-            Some(head),
-            progress.clone(),
-        )
-        .await?;
-        // The new data next to the old, swapped only when complete.
-        let fresh = node.dir.join("data.checkout");
-        let _ = std::fs::remove_dir_all(&fresh);
-        materialize(store.as_ref(), &target, &fresh, &progress).await?;
-        let old = node.dir.join("data.old");
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(node.data(), &old).map_err(anyhow::Error::from)?;
-        std::fs::rename(&fresh, node.data()).map_err(anyhow::Error::from)?;
-        std::fs::remove_dir_all(&old).map_err(anyhow::Error::from)?;
-        OpResult::Ok(kept)
+        });
+        Ok(json!({
+            "repo": self.repo.root,
+            "zenith_local": {
+                "running": local.is_some(),
+                "pid": local.as_ref().map(|l| l.pid),
+                "api": local.as_ref().map(|l| format!("http://127.0.0.1:{}", l.api_port)),
+            },
+            "pgs": pgs,
+            "newest_snapshot": newest,
+        }))
     }
-    .await;
-    let _ = std::fs::remove_file(node.hold_path());
-    let kept = result?;
-    if supervised {
-        wait_running(&node).await?;
-        node.set_password(&install, &state).await?;
-    } else if was_running {
-        start_detached(&install, &node, &state).await?;
-    }
-    Ok(Checkout {
-        kept,
-        target,
-        pg: (supervised || was_running).then(|| describe(&node, &state)),
-    })
 }

@@ -15,6 +15,7 @@ pub mod native;
 pub mod online;
 mod paths;
 pub mod pgdata;
+pub mod transfer;
 
 pub use error::{Result, SnapshotError};
 pub use manifest::{now_rfc3339, Entry, EntryKind, Format, Manifest, BLOCK_SIZE, FORMAT_VERSION};

@@ -67,16 +67,16 @@ struct RangeRead {
 }
 /// Largest pack zenith writes is PACK_TARGET plus one frame; anything much larger is
 /// refused before it is read into memory.
-const MAX_PACK_BYTES: u64 = 2 * PACK_TARGET as u64;
+pub(crate) const MAX_PACK_BYTES: u64 = 2 * PACK_TARGET as u64;
 /// An index lists a pack's blocks, 46 bytes each; even 8 MiB of the smallest zstd frames
 /// stays under this.
-const MAX_INDEX_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// Packs and lists uploaded or downloaded at once.
-const TRANSFER_CONCURRENCY: usize = 4;
+pub(crate) const TRANSFER_CONCURRENCY: usize = 4;
 const INDEX_MAGIC: &[u8; 8] = b"ZNIDX002";
 const INDEX_ENTRY: usize = 32 + 8 + 4 + 2;
 
-type Hash = [u8; 32];
+pub(crate) type Hash = [u8; 32];
 
 /// Where a block lives: a frame of a pack, and its position in the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +179,36 @@ async fn load_packs(storage: &dyn Storage) -> Result<Vec<PackInfo>> {
     Ok(packs)
 }
 
+/// Largest block list object read: a 1 GiB file's list is 4 MiB.
+pub(crate) const MAX_LIST_BYTES: u64 = 64 << 20;
+
+/// Every block any indexed pack of `storage` holds.
+pub(crate) async fn load_block_hashes(storage: &dyn Storage) -> Result<HashSet<Hash>> {
+    Ok(load_packs(storage)
+        .await?
+        .into_iter()
+        .flat_map(|p| p.entries.into_iter().map(|e| e.hash))
+        .collect())
+}
+
+/// Each indexed pack of `storage` that exists: its id, blocks and size in bytes.
+pub(crate) async fn pack_sizes(storage: &dyn Storage) -> Result<Vec<(String, Vec<Hash>, u64)>> {
+    let sizes: HashMap<String, u64> = storage
+        .list("packs/")
+        .await?
+        .into_iter()
+        .map(|o| (o.key.trim_start_matches("packs/").to_string(), o.size))
+        .collect();
+    Ok(load_packs(storage)
+        .await?
+        .into_iter()
+        .filter_map(|p| {
+            let size = *sizes.get(&p.id)?;
+            Some((p.id, p.entries.into_iter().map(|e| e.hash).collect(), size))
+        })
+        .collect())
+}
+
 async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
     let mut index = BlockIndex::default();
     for pack in load_packs(storage).await? {
@@ -196,7 +226,7 @@ async fn load_index(storage: &dyn Storage) -> Result<BlockIndex> {
     Ok(index)
 }
 
-fn list_key(hash: &str) -> String {
+pub(crate) fn list_key(hash: &str) -> String {
     format!("lists/{hash}")
 }
 
@@ -205,7 +235,7 @@ const PATCH_MAGIC: &[u8; 8] = b"ZNPATCH1";
 const PATCH_HEADER: usize = 8 + 32 + 8 + 8 + 4;
 const PATCH_ENTRY: usize = 4 + 32;
 
-fn patch_key(hash: &str) -> String {
+pub(crate) fn patch_key(hash: &str) -> String {
     format!("lists/{hash}.patch")
 }
 
@@ -347,7 +377,7 @@ async fn load_lists(storage: &dyn Storage, manifest: &Manifest) -> Result<Vec<Ar
 
 /// Each distinct block list the manifests name, fetched concurrently and checked, by
 /// name, with the name of the full list it is a patch of, if it is one.
-async fn fetch_lists(
+pub(crate) async fn fetch_lists(
     storage: &dyn Storage,
     manifests: &[Manifest],
 ) -> Result<HashMap<String, (Arc<Vec<Hash>>, Option<String>)>> {
@@ -486,7 +516,7 @@ pub async fn online_copy(install: &crate::compute::PgInstall, connstr: &str) -> 
 }
 
 /// Start and stop LSN of a base backup, from its `backup_manifest` (WAL-Ranges).
-fn backup_lsns(data: &Path) -> Result<(String, String)> {
+pub(crate) fn backup_lsns(data: &Path) -> Result<(String, String)> {
     let path = data.join("backup_manifest");
     let text = std::fs::read_to_string(&path).map_err(|e| SnapshotError::io(&path, "read", e))?;
     let manifest: serde_json::Value =
@@ -711,7 +741,7 @@ fn tempdir_for_label() -> Result<PathBuf> {
 /// Takes the export lock. The lock tells a concurrent `snapshot delete` not to collect
 /// packs this run relies on; a collection already under way makes this export wait for
 /// another day.
-async fn take_export_lock(storage: &Arc<dyn Storage>) -> Result<HeldLock> {
+pub(crate) async fn take_export_lock(storage: &Arc<dyn Storage>) -> Result<HeldLock> {
     HeldLock::take_unless(storage, "export", "locks/gc-")
         .await?
         .map_err(|gc| SnapshotError::Refused {
@@ -732,7 +762,7 @@ const LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(600);
 /// Exports and garbage collection exclude each other: each writes its lock first and then
 /// looks for the other's. Whichever looks second sees the first and backs off, so a
 /// collection never removes a block an export decided not to upload because it was there.
-struct HeldLock {
+pub(crate) struct HeldLock {
     storage: Arc<dyn Storage>,
     key: String,
     refresher: tokio::task::JoinHandle<()>,
@@ -783,7 +813,7 @@ impl HeldLock {
         }
     }
 
-    async fn release(self) {
+    pub(crate) async fn release(self) {
         self.refresher.abort();
         if let Err(e) = self.storage.delete(&self.key).await {
             tracing::warn!("could not remove the lock {}: {e}", self.key);

@@ -58,7 +58,6 @@ fn commands_not_built_yet_say_so_with_exit_code_2() {
         vec!["init", "--snapshot_path=/x", "--snapshot-format", "pgdata"],
         vec!["push"],
         vec!["pull", "s3://bucket/x"],
-        vec!["pg", "promote", "main"],
         vec!["snapshot", "diff", "a", "b"],
         vec!["storage", "attach", "-n", "team", "--path", "s3://bucket/x"],
         vec!["wal-push", "pg_wal/000000010000000000000001"],

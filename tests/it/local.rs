@@ -271,6 +271,12 @@ fn bad_repos_and_busy_ports_are_clear() {
     let out = run(z(&file.join("repo")).arg("start"));
     assert_clean_failure(&out, "cannot create the repo");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+    // No PostgreSQL: the message says how to get one, and no repo is left behind.
+    let out = run(z(&repo.path)
+        .arg("start")
+        .env("ZENITH_PG_BIN", repo.path.with_file_name("no-postgres")));
+    assert_clean_failure(&out, "ZENITH_PG_BIN");
+    assert!(!repo.path.join("config.toml").exists());
     // stop and status on a directory that is no repo.
     let out = run(z(&repo.path).arg("stop"));
     assert_clean_failure(&out, "no zenith repo");
@@ -501,19 +507,33 @@ fn the_rest_api_serves_every_resource_behind_its_token() {
         call("POST", "/pgs/b1/actions", Some(r#"{"action": "dance"}"#)).0,
         400
     );
-    assert_eq!(
-        call(
-            "POST",
-            "/pgs/b1/actions",
-            Some(r#"{"action": "start", "is_replica": true}"#)
-        )
-        .0,
-        501
+    let (status, body) = call("POST", "/pgs/b1/actions", Some(r#"{"action": "promote"}"#));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not a replica"),
+        "{body}"
     );
-    assert_eq!(
-        call("POST", "/pgs/main/actions", Some(r#"{"action": "stop"}"#)).0,
-        409
+    let (status, body) = call(
+        "POST",
+        "/pgs/b1/actions",
+        Some(r#"{"action": "checkout", "snapshot": "main@nope"}"#),
     );
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(psql(&b1_connstr, "select i from t"), "7");
+    // The main pg stops on request and is not restarted behind the user's back.
+    let (status, body) = call("POST", "/pgs/main/actions", Some(r#"{"action": "stop"}"#));
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &serde_json::json!("stopped"))
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(call("GET", "/pgs/main", None).1["status"], "stopped");
+    let (status, body) = call("POST", "/pgs/main/actions", Some(r#"{"action": "start"}"#));
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &serde_json::json!("running"))
+    );
+    assert_eq!(psql(&main, "select i from t"), "7");
     assert_eq!(call("DELETE", "/pgs/b1", None).0, 204);
     assert_eq!(call("GET", "/pgs/b1", None).0, 404);
     assert_eq!(call("DELETE", "/pgs/main", None).0, 409);
@@ -532,4 +552,230 @@ fn the_rest_api_serves_every_resource_behind_its_token() {
     assert_eq!(call("GET", &format!("/snapshots/{id}"), None).0, 404);
     ok(z(&repo.path).arg("stop"));
     assert_eq!(processes_mentioning(&repo.path), Vec::<String>::new());
+}
+
+/// Waits up to a minute for `check` to hold.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn postmaster_pid(repo: &Path, pg: &str) -> i32 {
+    std::fs::read_to_string(repo.join(format!("pgs/{pg}/data/postmaster.pid")))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Runs SQL that must fail; returns psql's error.
+fn psql_error(connstr: &str, sql: &str) -> String {
+    let install = find_postgres().unwrap();
+    let out = Command::new(install.bin("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            connstr,
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{sql} succeeded on {connstr}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn replicas_follow_and_promote_and_every_pg_is_supervised() {
+    let Some(repo) = TestRepo::new() else {
+        return;
+    };
+    ok(z(&repo.path).arg("start"));
+    let main = connstr_of(&repo.path, "main");
+    psql(&main, "create table t (i int); insert into t values (1)");
+
+    // A replica of main: a copy of its data that follows its writes, read-only.
+    ok(z(&repo.path).args(["pg", "create", "r1", "--no-start"]));
+    let out = ok(z(&repo.path).args(["pg", "start", "r1", "--replica"]));
+    assert!(out.contains("follows pg main"), "{out}");
+    let r1 = connstr_of(&repo.path, "r1");
+    psql(&main, "insert into t values (2)");
+    eventually("the replica did not receive the primary's write", || {
+        rows(&r1) == "{1,2}"
+    });
+    assert!(psql_error(&r1, "insert into t values (9)").contains("read-only"));
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(z(&repo.path).args(["pg", "show", "r1", "--json"]))).unwrap();
+    assert_eq!(
+        (&shown["role"], &shown["primary"]),
+        (&"replica".into(), &"main".into())
+    );
+    assert_eq!(
+        psql(
+            &main,
+            "select count(*) from pg_replication_slots where active"
+        ),
+        "1"
+    );
+
+    // A primary with a replica is not rolled back or destroyed under it.
+    assert_clean_failure(
+        &run(z(&repo.path).args(["pg", "checkout", "main", "LATEST"])),
+        "has replicas (r1)",
+    );
+    assert_clean_failure(
+        &run(z(&repo.path).args(["pg", "promote", "main"])),
+        "not a replica",
+    );
+
+    // Promoted, the replica takes writes of its own; main keeps its rows and drops the slot.
+    let out = ok(z(&repo.path).args(["pg", "promote", "r1"]));
+    assert!(out.contains("promoted pg r1"), "{out}");
+    psql(&r1, "insert into t values (3)");
+    assert_eq!(rows(&r1), "{1,2,3}");
+    assert_eq!(rows(&main), "{1,2}");
+    assert_eq!(
+        psql(&main, "select count(*) from pg_replication_slots"),
+        "0"
+    );
+
+    // Every pg started through zenith-local is supervised: killed, r1 comes back once,
+    // as the primary it now is.
+    let first = postmaster_pid(&repo.path, "r1");
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    eventually("the killed pg r1 was not restarted", || {
+        let s = status(&repo.path);
+        let r = s["pgs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "r1")
+            .cloned()
+            .unwrap();
+        r["restarts"] == 1 && r["status"] == "running"
+    });
+    assert_ne!(postmaster_pid(&repo.path, "r1"), first);
+    psql(&r1, "insert into t values (4)");
+    assert_eq!(rows(&r1), "{1,2,3,4}");
+
+    // A snapshot of r1 makes a primary, and status names the newest snapshot.
+    let out = ok(z(&repo.path).args(["snapshot", "create", "r1@after"]));
+    assert!(out.contains("(r1@after)"), "{out}");
+    assert_eq!(status(&repo.path)["newest_snapshot"]["name"], "r1@after");
+    ok(z(&repo.path).args(["pg", "create", "b", "--snapshot", "r1@after"]));
+    let b = connstr_of(&repo.path, "b");
+    psql(&b, "insert into t values (5)");
+    assert_eq!(rows(&b), "{1,2,3,4,5}");
+
+    ok(z(&repo.path).arg("stop"));
+    assert_eq!(processes_mentioning(&repo.path), Vec::<String>::new());
+}
+
+#[test]
+fn repo_snapshots_export_and_import_in_every_format() {
+    let Some(a) = TestRepo::new() else {
+        return;
+    };
+    let b = TestRepo::new().unwrap();
+    ok(z(&a.path).arg("start"));
+    let main = connstr_of(&a.path, "main");
+    psql(
+        &main,
+        "create table t (i int, pad text); \
+         insert into t select g, md5(g::text) from generate_series(1, 100000) g",
+    );
+    // Settled hint bits: the later small change stays small on disk.
+    psql(&main, "vacuum freeze t");
+    ok(z(&a.path).args(["snapshot", "create", "main@s1"]));
+    let sum = |connstr: &str| psql(connstr, "select count(*), sum(i) from t");
+    let expected = sum(&main);
+    let out_dir = a.path.with_file_name("exports");
+
+    // b's repo, with zenith-local stopped: the commands act on it directly.
+    ok(z(&b.path).arg("init"));
+    let mut first_export = String::new();
+    for format in ["zenith", "pgdata", "basebackup"] {
+        let url = format!("file://{}/{format}", out_dir.display());
+        let out = ok(z(&a.path).args([
+            "export",
+            "main@s1",
+            "--snapshot_path",
+            &url,
+            "--snapshot_format",
+            format,
+        ]));
+        assert!(out.contains("exported snapshot"), "{out}");
+        if format == "zenith" {
+            first_export = out;
+        }
+        let name = format!("main@{format}");
+        let out = ok(z(&b.path).args([
+            "import",
+            "--snapshot_path",
+            &url,
+            "--snapshot_format",
+            format,
+            "--name",
+            &name,
+        ]));
+        assert!(out.contains(&format!("({name})")), "{out}");
+        let pg = format!("from-{format}");
+        ok(z(&b.path).args(["pg", "create", &pg, "--snapshot", &name]));
+        assert_eq!(sum(&connstr_of(&b.path, &pg)), expected, "{format}");
+    }
+    assert!(out_dir.join("basebackup/base.tar.zst").exists());
+    assert!(out_dir.join("pgdata/PG_VERSION").exists());
+
+    // The zenith format sends only what the target lacks: a second snapshot after a
+    // small change sends a small fraction, and one already there sends nothing.
+    let url = format!("file://{}/zenith", out_dir.display());
+    let sent = |out: &str| -> f64 {
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "sent").unwrap();
+        let (n, unit) = (words[at + 1].parse::<f64>().unwrap(), words[at + 2]);
+        n * match unit {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1048576.0,
+            other => panic!("{other}"),
+        }
+    };
+    psql(&main, "update t set pad = 'changed' where i < 50");
+    ok(z(&a.path).args(["snapshot", "create", "main@s2"]));
+    let out = ok(z(&a.path).args(["export", "main@s2", "--snapshot_path", &url]));
+    assert!(
+        sent(&out) < 0.05 * sent(&first_export),
+        "{out}\nafter\n{first_export}"
+    );
+    let out = ok(z(&a.path).args(["export", "main@s2", "--snapshot_path", &url]));
+    assert!(out.contains("already there"), "{out}");
+    let out = ok(z(&b.path).args(["import", "--snapshot_path", &url, "--snapshot", "main@s2"]));
+    assert!(out.contains("imported"), "{out}");
+    let out = ok(z(&b.path).args(["import", "--snapshot_path", &url, "--snapshot", "main@s2"]));
+    assert!(out.contains("in the repo already"), "{out}");
+
+    // A running server, online; and names that are taken are refused, nothing changed.
+    ok(z(&b.path).args(["import", "--snapshot_path", &main, "--name", "main@online"]));
+    ok(z(&b.path).args(["pg", "create", "online", "--snapshot", "main@online"]));
+    assert_eq!(sum(&connstr_of(&b.path, "online")), expected);
+    let before = ok(z(&b.path).args(["snapshot", "list"]));
+    assert_clean_failure(
+        &run(z(&b.path).args(["import", "--snapshot_path", &main, "--name", "main@online"])),
+        "already",
+    );
+    assert_clean_failure(
+        &run(z(&a.path).args(["export", "main@nope", "--snapshot_path", &url])),
+        "main@nope",
+    );
+    assert_eq!(ok(z(&b.path).args(["snapshot", "list"])), before);
+    ok(z(&a.path).arg("stop"));
+    ok(z(&b.path).arg("stop"));
 }

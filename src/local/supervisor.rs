@@ -1,0 +1,237 @@
+//! zenith-local's supervision of the pgs it runs: each server is a child process watched
+//! by its own task, started again once if it dies, and stopped on request or when
+//! zenith-local stops. What it runs is written to `zenith-local.json` at every change.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use super::repo::Repo;
+use super::{LocalState, PgState};
+use crate::compute::node::{last_log_line, Node, NodeState};
+use crate::compute::PgInstall;
+
+/// The pgs one zenith-local runs.
+pub struct Supervisor {
+    repo: Repo,
+    install: PgInstall,
+    api_port: u16,
+    started_at: String,
+    /// One watcher task per running pg; the lock also keeps two starts of one pg apart.
+    watched: tokio::sync::Mutex<BTreeMap<String, Watch>>,
+    /// What `zenith status` shows of each supervised pg.
+    report: Mutex<BTreeMap<String, PgState>>,
+}
+
+struct Watch {
+    /// Tells the watcher to stop its server (true: immediately).
+    stop: oneshot::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Supervisor {
+    pub fn new(repo: Repo, install: PgInstall, api_port: u16) -> Arc<Supervisor> {
+        Arc::new(Supervisor {
+            repo,
+            install,
+            api_port,
+            started_at: crate::snapshot::now_rfc3339(),
+            watched: Default::default(),
+            report: Default::default(),
+        })
+    }
+
+    /// Starts `node` under supervision (nothing happens if it already runs under it); its
+    /// port moves to a free one if another program took it, saved in `state`.
+    pub async fn start(self: &Arc<Self>, node: &Node, state: &mut NodeState) -> anyhow::Result<()> {
+        let mut watched = self.watched.lock().await;
+        if let Some(w) = watched.get(&node.name) {
+            if !w.task.is_finished() {
+                return Ok(());
+            }
+        }
+        // A server this zenith-local does not own (started without it): restarted as a child.
+        if node.running_pid().is_some() {
+            tracing::warn!("pg {} runs without zenith-local; restarting it", node.name);
+            node.stop(false).await?;
+        }
+        let child = launch(&self.repo, &self.install, node, state).await?;
+        self.record(PgState {
+            name: node.name.clone(),
+            port: state.port,
+            restarts: 0,
+            failed: None,
+        });
+        let (stop, stopped) = oneshot::channel();
+        let task =
+            tokio::spawn(Arc::clone(self).watch(node.clone(), state.clone(), child, stopped));
+        watched.insert(node.name.clone(), Watch { stop, task });
+        Ok(())
+    }
+
+    /// Stops a supervised pg and waits until it is down; false if it was not supervised.
+    pub async fn stop(&self, name: &str, immediate: bool) -> bool {
+        let watch = self.watched.lock().await.remove(name);
+        let Some(watch) = watch else {
+            return false;
+        };
+        let _ = watch.stop.send(immediate);
+        let _ = watch.task.await;
+        self.forget(name);
+        true
+    }
+
+    /// Stops every supervised pg, all at once.
+    pub async fn stop_all(&self, immediate: bool) {
+        let all = std::mem::take(&mut *self.watched.lock().await);
+        let mut tasks = Vec::new();
+        for (name, watch) in all {
+            let _ = watch.stop.send(immediate);
+            tasks.push((name, watch.task));
+        }
+        for (name, task) in tasks {
+            let _ = task.await;
+            self.forget(&name);
+        }
+    }
+
+    /// Restarts once, then gives up and reports why; stops when told to.
+    async fn watch(
+        self: Arc<Self>,
+        node: Node,
+        mut state: NodeState,
+        mut child: tokio::process::Child,
+        mut stop: oneshot::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                immediate = &mut stop => {
+                    tracing::info!("stopping pg {}", node.name);
+                    if let Err(e) = node.stop_child(&mut child, immediate.unwrap_or(false)).await {
+                        tracing::error!("{e:#}");
+                    }
+                    return;
+                }
+                exit = child.wait() => {
+                    let exit = exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    let why = format!("exited ({exit}): {}", last_log_line(&node.log()));
+                    let mut pg = self.reported(&node.name);
+                    if pg.restarts > 0 {
+                        tracing::error!("pg {} {why} again; not restarting it", node.name);
+                        pg.failed = Some(why);
+                        self.record(pg);
+                        return;
+                    }
+                    tracing::warn!("pg {} {why}; restarting it", node.name);
+                    pg.restarts += 1;
+                    // node.json is the truth: a promotion or a port move changed it.
+                    if let Ok(saved) = node.state() {
+                        state = saved;
+                    }
+                    match launch(&self.repo, &self.install, &node, &mut state).await {
+                        Ok(c) => {
+                            child = c;
+                            pg.port = state.port;
+                            self.record(pg);
+                        }
+                        Err(e) => {
+                            tracing::error!("pg {} could not be restarted: {e:#}", node.name);
+                            pg.failed = Some(format!("{e:#}"));
+                            self.record(pg);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn reported(&self, name: &str) -> PgState {
+        let report = self.report.lock().expect("not poisoned");
+        report.get(name).cloned().unwrap_or(PgState {
+            name: name.to_string(),
+            port: 0,
+            restarts: 0,
+            failed: None,
+        })
+    }
+
+    fn record(&self, pg: PgState) {
+        let mut report = self.report.lock().expect("not poisoned");
+        report.insert(pg.name.clone(), pg);
+        self.save(&report);
+    }
+
+    fn forget(&self, name: &str) {
+        let mut report = self.report.lock().expect("not poisoned");
+        report.remove(name);
+        self.save(&report);
+    }
+
+    /// Writes `zenith-local.json`; a failure is logged (the servers keep running).
+    fn save(&self, report: &BTreeMap<String, PgState>) {
+        let state = LocalState {
+            pid: std::process::id(),
+            api_port: self.api_port,
+            started_at: self.started_at.clone(),
+            pgs: report.values().cloned().collect(),
+        };
+        if let Err(e) = crate::compute::node::write_private(
+            &self.repo.state_path(),
+            &serde_json::to_vec_pretty(&state).expect("serializes"),
+        ) {
+            tracing::error!("{e:#}");
+        }
+    }
+}
+
+/// Starts a pg and gives its superuser the pg's password (its data may come from another
+/// pg's snapshot). Its port may be taken before or, in a race, while PostgreSQL binds it
+/// (another program, another repo): it then moves to the next free port, saved.
+pub async fn launch(
+    repo: &Repo,
+    install: &PgInstall,
+    node: &Node,
+    state: &mut NodeState,
+) -> anyhow::Result<tokio::process::Child> {
+    let first_port = repo.config()?.pg_port;
+    let settings = super::replica::settings(repo, node, state)?;
+    if state.primary.is_none() && !state.has_run {
+        state.has_run = true;
+        node.save_state(state)?;
+    }
+    let mut attempts = 0;
+    let child = loop {
+        if std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err() {
+            let promised = super::ops::promised_ports(repo, &node.name);
+            let port =
+                super::free_port_except(first_port.max(state.port.saturating_add(1)), &promised)?;
+            tracing::warn!(
+                "port {} is taken; pg {} moves to {port}",
+                state.port,
+                node.name
+            );
+            state.port = port;
+            node.save_state(state)?;
+        }
+        match node.start(install, state, &settings).await {
+            Ok(child) => break child,
+            Err(e) => {
+                attempts += 1;
+                let taken = std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err();
+                if !taken || attempts >= 3 {
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if state.primary.is_none() {
+        // A replica has its primary's password, and is read-only.
+        if let Err(e) = node.set_password(install, state).await {
+            tracing::warn!("{e:#}");
+        }
+        super::replica::prune_slots(repo, install, node, state).await;
+    }
+    Ok(child)
+}

@@ -1,0 +1,166 @@
+//! Copying zenith-format snapshots between storages (push, pull, export and import of a
+//! repo's snapshots): only the objects the target lacks move, each checked as it is read,
+//! and the manifest goes last, so the target never lists a snapshot it cannot restore. A
+//! transfer cut short leaves whole objects behind, which the next run does not send again.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use super::native::{self, Hash};
+use super::{Manifest, Result, SnapshotError};
+use crate::storage::Storage;
+use crate::util::progress::ProgressHandle;
+
+/// What a transfer moved.
+#[derive(Debug, Clone, Default)]
+pub struct TransferReport {
+    /// The snapshot as the target now lists it.
+    pub manifest: Option<Manifest>,
+    /// The target had this snapshot already: nothing moved.
+    pub already_there: bool,
+    pub objects_sent: u64,
+    pub bytes_sent: u64,
+    /// Objects the snapshot needs that the target had.
+    pub objects_skipped: u64,
+}
+
+/// Copies snapshot `m` from `source` to `target`, renamed to `name` when given.
+pub async fn transfer(
+    source: &dyn Storage,
+    target: &Arc<dyn Storage>,
+    m: &Manifest,
+    name: Option<&str>,
+    progress: &ProgressHandle,
+) -> Result<TransferReport> {
+    let mut m = m.clone();
+    if let Some(n) = name {
+        m.name = Some(n.to_string());
+    }
+    let key = native::manifest_key(&m.id);
+    if target.exists(&key).await? {
+        return Ok(TransferReport {
+            manifest: Some(native::resolve(target.as_ref(), &m.id).await?),
+            already_there: true,
+            ..Default::default()
+        });
+    }
+    // A concurrent `snapshot delete` on the target must not collect what this run
+    // decides not to send because it is there.
+    let lock = native::take_export_lock(target).await?;
+    let result = send(source, target, &m, progress).await;
+    lock.release().await;
+    let mut report = result?;
+    target.put(&key, Bytes::from(m.to_json())).await?;
+    report.manifest = Some(m);
+    Ok(report)
+}
+
+async fn send(
+    source: &dyn Storage,
+    target: &Arc<dyn Storage>,
+    m: &Manifest,
+    progress: &ProgressHandle,
+) -> Result<TransferReport> {
+    let sent = AtomicU64::new(0);
+    let bytes = AtomicU64::new(0);
+    let mut skipped = 0u64;
+    // The block lists (full, or patches with the full lists they are based on).
+    let lists = native::fetch_lists(source, std::slice::from_ref(m)).await?;
+    let there: HashSet<String> = target
+        .list("lists/")
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    let mut list_keys = Vec::new();
+    for (name, (_, base)) in &lists {
+        let mut wanted = vec![match base {
+            Some(_) => native::patch_key(name),
+            None => native::list_key(name),
+        }];
+        if let Some(b) = base {
+            wanted.push(native::list_key(b));
+        }
+        for key in wanted {
+            if there.contains(&key) || list_keys.contains(&key) {
+                skipped += 1;
+            } else {
+                list_keys.push(key);
+            }
+        }
+    }
+    // The packs holding blocks the target has in none of its packs.
+    let have = native::load_block_hashes(target.as_ref()).await?;
+    let mut needed: HashSet<Hash> = HashSet::new();
+    for (list, _) in lists.values() {
+        needed.extend(list.iter().filter(|h| !have.contains(*h)));
+    }
+    let packs: Vec<(String, u64)> = native::pack_sizes(source)
+        .await?
+        .into_iter()
+        .filter(|(_, entries, _)| {
+            let hit = entries.iter().any(|h| needed.contains(h));
+            if !hit {
+                skipped += 1;
+            }
+            hit
+        })
+        .map(|(id, _, size)| (id, size))
+        .collect();
+    progress.set_total(packs.iter().map(|(_, s)| s).sum());
+    let copy = |key: String, limit: u64, check_sha: Option<String>| {
+        let (sent, bytes) = (&sent, &bytes);
+        async move {
+            let data = source.get_bytes_limited(&key, limit).await?;
+            if let Some(want) = check_sha {
+                if hex::encode(Sha256::digest(&data)) != want {
+                    return Err(SnapshotError::Corrupt {
+                        object: format!("{}/{key}", source.url()),
+                        what: "the pack fails its SHA-256 check".into(),
+                    });
+                }
+            }
+            let n = data.len() as u64;
+            target.put(&key, data).await?;
+            sent.fetch_add(1, Ordering::Relaxed);
+            bytes.fetch_add(n, Ordering::Relaxed);
+            Ok::<u64, SnapshotError>(n)
+        }
+    };
+    // Packs first, each before its index: a target's index never names a missing pack.
+    let results: Vec<Result<()>> = futures::stream::iter(packs)
+        .map(|(id, _)| async move {
+            let n = copy(
+                format!("packs/{id}"),
+                native::MAX_PACK_BYTES,
+                Some(id.clone()),
+            )
+            .await?;
+            progress.add(n);
+            copy(format!("index/{id}.idx"), native::MAX_INDEX_BYTES, None).await?;
+            Ok(())
+        })
+        .buffer_unordered(native::TRANSFER_CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    let results: Vec<Result<u64>> = futures::stream::iter(list_keys)
+        .map(|key| copy(key, native::MAX_LIST_BYTES, None))
+        .buffer_unordered(native::TRANSFER_CONCURRENCY * 4)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<u64>>>()?;
+    progress.finish();
+    Ok(TransferReport {
+        manifest: None,
+        already_there: false,
+        objects_sent: sent.into_inner(),
+        bytes_sent: bytes.into_inner(),
+        objects_skipped: skipped,
+    })
+}
