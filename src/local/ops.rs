@@ -523,13 +523,35 @@ impl Ops {
         self.halt_node(&node, false).await?;
         let result = async {
             let kept = self.keep_head(&node, &state, progress.clone()).await?;
-            // The new data next to the old, swapped only when complete.
+            // The new data next to the old, swapped only when complete. Files move over
+            // from the old data, which the kept snapshot holds, and only the blocks that
+            // differ are written.
             let fresh = node.dir.join("data.checkout");
             let _ = std::fs::remove_dir_all(&fresh);
-            if let Err(e) = materialize(store.as_ref(), &target, &fresh, &progress).await {
+            let basis = native::Basis {
+                dir: &node.data(),
+                manifest: &kept,
+            };
+            let restored = native::unpack_over(store.as_ref(), &target, &fresh, basis, &progress)
+                .await
+                .map_err(OpError::from);
+            if let Err(e) = restored {
+                // The old data lost files to the attempt: it comes back from the kept snapshot.
+                tracing::error!("checkout of pg {name} failed: {e}; restoring {}", kept.id);
                 let _ = std::fs::remove_dir_all(&fresh);
+                let back = materialize(store.as_ref(), &kept, &fresh, &ProgressHandle::default())
+                    .await
+                    .and_then(|()| swap_data(&node, &fresh));
+                if let Err(again) = back {
+                    return Err(anyhow::anyhow!(
+                        "{e}; putting the previous data back failed too ({again}); `zenith pg checkout {name} {}` restores it",
+                        kept.id
+                    )
+                    .into());
+                }
                 return Err(e);
             }
+            prepare_for_postgres(&fresh)?;
             swap_data(&node, &fresh)?;
             OpResult::Ok(kept)
         }
@@ -565,7 +587,12 @@ async fn materialize(
     progress: &ProgressHandle,
 ) -> OpResult<()> {
     native::unpack(store, m, dir, progress).await?;
-    // A snapshot of a replica carries its standby.signal; a pg made from it is a primary.
+    prepare_for_postgres(dir)
+}
+
+/// A restored directory made ready for a pg: owned by PostgreSQL's account, and without
+/// the standby.signal a snapshot of a replica carries (a pg made from it is a primary).
+fn prepare_for_postgres(dir: &std::path::Path) -> OpResult<()> {
     for signal in ["standby.signal", "recovery.signal"] {
         let _ = std::fs::remove_file(dir.join(signal));
     }

@@ -1720,7 +1720,74 @@ pub async fn unpack(
             manifest.entries.len(),
             started.elapsed()
         );
-        let report = restore_blocks(storage, manifest, Some(&temp), progress).await?;
+        let report = restore_blocks(storage, manifest, Some(&temp), None, progress).await?;
+        sync_tree(manifest, &temp)?;
+        tracing::debug!("restored and synced in {:?}", started.elapsed());
+        Ok(report)
+    })
+    .await
+}
+
+/// A directory whose files may be taken over by a restore: its content is exactly
+/// snapshot `manifest` of the same storage (it was just taken of it, the server stopped).
+pub struct Basis<'a> {
+    pub dir: &'a Path,
+    pub manifest: &'a Manifest,
+}
+
+/// Like [`unpack`], but files of `basis` are moved into the new directory and only the
+/// blocks that differ from `manifest` are written: a rollback costs what changed, not
+/// the size of the database. `basis.dir` loses those files, whether or not this succeeds.
+pub async fn unpack_over(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    target: &Path,
+    basis: Basis<'_>,
+    progress: &crate::util::progress::ProgressHandle,
+) -> Result<CheckReport> {
+    progress.set_total(manifest.total_size);
+    into_new_dir(target, |temp| async move {
+        let started = std::time::Instant::now();
+        prepare_tree(manifest, &temp)?;
+        let old_lists = load_lists(storage, basis.manifest).await?;
+        let old: HashMap<&str, Arc<Vec<Hash>>> = basis
+            .manifest
+            .entries
+            .iter()
+            .zip(old_lists)
+            .filter(|(e, _)| e.kind == EntryKind::File)
+            .map(|(e, l)| (e.path.as_str(), l))
+            .collect();
+        let mut kept = Vec::with_capacity(manifest.entries.len());
+        let mut moved = 0u64;
+        for entry in &manifest.entries {
+            // WAL is left out: a snapshot may store a segment with its stale tail zeroed,
+            // so the file on disk is not what its list says.
+            let wal = entry.path.starts_with("pg_wal/");
+            let taken = match (entry.kind, old.get(entry.path.as_str())) {
+                (EntryKind::File, Some(list)) if !wal => {
+                    let (from, to) = (basis.dir.join(&entry.path), temp.join(&entry.path));
+                    std::fs::rename(&from, &to)
+                        .and_then(|()| {
+                            std::fs::OpenOptions::new()
+                                .write(true)
+                                .open(&to)?
+                                .set_len(entry.size)
+                        })
+                        .map(|()| Arc::clone(list))
+                        .ok()
+                }
+                _ => None,
+            };
+            moved += u64::from(taken.is_some());
+            kept.push(taken);
+        }
+        tracing::debug!(
+            "{moved} files taken over from {} in {:?}",
+            basis.dir.display(),
+            started.elapsed()
+        );
+        let report = restore_blocks(storage, manifest, Some(&temp), Some(&kept), progress).await?;
         sync_tree(manifest, &temp)?;
         tracing::debug!("restored and synced in {:?}", started.elapsed());
         Ok(report)
@@ -1782,7 +1849,7 @@ pub async fn verify(
     manifest: &Manifest,
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
-    restore_blocks(storage, manifest, None, progress).await
+    restore_blocks(storage, manifest, None, None, progress).await
 }
 
 pub(crate) fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
@@ -1846,11 +1913,13 @@ struct Use {
 }
 
 /// Fetches every pack holding a block of `manifest`, checks each needed block, and (with a
-/// root) writes it at every position that uses it.
+/// root) writes it at every position that uses it. `present` gives, per entry, the block
+/// list of a file already in place under root: blocks equal there are not written.
 async fn restore_blocks(
     storage: &dyn Storage,
     manifest: &Manifest,
     root: Option<&Path>,
+    present: Option<&[Option<Arc<Vec<Hash>>>]>,
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
     let started = std::time::Instant::now();
@@ -1875,7 +1944,12 @@ async fn restore_blocks(
                 ),
             });
         }
+        let there = present.and_then(|p| p[i].as_deref());
         for (n, hash) in list.iter().enumerate() {
+            if there.and_then(|t| t.get(n)) == Some(hash) {
+                progress.add(BLOCK_SIZE);
+                continue;
+            }
             let Some(location) = index.blocks.get(hash) else {
                 return Err(SnapshotError::Corrupt {
                     object: snapshot.clone(),
