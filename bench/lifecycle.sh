@@ -2,8 +2,9 @@
 # Lifecycle benchmark, one run (a benchmark, not a test): on a zenith repo whose main pg
 # holds pgbench scale $BENCH_SCALE (100: ~1.6 GB of relations), times
 #   zenith snapshot create (online), zenith pg create --snapshot, zenith pg checkout
-# beside cp -a of the same data directory (the floor for materializing a copy).
-# pgBackRest's backup and restore of a database this size are in bench/snapshot.sh.
+# beside cp -a of the same data directory (the floor for materializing a copy) and beside
+# pgBackRest on the same server: full backup, restore into a new directory, and
+# restore --delta over a copy that pgbench changed (its rollback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/zenith/target}"
 cargo build --release --quiet
 zenith="$CARGO_TARGET_DIR/release/zenith"
 pgbin=$(bash vendor/postgres/install.sh)
+command -v pgbackrest > /dev/null || { apt-get install -y -qq pgbackrest > /dev/null; }
 
 work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/zenith-bench-lifecycle.XXXXXX")
 chmod 755 "$work"
@@ -19,37 +21,87 @@ export ZENITH_REPO_DIR="$work/repo"
 export ZENITH_PG_PORT=$((40000 + RANDOM % 10000))
 export ZENITH_API_PORT=$((ZENITH_PG_PORT + 100))
 trap '"$zenith" stop --immediate > /dev/null 2>&1 || true; rm -rf "$work"' EXIT
+as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
 
 now() { date +%s.%N; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
-peak() { awk '/Maximum resident set size/ {printf "%.0f", $6/1024}' "$1"; }
-row() { printf "  %-44s %8s s %7s MiB peak RSS\n" "$1" "$2" "$3"; }
+row() { printf "  %-52s %8s s\n" "$1" "$2"; }
 
 echo "== zenith lifecycle benchmark: pgbench scale $scale, $(nproc) cores, $(date -u +%FT%TZ)"
+"$zenith" init > /dev/null
+main="$ZENITH_REPO_DIR/pgs/main"
+cat > "$work/pgbackrest.conf" <<CONF
+[global]
+repo1-path=$work/pgbackrest
+compress-type=zst
+compress-level=1
+process-max=2
+start-fast=y
+repo1-retention-full=2
+log-level-console=warn
+log-path=$work
+
+[bench]
+pg1-path=$main/data
+pg1-socket-path=$main
+pg1-user=postgres
+CONF
+mkdir -p "$work/pgbackrest"; chown postgres "$work/pgbackrest" "$work/pgbackrest.conf" "$work"
+cat >> "$main/data/postgresql.conf" <<CONF
+archive_mode = on
+archive_command = 'pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p'
+max_wal_size = 4GB
+CONF
 connstr=$("$zenith" start | sed -n 's/^pg main: //p')
+port=$(python3 -c "import sys, urllib.parse as u; print(u.urlparse(sys.argv[1]).port)" "$connstr")
+echo "pg1-port=$port" >> "$work/pgbackrest.conf"
+pgbr=(as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench)
 t0=$(now)
 "$pgbin/pgbench" -i -q -s "$scale" "$connstr" > /dev/null 2>&1
 "$pgbin/psql" -X -q "$connstr" -c "vacuum (freeze, analyze)" -c checkpoint
-echo "  database built in $(secs "$t0" "$(now)") s: $(du -sm "$ZENITH_REPO_DIR/pgs/main/data" | cut -f1) MiB"
+echo "  database built in $(secs "$t0" "$(now)") s: $(du -sm "$main/data" | cut -f1) MiB"
+"${pgbr[@]}" stanza-create > /dev/null
 
+echo
 sync; t0=$(now)
-/usr/bin/time -v -o "$work/t.s" "$zenith" --no-progress snapshot create main@bench > /dev/null
-snap=$(secs "$t0" "$(now)"); row "zenith snapshot create main@bench (online)" "$snap" "$(peak "$work/t.s")"
+"$zenith" --no-progress snapshot create main@bench > /dev/null
+snap=$(secs "$t0" "$(now)"); row "zenith snapshot create main@bench (online)" "$snap"
+sync; t0=$(now)
+"${pgbr[@]}" --type=full backup
+b_full=$(secs "$t0" "$(now)"); row "pgBackRest full backup" "$b_full"
 
+echo
 sync; t0=$(now)
-/usr/bin/time -v -o "$work/t.c" "$zenith" --no-progress pg create copy --snapshot main@bench --no-start > /dev/null
-create=$(secs "$t0" "$(now)"); row "zenith pg create copy --snapshot main@bench" "$create" "$(peak "$work/t.c")"
-
-"$pgbin/pgbench" -n -c 2 -j 2 -t 2000 "$connstr" > /dev/null 2>&1
+"$zenith" --no-progress pg create copy --snapshot main@bench --no-start > /dev/null
+create=$(secs "$t0" "$(now)"); row "zenith pg create copy --snapshot main@bench" "$create"
+mkdir -m 700 "$work/restore-pgbr"; chown postgres "$work/restore-pgbr"
 sync; t0=$(now)
-/usr/bin/time -v -o "$work/t.k" "$zenith" --no-progress pg checkout main main@bench > /dev/null
-checkout=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@bench" "$checkout" "$(peak "$work/t.k")"
-
+"${pgbr[@]}" --pg1-path="$work/restore-pgbr" restore
+b_rest=$(secs "$t0" "$(now)"); row "pgBackRest restore into a new directory" "$b_rest"
+rm -rf "$work/restore-pgbr"
 sync; t0=$(now)
-cp -a "$ZENITH_REPO_DIR/pgs/main/data" "$work/cp-copy"
-cp_time=$(secs "$t0" "$(now)"); row "cp -a of the data directory" "$cp_time" "-"
+cp -a "$main/data" "$work/cp-copy"
+cp_time=$(secs "$t0" "$(now)"); row "cp -a of the data directory" "$cp_time"
 rm -rf "$work/cp-copy"
 
+echo
+"$pgbin/pgbench" -n -c 2 -j 2 -t 2000 "$connstr" > /dev/null 2>&1
+sync; t0=$(now)
+"$zenith" --no-progress pg checkout main main@bench > /dev/null
+checkout=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@bench (after pgbench)" "$checkout"
+# pgBackRest's rollback: restore --delta over the copy, after the same pgbench ran on it.
+"$zenith" pg start copy > /dev/null
+copy_connstr=$("$zenith" pg show copy --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["connstr"])')
+"$pgbin/pgbench" -n -c 2 -j 2 -t 2000 "$copy_connstr" > /dev/null 2>&1
+"$zenith" pg stop copy > /dev/null
+sync; t0=$(now)
+"${pgbr[@]}" --pg1-path="$ZENITH_REPO_DIR/pgs/copy/data" --delta restore
+b_delta=$(secs "$t0" "$(now)"); row "pgBackRest restore --delta (after pgbench)" "$b_delta"
+
+local_pid=$(cat "$ZENITH_REPO_DIR/zenith-local.pid")
+echo
+echo "  zenith-local peak RSS over the run: $(awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$local_pid/status") MiB"
 echo "  pg create / cp -a: $(ratio "$create" "$cp_time")×; checkout / cp -a: $(ratio "$checkout" "$cp_time")×"
+echo "  snapshot / pgBackRest full: $(ratio "$snap" "$b_full")×; pg create / pgBackRest restore: $(ratio "$create" "$b_rest")×; checkout / pgBackRest delta restore: $(ratio "$checkout" "$b_delta")×"
 echo "  (a checkout also snapshots the state it leaves, main@HEAD{0}, before restoring)"
