@@ -5,43 +5,99 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{CliError, InitArgs};
+use crate::local::ops::Ops;
 use crate::local::repo::{Config, Repo, RepoLock};
 
 /// How long `start` waits for zenith-local to be ready, and `stop` for it to be gone.
 const WAIT: Duration = Duration::from_secs(180);
 
 pub async fn init(args: InitArgs, repo_dir: Option<PathBuf>) -> Result<(), CliError> {
-    if args.snapshot_path.is_some() || args.snapshot_format.is_some() {
-        return Err(CliError::NotImplemented(
-            "init --snapshot_path (starting a repo from a snapshot)".into(),
-        ));
+    if args.snapshot_format.is_some() && args.snapshot_path.is_none() {
+        return Err(anyhow::anyhow!("--snapshot_format goes with --snapshot_path").into());
     }
     let repo = Repo::locate(repo_dir)?;
     if let Some(url) = &args.storage_dest {
         crate::storage::StorageUrl::parse(url).map_err(anyhow::Error::from)?;
     }
+    let format =
+        crate::snapshot::Format::parse(args.snapshot_format.as_deref().unwrap_or("zenith"))
+            .map_err(anyhow::Error::msg)?;
     let config = Config {
         storage_dest: args.storage_dest,
         ..Config::default()
     };
-    create(&repo, &config)?;
+    let source = args.snapshot_path.as_deref().map(|url| (url, format));
+    create(&repo, &config, source).await?;
     println!("initialized the zenith repo {}", repo.root.display());
     Ok(())
 }
 
-/// Creates the repo and its main pg; on failure nothing that looks like a repo is left.
-fn create(repo: &Repo, config: &Config) -> anyhow::Result<()> {
+/// Creates the repo and its main pg: from `source` when given, else from the newest
+/// snapshot in storage_dest if it holds one, else initdb. On failure nothing that looks
+/// like a repo is left.
+async fn create(
+    repo: &Repo,
+    config: &Config,
+    source: Option<(&str, crate::snapshot::Format)>,
+) -> anyhow::Result<()> {
     let install = crate::compute::find_postgres()?;
     let account = crate::compute::node::run_as()?;
     let existed = repo.root.exists();
     repo.create(config, account.as_ref())?;
-    if let Err(e) = crate::local::init_main(repo, &install) {
+    let made = async {
+        let ops = Ops::direct(repo.clone());
+        match source {
+            Some((url, format)) => {
+                let (m, _) = ops
+                    .import(url, format, "LATEST", None, Default::default())
+                    .await?;
+                ops.main_from_snapshot(&m).await?;
+                println!(
+                    "pg main starts from snapshot {} of {}",
+                    m.id,
+                    crate::snapshot::native::redact_password(url)
+                );
+            }
+            None => main_from_storage_dest_or_initdb(repo, &install, &ops).await?,
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = made {
         // Only what this call created goes.
         let _ = std::fs::remove_file(repo.config_path());
         if !existed {
             let _ = std::fs::remove_dir_all(&repo.root);
+        } else {
+            let _ = std::fs::remove_dir_all(repo.pgs_dir());
+            let _ = std::fs::remove_dir_all(repo.root.join("snapshots"));
         }
         return Err(e);
+    }
+    Ok(())
+}
+
+/// The main pg of a repo that has none: the newest snapshot in storage_dest if it holds
+/// one (a crash, a new machine with the old config.toml), else a new cluster.
+async fn main_from_storage_dest_or_initdb(
+    repo: &Repo,
+    install: &crate::compute::PgInstall,
+    ops: &Ops,
+) -> anyhow::Result<()> {
+    match ops.restore_main(Default::default()).await? {
+        Some(m) => println!(
+            "restored pg main from snapshot {}{} of {} in storage_dest {}",
+            m.id,
+            m.name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+            m.created_at,
+            repo.config()?.storage_dest.unwrap_or_default()
+        ),
+        None => {
+            crate::local::init_main(repo, install)?;
+        }
     }
     Ok(())
 }
@@ -49,11 +105,17 @@ fn create(repo: &Repo, config: &Config) -> anyhow::Result<()> {
 pub async fn start(foreground: bool, repo_dir: Option<PathBuf>) -> Result<(), CliError> {
     let repo = Repo::locate(repo_dir)?;
     if !repo.exists() {
-        create(&repo, &Config::default())?;
+        create(&repo, &Config::default(), None).await?;
         println!("initialized the zenith repo {}", repo.root.display());
     }
     // Fails early, with the pid, when zenith-local already runs.
-    drop(RepoLock::take(&repo)?);
+    let lock = RepoLock::take(&repo)?;
+    if !repo.node("main").exists() {
+        let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
+        repo.complete(crate::compute::node::run_as()?.as_ref())?;
+        main_from_storage_dest_or_initdb(&repo, &install, &Ops::direct(repo.clone())).await?;
+    }
+    drop(lock);
     if foreground {
         return Ok(crate::local::run(repo).await?);
     }
@@ -240,8 +302,38 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
         }
         println!();
     }
-    match out["newest_snapshot"].as_object() {
-        Some(m) => println!(
+    let push = &out["push"];
+    if push.is_object() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let ago = |key: &str| push[key].as_u64().map(|t| now.saturating_sub(t));
+        print!(
+            "pushes: to {} every {} s",
+            push["storage_dest"].as_str().unwrap_or(""),
+            push["interval_secs"]
+        );
+        match (push["last_pushed"].as_str(), ago("last_pushed_unix")) {
+            (Some(id), Some(age)) => print!("; last pushed snapshot {id}, {age} s ago"),
+            _ => print!("; nothing pushed yet"),
+        }
+        if let Some(e) = push["last_error"].as_str() {
+            print!(
+                "; FAILING ({} attempts in a row): {e}; next attempt in {} s",
+                push["failures"],
+                push["next_unix"].as_u64().unwrap_or(0).saturating_sub(now)
+            );
+        }
+        println!();
+    } else if let Some(dest) = out["storage_dest"].as_str() {
+        println!(
+            "storage_dest: {dest} (pushed by zenith-local while it runs, and by `zenith push`)"
+        );
+    }
+    let m = &out["newest_snapshot"];
+    match m.is_object() {
+        true => println!(
             "newest snapshot: {}{}, {}",
             m["id"].as_str().unwrap_or(""),
             m["name"]
@@ -250,7 +342,7 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
                 .unwrap_or_default(),
             m["created_at"].as_str().unwrap_or("")
         ),
-        None => println!("newest snapshot: none"),
+        false => println!("newest snapshot: none"),
     }
     Ok(())
 }

@@ -81,14 +81,18 @@ pub enum Command {
     Import(snapshot::ImportArgs),
     /// Write a snapshot somewhere else, in any format
     Export(snapshot::ExportArgs),
-    /// Push snapshots to a storage; only missing content moves
+    /// Push snapshots of the repo to a storage; only missing content moves, and a push cut
+    /// short resumes where it stopped
     Push {
-        /// Snapshot to push [default: every snapshot not yet there]
+        /// Snapshot to push [default: every snapshot not yet there; for storage_dest, every
+        /// one of the main pg's cluster]
         snapshot: Option<String>,
-        /// Named storage or URL [default: storage_dest]
+        /// Named storage or URL [default: storage_dest]; given alone, a storage name or URL
+        /// is the storage
         storage: Option<String>,
     },
-    /// Pull a snapshot from a storage
+    /// Pull a snapshot from a storage into the repo (no pg changes; `pg create --snapshot`
+    /// uses it)
     Pull {
         /// Named storage or URL
         source: String,
@@ -248,7 +252,13 @@ pub fn main() -> ExitCode {
 /// Runs one parsed command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Storage(cmd) => storage::run(cmd).await,
+        Command::Storage(cmd) => storage::run(cmd, cli.repo_dir).await,
+        Command::Push { snapshot, storage } => {
+            storage::push(snapshot, storage, cli.repo_dir, !cli.no_progress).await
+        }
+        Command::Pull { source, snapshot } => {
+            storage::pull(source, snapshot, cli.repo_dir, !cli.no_progress).await
+        }
         Command::Export(args) => snapshot::export(args, cli.repo_dir, !cli.no_progress).await,
         Command::Import(args) => snapshot::import(args, cli.repo_dir, !cli.no_progress).await,
         Command::Snapshot(snapshot::SnapshotCommand::Create { name }) => {

@@ -103,6 +103,19 @@ pub enum SnapshotCommand {
         #[arg(long, value_name = "URL")]
         storage: Option<String>,
     },
+    /// Retention: keep the newest unnamed snapshots of a storage and every named one,
+    /// delete the rest
+    Prune {
+        /// Storage name or URL
+        #[arg(long, value_name = "NAME|URL", default_value = "storage_dest")]
+        storage: String,
+        /// Unnamed snapshots to keep [default: keep_last of [push] in config.toml]
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// List what would go; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show what changed between two snapshots
     Diff { from: String, to: String },
 }
@@ -564,6 +577,34 @@ pub async fn run(
                     format_size(r.gc.bytes_unused_left)
                 ),
             }
+            Ok(())
+        }
+        SnapshotCommand::Prune {
+            storage,
+            keep_last,
+            dry_run,
+        } => {
+            let repo = crate::local::repo::Repo::existing(repo_dir)?;
+            let keep = match keep_last {
+                Some(n) => n,
+                None => repo.config()?.push.keep_last,
+            };
+            if keep == 0 {
+                return Err(anyhow::anyhow!(
+                    "keep_last is 0 (keep everything): nothing to prune; pass --keep-last N"
+                )
+                .into());
+            }
+            let ops = crate::local::ops::Ops::direct(repo);
+            let gone = ops.prune(&storage, keep, dry_run).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for m in &gone {
+                println!("{verb} snapshot {} ({})", m.id, m.created_at);
+            }
+            println!(
+                "{} snapshot(s) {verb}; the newest {keep} unnamed and every named one stay",
+                gone.len()
+            );
             Ok(())
         }
         SnapshotCommand::Diff { .. } => Err(words("snapshot diff")),

@@ -1,5 +1,6 @@
-//! `zenith storage ...`: named storages (not built yet) and `storage check`, the probe a
-//! user runs before trusting a destination.
+//! `zenith storage ...`: named storages (like git remotes; `storage_dest` is one name),
+//! `storage check`, the probe a user runs before trusting a destination, and `push` and
+//! `pull`, which move snapshots between the repo and a storage.
 
 use std::io::Write;
 
@@ -58,14 +59,167 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
-pub async fn run(cmd: StorageCommand) -> Result<(), CliError> {
-    match cmd {
-        StorageCommand::Check(args) => check_cmd(args).await,
-        StorageCommand::Attach { .. } => Err(CliError::NotImplemented("storage attach".into())),
-        StorageCommand::Detach { .. } => Err(CliError::NotImplemented("storage detach".into())),
-        StorageCommand::List { .. } => Err(CliError::NotImplemented("storage list".into())),
-        StorageCommand::Show { .. } => Err(CliError::NotImplemented("storage show".into())),
+pub async fn run(
+    cmd: StorageCommand,
+    repo_dir: Option<std::path::PathBuf>,
+) -> Result<(), CliError> {
+    if let StorageCommand::Check(args) = cmd {
+        return check_cmd(args).await;
     }
+    let repo = crate::local::repo::Repo::existing(repo_dir)?;
+    let running = crate::local::running(&repo).is_some();
+    let ops = crate::local::ops::Ops::direct(repo);
+    match cmd {
+        StorageCommand::Check(_) => unreachable!("handled above"),
+        StorageCommand::Attach { name, path } => {
+            ops.attach_storage(&name, &path)?;
+            println!("attached storage {name}: {path}");
+            if running && name == crate::local::share::STORAGE_DEST {
+                println!(
+                    "zenith-local pushes there from its next start (`zenith stop && zenith start`)"
+                );
+            }
+        }
+        StorageCommand::Detach { name } => {
+            ops.detach_storage(&name)?;
+            println!("detached storage {name} (what it holds is left alone)");
+        }
+        StorageCommand::List { json } => {
+            let rows = ops.list_storages()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).context("formatting")?
+                );
+            } else if rows.is_empty() {
+                println!("no storages; `zenith storage attach -n NAME --path URL` adds one");
+            } else {
+                for r in &rows {
+                    println!(
+                        "{:<16}  {}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["url"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        StorageCommand::Show { name, json } => {
+            let shown = ops.show_storage(&name).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&shown).context("formatting")?
+                );
+            } else {
+                println!("{name}: {}", shown["url"].as_str().unwrap_or(""));
+                println!(
+                    "{} objects, {}",
+                    shown["objects"],
+                    format_size(shown["bytes"].as_u64().unwrap_or(0))
+                );
+                for m in shown["snapshots"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}  {}  {}",
+                        m["id"].as_str().unwrap_or(""),
+                        m["created_at"].as_str().unwrap_or(""),
+                        m["name"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `zenith push [SNAPSHOT] [STORAGE|URL]`.
+pub async fn push(
+    snapshot: Option<String>,
+    storage: Option<String>,
+    repo_dir: Option<std::path::PathBuf>,
+    progress: bool,
+) -> Result<(), CliError> {
+    let repo = crate::local::repo::Repo::existing(repo_dir)?;
+    let ops = crate::local::ops::Ops::direct(repo);
+    // One argument that names a storage (or is a URL) is the storage: `zenith push team`.
+    let (snapshot, storage) = match (snapshot, storage) {
+        (Some(one), None) if ops.is_storage(&one)? => (None, Some(one)),
+        other => other,
+    };
+    let bar = super::progress::bar("push", progress);
+    let done = ops
+        .push(snapshot.as_deref(), storage.as_deref(), bar)
+        .await?;
+    let pushed = done["pushed"].as_array().cloned().unwrap_or_default();
+    let url = done["url"].as_str().unwrap_or("");
+    if pushed.is_empty() {
+        println!("{url} has every snapshot already; nothing pushed");
+        return Ok(());
+    }
+    for p in &pushed {
+        let m = &p["snapshot"];
+        let label = format!(
+            "{}{}",
+            m["id"].as_str().unwrap_or(""),
+            m["name"]
+                .as_str()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+        if p["already_there"] == true {
+            println!("snapshot {label}: already in {url}");
+        } else {
+            println!(
+                "pushed snapshot {label}: {} in {} objects, {} objects already there",
+                format_size(p["bytes_sent"].as_u64().unwrap_or(0)),
+                p["objects_sent"],
+                p["objects_skipped"]
+            );
+        }
+    }
+    println!(
+        "{url}: {} sent in {} objects",
+        format_size(done["bytes_sent"].as_u64().unwrap_or(0)),
+        done["objects_sent"]
+    );
+    Ok(())
+}
+
+/// `zenith pull STORAGE|URL [SNAPSHOT]`.
+pub async fn pull(
+    source: String,
+    snapshot: Option<String>,
+    repo_dir: Option<std::path::PathBuf>,
+    progress: bool,
+) -> Result<(), CliError> {
+    let repo = crate::local::repo::Repo::existing(repo_dir)?;
+    let ops = crate::local::ops::Ops::direct(repo);
+    let bar = super::progress::bar("pull", progress);
+    let done = ops.pull(&source, snapshot.as_deref(), bar).await?;
+    let m = &done["snapshot"];
+    let label = format!(
+        "{}{}",
+        m["id"].as_str().unwrap_or(""),
+        m["name"]
+            .as_str()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    );
+    if done["already_there"] == true {
+        println!("snapshot {label} is in the repo already; nothing pulled");
+    } else {
+        println!(
+            "pulled snapshot {label} from {}: {} in {} objects, {} objects already here",
+            done["url"].as_str().unwrap_or(""),
+            format_size(done["bytes_sent"].as_u64().unwrap_or(0)),
+            done["objects_sent"],
+            done["objects_skipped"]
+        );
+    }
+    println!(
+        "`zenith pg create NAME --snapshot {}` makes a pg of it",
+        m["id"].as_str().unwrap_or("")
+    );
+    Ok(())
 }
 
 async fn check_cmd(args: CheckArgs) -> Result<(), CliError> {

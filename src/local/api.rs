@@ -17,7 +17,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::ops::{Action, OpError, Ops};
-use super::repo::Repo;
 
 /// The OpenAPI document, as committed under docs/.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -235,38 +234,37 @@ async fn delete_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Repl
     }))
 }
 
-/// The storages zenith knows: today only `storage_dest` from config.toml.
-fn storages(repo: &Repo) -> Result<Vec<Value>, OpError> {
-    let config = repo.config()?;
-    Ok(config
-        .storage_dest
-        .map(|url| json!({ "name": "storage_dest", "url": url }))
-        .into_iter()
-        .collect())
-}
-
 async fn list_storages(State(api): State<Api>) -> Reply {
-    ok(Value::Array(storages(&api.ops.repo)?))
+    ok(Value::Array(api.ops.list_storages()?))
 }
 
 async fn show_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
-    storages(&api.ops.repo)?
-        .into_iter()
-        .find(|s| s["name"] == name.as_str())
-        .map(|s| Json(s).into_response())
-        .ok_or_else(|| OpError::NotFound(format!("there is no storage {name:?}")))
+    ok(op(
+        &api,
+        move |ops| async move { ops.show_storage(&name).await },
+    )
+    .await?)
 }
 
-async fn attach_storage() -> Reply {
-    Err(OpError::NotImplemented(
-        "attaching named storages is not built yet".into(),
-    ))
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewStorage {
+    name: String,
+    url: String,
 }
 
-async fn detach_storage() -> Reply {
-    Err(OpError::NotImplemented(
-        "detaching named storages is not built yet".into(),
-    ))
+async fn attach_storage(
+    State(api): State<Api>,
+    new: Result<Json<NewStorage>, JsonRejection>,
+) -> Reply {
+    let new = body(new)?;
+    let attached = api.ops.attach_storage(&new.name, &new.url)?;
+    Ok((StatusCode::CREATED, Json(attached)).into_response())
+}
+
+async fn detach_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
+    api.ops.detach_storage(&name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[cfg(test)]

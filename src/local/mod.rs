@@ -6,8 +6,10 @@
 pub mod api;
 mod exchange;
 pub mod ops;
+pub mod pusher;
 pub mod replica;
 pub mod repo;
+pub mod share;
 pub mod supervisor;
 
 use std::sync::Arc;
@@ -25,6 +27,9 @@ pub struct LocalState {
     pub api_port: u16,
     pub started_at: String,
     pub pgs: Vec<PgState>,
+    /// Background pushes to storage_dest, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<pusher::PushState>,
 }
 
 /// One supervised pg.
@@ -103,14 +108,50 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     let ops = ops::Ops::supervised(repo.clone(), Arc::clone(&supervisor));
     let server = tokio::spawn(api::serve(
         listener,
-        api::router(ops, token.trim().to_string()),
+        api::router(ops.clone(), token.trim().to_string()),
     ));
     let _server = AbortOnDrop(server);
+    let pusher = match (&config.storage_dest, config.push.period()?) {
+        (Some(dest), Some(period)) => {
+            let p =
+                pusher::Pusher::new(ops, Arc::clone(&supervisor), period, config.push.keep_last);
+            tracing::info!("pushing to {dest} every {}", config.push.interval);
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            // On a blocking thread of its own, like the API's operations (see api::op).
+            let (runner, d, handle) = (
+                Arc::clone(&p),
+                dest.clone(),
+                tokio::runtime::Handle::current(),
+            );
+            let task = tokio::task::spawn_blocking(move || handle.block_on(runner.run(d, stopped)));
+            Some((p, (stop, task), dest.clone()))
+        }
+        _ => None,
+    };
     let immediate = tokio::select! {
         _ = term.recv() => false,
         _ = int.recv() => false,
         _ = usr1.recv() => true,
     };
+    // A last push before the servers stop (not for an immediate stop, which is in a hurry).
+    if let Some((p, (stop, task), dest)) = pusher {
+        let _ = stop.send(true);
+        // A push under way finishes first (a snapshot is written whole or not at all).
+        if !immediate && tokio::time::timeout(FINAL_PUSH, task).await.is_err() {
+            tracing::warn!("the background push to {dest} is still running");
+        }
+        if !immediate {
+            tracing::info!("pushing to {dest} before stopping");
+            let mut state = supervisor.push_state().unwrap_or_default();
+            let last = tokio::time::timeout(FINAL_PUSH, p.attempt(&mut state)).await;
+            if last.is_err() || state.last_error.is_some() {
+                tracing::error!(
+                    "the last push to {dest} did not complete ({}); the snapshots stay in the repo and go with the next push",
+                    state.last_error.as_deref().unwrap_or("timed out")
+                );
+            }
+        }
+    }
     tracing::info!(
         "stopping every pg ({})",
         if immediate { "immediate" } else { "fast" }
@@ -118,6 +159,9 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     supervisor.stop_all(immediate).await;
     Ok(())
 }
+
+/// How long `zenith stop` lets the last push run.
+const FINAL_PUSH: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Stops a background task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

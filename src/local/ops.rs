@@ -684,6 +684,21 @@ impl Ops {
             },
             "pgs": pgs,
             "newest_snapshot": newest,
+            "storage_dest": self.repo.config()?.storage_dest,
+            "push": local.as_ref().and_then(|l| l.push.clone()),
         }))
+    }
+}
+
+impl Ops {
+    /// Makes the main pg of a new repo (or one that lost it) from a snapshot of the repo.
+    pub async fn main_from_snapshot(&self, m: &Manifest) -> OpResult<NodeState> {
+        let node = self.repo.node("main");
+        let store = store(&self.repo).await?;
+        make_dir(&node.dir, run_as()?.as_ref())?;
+        materialize(store.as_ref(), m, &node.data(), &ProgressHandle::default()).await?;
+        let state = NodeState::new(new_port(&self.repo)?);
+        node.save_state(&state)?;
+        Ok(state)
     }
 }

@@ -38,6 +38,53 @@ pub struct Config {
     /// new repo takes it from `$ZENITH_API_PORT`, else 3000.
     #[serde(default = "default_api_port")]
     pub api_port: u16,
+    /// Named storages, like git remotes: name → URL.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub storages: std::collections::BTreeMap<String, String>,
+    /// Background pushes of the main pg to storage_dest.
+    #[serde(default)]
+    pub push: PushConfig,
+}
+
+/// `[push]` of config.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    /// How often zenith-local snapshots the main pg and pushes it to storage_dest (when
+    /// it changed), e.g. "5m"; "0" turns background pushes off. A push also runs at
+    /// `zenith stop`.
+    #[serde(default = "default_push_interval")]
+    pub interval: String,
+    /// After each background push, storage_dest keeps the newest `keep_last` unnamed
+    /// snapshots (0: all), and every named one.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: u32,
+}
+
+fn default_push_interval() -> String {
+    "5m".into()
+}
+
+fn default_keep_last() -> u32 {
+    48
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            interval: default_push_interval(),
+            keep_last: default_keep_last(),
+        }
+    }
+}
+
+impl PushConfig {
+    /// The push interval; `None` when background pushes are off.
+    pub fn period(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        let d = crate::util::size::parse_duration(&self.interval)
+            .map_err(|e| anyhow::anyhow!("config.toml [push] interval: {e}"))?;
+        Ok((!d.is_zero()).then_some(d))
+    }
 }
 
 /// `$ZENITH_PG_PORT` when it is a port number, else 55432.
@@ -64,6 +111,8 @@ impl Default for Config {
             storage_dest: None,
             pg_port: default_pg_port(),
             api_port: default_api_port(),
+            storages: Default::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -176,6 +225,23 @@ impl Repo {
         })
     }
 
+    /// Writes `config.toml` anew (atomically).
+    pub fn save_config(&self, config: &Config) -> anyhow::Result<()> {
+        let text = toml::to_string(config).expect("config serializes");
+        write_private(&self.config_path(), text.as_bytes())
+    }
+
+    /// Puts back what a repo needs besides `config.toml` (a new machine given only the
+    /// old config.toml): its directories and an API token.
+    pub fn complete(&self, account: Option<&Account>) -> anyhow::Result<()> {
+        std::fs::create_dir_all(self.root.join("logs"))?;
+        make_dir(&self.pgs_dir(), account)?;
+        if !self.token_path().exists() {
+            write_token(self)?;
+        }
+        Ok(())
+    }
+
     /// Creates the repo's directories, `config.toml` and the API token. Refuses an
     /// existing repo.
     pub fn create(&self, config: &Config, account: Option<&Account>) -> anyhow::Result<()> {
@@ -196,15 +262,18 @@ impl Repo {
         }
         std::fs::create_dir_all(self.root.join("logs"))?;
         make_dir(&self.pgs_dir(), account)?;
-        let token: String = {
-            let mut rng = fastrand::Rng::new();
-            (0..40).map(|_| rng.alphanumeric()).collect()
-        };
-        write_private(&self.token_path(), token.as_bytes())?;
+        write_token(self)?;
         // config.toml last: the repo exists once it does.
-        let text = toml::to_string(config).expect("config serializes");
-        write_private(&self.config_path(), text.as_bytes())
+        self.save_config(config)
     }
+}
+
+fn write_token(repo: &Repo) -> anyhow::Result<()> {
+    let token: String = {
+        let mut rng = fastrand::Rng::new();
+        (0..40).map(|_| rng.alphanumeric()).collect()
+    };
+    write_private(&repo.token_path(), token.as_bytes())
 }
 
 /// Refuses a repo the PostgreSQL account cannot reach (a parent without search permission
@@ -280,10 +349,12 @@ mod tests {
 
     #[test]
     fn config_round_trips_and_refuses_unknown_keys() {
-        let c = Config {
+        let mut c = Config {
             storage_dest: Some("s3://b/p".into()),
             ..Config::default()
         };
+        c.storages.insert("team".into(), "s3://b/team".into());
+        c.push.interval = "10m".into();
         let text = toml::to_string(&c).unwrap();
         assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
         assert_eq!(toml::from_str::<Config>("").unwrap(), Config::default());

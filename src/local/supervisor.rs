@@ -22,6 +22,8 @@ pub struct Supervisor {
     watched: tokio::sync::Mutex<BTreeMap<String, Watch>>,
     /// What `zenith status` shows of each supervised pg.
     report: Mutex<BTreeMap<String, PgState>>,
+    /// And of background pushes.
+    push: Mutex<Option<super::pusher::PushState>>,
 }
 
 struct Watch {
@@ -39,6 +41,7 @@ impl Supervisor {
             started_at: crate::snapshot::now_rfc3339(),
             watched: Default::default(),
             report: Default::default(),
+            push: Default::default(),
         })
     }
 
@@ -147,6 +150,17 @@ impl Supervisor {
         }
     }
 
+    /// Records the state of background pushes.
+    pub fn set_push(&self, state: Option<super::pusher::PushState>) {
+        *self.push.lock().expect("not poisoned") = state;
+        let report = self.report.lock().expect("not poisoned");
+        self.save(&report);
+    }
+
+    pub fn push_state(&self) -> Option<super::pusher::PushState> {
+        self.push.lock().expect("not poisoned").clone()
+    }
+
     fn reported(&self, name: &str) -> PgState {
         let report = self.report.lock().expect("not poisoned");
         report.get(name).cloned().unwrap_or(PgState {
@@ -176,6 +190,7 @@ impl Supervisor {
             api_port: self.api_port,
             started_at: self.started_at.clone(),
             pgs: report.values().cloned().collect(),
+            push: self.push_state(),
         };
         if let Err(e) = crate::compute::node::write_private(
             &self.repo.state_path(),

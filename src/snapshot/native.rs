@@ -272,7 +272,7 @@ async fn fetch_full_list(
     storage: &dyn Storage,
     name: &str,
     blocks: u64,
-    corrupt: &dyn Fn(String) -> SnapshotError,
+    corrupt: &(dyn Fn(String) -> SnapshotError + Sync),
 ) -> Result<Option<Vec<u8>>> {
     let raw_len = usize::try_from(blocks.saturating_mul(32))
         .map_err(|_| corrupt("a block list is impossibly long".into()))?;

@@ -3,7 +3,7 @@
 //! and the manifest goes last, so the target never lists a snapshot it cannot restore. A
 //! transfer cut short leaves whole objects behind, which the next run does not send again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -100,7 +100,15 @@ async fn send(
     for (list, _) in lists.values() {
         needed.extend(list.iter().filter(|h| !have.contains(*h)));
     }
-    let packs: Vec<(String, u64)> = native::pack_sizes(source)
+    // A pack that arrived without its index (a transfer cut between the two): same name,
+    // same content, so only the index goes.
+    let arrived: HashMap<String, u64> = target
+        .list("packs/")
+        .await?
+        .into_iter()
+        .map(|o| (o.key.trim_start_matches("packs/").to_string(), o.size))
+        .collect();
+    let packs: Vec<(String, u64, bool)> = native::pack_sizes(source)
         .await?
         .into_iter()
         .filter(|(_, entries, _)| {
@@ -110,9 +118,13 @@ async fn send(
             }
             hit
         })
-        .map(|(id, _, size)| (id, size))
+        .map(|(id, _, size)| {
+            let there = arrived.get(&id) == Some(&size);
+            (id, size, there)
+        })
         .collect();
-    progress.set_total(packs.iter().map(|(_, s)| s).sum());
+    skipped += packs.iter().filter(|p| p.2).count() as u64;
+    progress.set_total(packs.iter().filter(|p| !p.2).map(|p| p.1).sum());
     let copy = |key: String, limit: u64, check_sha: Option<String>| {
         let (sent, bytes) = (&sent, &bytes);
         async move {
@@ -134,14 +146,12 @@ async fn send(
     };
     // Packs first, each before its index: a target's index never names a missing pack.
     let results: Vec<Result<()>> = futures::stream::iter(packs)
-        .map(|(id, _)| async move {
-            let n = copy(
-                format!("packs/{id}"),
-                native::MAX_PACK_BYTES,
-                Some(id.clone()),
-            )
-            .await?;
-            progress.add(n);
+        .map(|(id, _, there)| async move {
+            if !there {
+                let key = format!("packs/{id}");
+                let n = copy(key, native::MAX_PACK_BYTES, Some(id.clone())).await?;
+                progress.add(n);
+            }
             copy(format!("index/{id}.idx"), native::MAX_INDEX_BYTES, None).await?;
             Ok(())
         })

@@ -12,7 +12,7 @@ use crate::support::{assert_clean_failure, require, run, text, zenith};
 
 /// `zenith --repo-dir REPO ...`. Each repo's pgs start from their own port range (a new
 /// repo reads ZENITH_PG_PORT), so tests running side by side do not contend for ports.
-fn z(repo: &Path) -> Command {
+pub(crate) fn z(repo: &Path) -> Command {
     let mut cmd = zenith();
     let base = 20_000 + (port_slot(repo) * 50);
     cmd.arg("--repo-dir")
@@ -30,7 +30,7 @@ fn port_slot(repo: &Path) -> u16 {
     (h.finish() % 800) as u16
 }
 
-fn ok(cmd: &mut Command) -> String {
+pub(crate) fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "zenith failed:\n{stdout}\n{stderr}");
@@ -38,7 +38,7 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 /// Runs SQL through psql with a connection string, as a user would.
-fn psql(connstr: &str, sql: &str) -> String {
+pub(crate) fn psql(connstr: &str, sql: &str) -> String {
     let install = find_postgres().unwrap();
     let out = Command::new(install.bin("psql"))
         .args([
@@ -64,16 +64,16 @@ fn psql(connstr: &str, sql: &str) -> String {
 }
 
 /// The test table's rows, in order.
-fn rows(connstr: &str) -> String {
+pub(crate) fn rows(connstr: &str) -> String {
     psql(connstr, "select array_agg(i order by i) from t")
 }
 
-fn status(repo: &Path) -> serde_json::Value {
+pub(crate) fn status(repo: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(z(repo).args(["status", "--json"]))).unwrap()
 }
 
 /// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &Path) -> Vec<String> {
+pub(crate) fn processes_mentioning(needle: &Path) -> Vec<String> {
     let needle = needle.to_string_lossy().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
@@ -92,13 +92,13 @@ fn processes_mentioning(needle: &Path) -> Vec<String> {
 
 /// A repo path in a directory PostgreSQL's account can reach; stops whatever runs there
 /// when dropped, so a failing test leaves nothing behind.
-struct TestRepo {
+pub(crate) struct TestRepo {
     _dir: tempfile::TempDir,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl TestRepo {
-    fn new() -> Option<TestRepo> {
+    pub(crate) fn new() -> Option<TestRepo> {
         require("PostgreSQL", find_postgres().ok())?;
         let dir = pg_tempdir();
         let path = dir.path().join("repo");
@@ -301,7 +301,7 @@ fn bad_repos_and_busy_ports_are_clear() {
     ok(z(&repo.path).arg("stop"));
 }
 
-fn connstr_of(repo: &Path, pg: &str) -> String {
+pub(crate) fn connstr_of(repo: &Path, pg: &str) -> String {
     let shown: serde_json::Value =
         serde_json::from_str(&ok(z(repo).args(["pg", "show", pg, "--json"]))).unwrap();
     for key in ["name", "status", "port", "connstr"] {
@@ -555,7 +555,7 @@ fn the_rest_api_serves_every_resource_behind_its_token() {
 }
 
 /// Waits up to a minute for `check` to hold.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+pub(crate) fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !check() {
         assert!(std::time::Instant::now() < deadline, "{what}");
@@ -563,7 +563,7 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn postmaster_pid(repo: &Path, pg: &str) -> i32 {
+pub(crate) fn postmaster_pid(repo: &Path, pg: &str) -> i32 {
     std::fs::read_to_string(repo.join(format!("pgs/{pg}/data/postmaster.pid")))
         .unwrap()
         .lines()
@@ -574,7 +574,7 @@ fn postmaster_pid(repo: &Path, pg: &str) -> i32 {
 }
 
 /// Runs SQL that must fail; returns psql's error.
-fn psql_error(connstr: &str, sql: &str) -> String {
+pub(crate) fn psql_error(connstr: &str, sql: &str) -> String {
     let install = find_postgres().unwrap();
     let out = Command::new(install.bin("psql"))
         .args([

@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod local;
 mod postgres;
+mod share;
 mod snapshots;
 mod storage_conformance;
 mod storage_faults;

@@ -1,0 +1,174 @@
+//! Background pushes: while zenith-local runs with a storage_dest, it snapshots the main
+//! pg (online, when it changed) and pushes every snapshot storage_dest lacks, on the
+//! `[push] interval` of config.toml and at `zenith stop`. A failed push is retried with
+//! backoff and reported in `zenith status`; it never stops a database.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::ops::{OpResult, Ops};
+use super::share::STORAGE_DEST;
+use super::supervisor::Supervisor;
+use crate::compute::node::Status;
+
+/// What `zenith status` shows of background pushes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PushState {
+    pub storage_dest: String,
+    pub interval_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pushed: Option<String>,
+    /// When the last push succeeded, seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pushed_unix: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Failed attempts in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// When the next attempt is due, seconds since the epoch.
+    #[serde(default)]
+    pub next_unix: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Longest wait after a failure before the next attempt (never longer than the interval).
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// One zenith-local's pusher.
+pub struct Pusher {
+    ops: Ops,
+    supervisor: Arc<Supervisor>,
+    period: Duration,
+    keep_last: u32,
+    /// The main pg's WAL position after the last snapshot: unchanged means nothing to take.
+    last_lsn: tokio::sync::Mutex<Option<String>>,
+}
+
+impl Pusher {
+    pub fn new(
+        ops: Ops,
+        supervisor: Arc<Supervisor>,
+        period: Duration,
+        keep_last: u32,
+    ) -> Arc<Pusher> {
+        Arc::new(Pusher {
+            ops,
+            supervisor,
+            period,
+            keep_last,
+            last_lsn: Default::default(),
+        })
+    }
+
+    /// Pushes on schedule until `stop` turns true (between pushes).
+    pub async fn run(
+        self: Arc<Self>,
+        storage_dest: String,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut state = PushState {
+            storage_dest,
+            interval_secs: self.period.as_secs(),
+            next_unix: unix_now() + self.period.as_secs(),
+            ..Default::default()
+        };
+        self.supervisor.set_push(Some(state.clone()));
+        let mut wait = self.period;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            wait = self.attempt(&mut state).await;
+        }
+    }
+
+    /// One push, its outcome recorded in `state`; returns how long to wait for the next.
+    pub async fn attempt(&self, state: &mut PushState) -> Duration {
+        let wait = match self.push_once().await {
+            Ok(pushed) => {
+                if let Some(id) = pushed {
+                    state.last_pushed = Some(id);
+                    state.last_pushed_unix = Some(unix_now());
+                }
+                state.last_error = None;
+                state.failures = 0;
+                self.period
+            }
+            Err(e) => {
+                let message = match &e {
+                    super::ops::OpError::Other(e) => format!("{e:#}"),
+                    other => other.to_string(),
+                };
+                tracing::warn!(
+                    "background push to {} failed: {message}",
+                    state.storage_dest
+                );
+                state.last_error = Some(message);
+                state.failures += 1;
+                let backoff = Duration::from_secs(5u64.saturating_mul(1 << state.failures.min(10)));
+                backoff.min(MAX_BACKOFF).min(self.period)
+            }
+        };
+        state.next_unix = unix_now() + wait.as_secs();
+        self.supervisor.set_push(Some(state.clone()));
+        wait
+    }
+
+    /// Snapshots the main pg if its WAL moved since the last one, pushes whatever
+    /// storage_dest lacks, applies retention; the newest snapshot storage_dest now holds.
+    async fn push_once(&self) -> OpResult<Option<String>> {
+        let main = self.ops.repo.node("main");
+        if main.status() == Status::Running {
+            let state = main.state()?;
+            let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
+            let lsn_sql = "SELECT pg_current_wal_insert_lsn()";
+            let now = main.query(&install, &state, lsn_sql).await.ok();
+            let mut last = self.last_lsn.lock().await;
+            if now.is_none() || *last != now {
+                let m = self.ops.create_snapshot(None, Default::default()).await?;
+                tracing::info!("background snapshot {} of pg main", m.id);
+                *last = main.query(&install, &state, lsn_sql).await.ok();
+            }
+        }
+        let pushed = self.ops.push(None, None, Default::default()).await?;
+        let sent = pushed["pushed"].as_array().map(Vec::len).unwrap_or(0);
+        if sent > 0 {
+            tracing::info!(
+                "pushed {sent} snapshot(s) to storage_dest: {} bytes in {} objects",
+                pushed["bytes_sent"],
+                pushed["objects_sent"]
+            );
+        }
+        if self.keep_last > 0 {
+            for m in self.ops.prune(STORAGE_DEST, self.keep_last, false).await? {
+                tracing::info!("retention: deleted snapshot {} from storage_dest", m.id);
+            }
+            // The repo keeps as many (everything is pushed by now).
+            let store = self.ops.repo.store_url();
+            for m in self.ops.prune(&store, self.keep_last, false).await? {
+                tracing::info!("retention: deleted snapshot {} from the repo", m.id);
+            }
+        }
+        let url = self.ops.storage_url(STORAGE_DEST)?;
+        let dest = crate::storage::open(&url)
+            .await
+            .map_err(anyhow::Error::from)?;
+        Ok(crate::snapshot::native::list(dest.as_ref())
+            .await?
+            .pop()
+            .map(|m| m.id))
+    }
+}

@@ -1,0 +1,280 @@
+//! Sharing snapshots: named storages, `push` and `pull` between the repo and any storage
+//! (only missing objects move), storage_dest's guard against mixing clusters, retention,
+//! and the main pg brought back from storage_dest on a machine that lost it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::ops::{check_name, OpError, OpResult, Ops};
+use crate::snapshot::{datadir, native, transfer, Manifest};
+use crate::storage::Storage;
+use crate::util::progress::ProgressHandle;
+
+/// The name `storage_dest` goes by wherever a storage name is accepted.
+pub const STORAGE_DEST: &str = "storage_dest";
+
+async fn open(url: &str) -> OpResult<Arc<dyn Storage>> {
+    Ok(crate::storage::open(url)
+        .await
+        .map_err(anyhow::Error::from)?)
+}
+
+fn looks_like_url(text: &str) -> bool {
+    text.contains("://") || text.starts_with('/') || text.starts_with('.')
+}
+
+impl Ops {
+    /// A storage name (`storage_dest` or one attached) or a URL, as a URL.
+    pub fn storage_url(&self, name_or_url: &str) -> OpResult<String> {
+        let config = self.repo.config()?;
+        if name_or_url == STORAGE_DEST {
+            return config.storage_dest.ok_or_else(|| {
+                OpError::BadRequest(
+                    "this repo has no storage_dest; `zenith storage attach -n storage_dest --path URL` sets one"
+                        .into(),
+                )
+            });
+        }
+        if let Some(url) = config.storages.get(name_or_url) {
+            return Ok(url.clone());
+        }
+        if looks_like_url(name_or_url) {
+            crate::storage::StorageUrl::parse(name_or_url)
+                .map_err(|e| OpError::BadRequest(e.to_string()))?;
+            return Ok(name_or_url.to_string());
+        }
+        Err(OpError::NotFound(format!(
+            "there is no storage named {name_or_url:?}; `zenith storage list` shows them, or give a URL"
+        )))
+    }
+
+    /// Whether `text` names a storage (`storage_dest`, an attached name) or is a URL.
+    pub fn is_storage(&self, text: &str) -> OpResult<bool> {
+        Ok(text == STORAGE_DEST
+            || looks_like_url(text)
+            || self.repo.config()?.storages.contains_key(text))
+    }
+
+    /// The named storages, storage_dest first when set.
+    pub fn list_storages(&self) -> OpResult<Vec<Value>> {
+        let config = self.repo.config()?;
+        let mut out: Vec<Value> = config
+            .storage_dest
+            .iter()
+            .map(|url| json!({ "name": STORAGE_DEST, "url": url }))
+            .collect();
+        out.extend(
+            config
+                .storages
+                .iter()
+                .map(|(name, url)| json!({ "name": name, "url": url })),
+        );
+        Ok(out)
+    }
+
+    /// One storage: its URL, the snapshots there and the space they use.
+    pub async fn show_storage(&self, name: &str) -> OpResult<Value> {
+        if looks_like_url(name) {
+            return Err(OpError::BadRequest(format!(
+                "{name:?} is a URL; `zenith snapshot list --storage URL` lists its snapshots"
+            )));
+        }
+        let url = self.storage_url(name)?;
+        let storage = open(&url).await?;
+        let snapshots = native::list(storage.as_ref()).await?;
+        let objects = storage.list("").await.map_err(anyhow::Error::from)?;
+        Ok(json!({
+            "name": name,
+            "url": url,
+            "snapshots": snapshots.iter().map(Manifest::summary).collect::<Vec<_>>(),
+            "objects": objects.len(),
+            "bytes": objects.iter().map(|o| o.size).sum::<u64>(),
+        }))
+    }
+
+    /// Names a storage URL, like a git remote (`storage_dest` sets the repo's
+    /// destination). The URL is checked, not contacted.
+    pub fn attach_storage(&self, name: &str, url: &str) -> OpResult<Value> {
+        check_name(name)?;
+        crate::storage::StorageUrl::parse(url).map_err(|e| OpError::BadRequest(e.to_string()))?;
+        let mut config = self.repo.config()?;
+        let taken = if name == STORAGE_DEST {
+            config.storage_dest.clone()
+        } else {
+            config.storages.get(name).cloned()
+        };
+        if let Some(old) = taken {
+            return Err(OpError::Conflict(format!(
+                "storage {name} is attached already ({old}); `zenith storage detach -n {name}` first"
+            )));
+        }
+        if name == STORAGE_DEST {
+            config.storage_dest = Some(url.to_string());
+        } else {
+            config.storages.insert(name.to_string(), url.to_string());
+        }
+        self.repo.save_config(&config)?;
+        Ok(json!({ "name": name, "url": url }))
+    }
+
+    /// Forgets a named storage; what it holds is left alone.
+    pub fn detach_storage(&self, name: &str) -> OpResult<()> {
+        let mut config = self.repo.config()?;
+        let found = if name == STORAGE_DEST {
+            config.storage_dest.take().is_some()
+        } else {
+            config.storages.remove(name).is_some()
+        };
+        if !found {
+            return Err(OpError::NotFound(format!(
+                "there is no storage named {name:?}; `zenith storage list` shows them"
+            )));
+        }
+        self.repo.save_config(&config)?;
+        Ok(())
+    }
+
+    /// The system identifier of the main pg's cluster.
+    fn main_system_identifier(&self) -> OpResult<u64> {
+        let data = self.repo.node("main").data();
+        Ok(datadir::read_control(&data)?.system_identifier)
+    }
+
+    /// Pushes repo snapshots to a storage (default: storage_dest): `reference`, or every
+    /// snapshot the storage lacks. storage_dest holds one cluster, the main pg's: a
+    /// destination with another cluster's snapshots is refused, untouched.
+    pub async fn push(
+        &self,
+        reference: Option<&str>,
+        dest: Option<&str>,
+        progress: ProgressHandle,
+    ) -> OpResult<Value> {
+        let label = dest.unwrap_or(STORAGE_DEST);
+        let url = self.storage_url(label)?;
+        let is_dest = self.repo.config()?.storage_dest.as_deref() == Some(url.as_str());
+        let store = open(&self.repo.store_url()).await?;
+        let target = open(&url).await?;
+        let there = native::list(target.as_ref()).await?;
+        let there_ids: HashSet<&str> = there.iter().map(|m| m.id.as_str()).collect();
+        let mut picked = match reference {
+            Some(r) => vec![native::resolve(store.as_ref(), r).await?],
+            None => native::list(store.as_ref())
+                .await?
+                .into_iter()
+                .filter(|m| !there_ids.contains(m.id.as_str()))
+                .collect(),
+        };
+        if is_dest {
+            let ours = self.main_system_identifier()?;
+            if let Some(other) = there.iter().find(|m| m.system_identifier != ours) {
+                return Err(OpError::Conflict(format!(
+                    "storage_dest {url} holds snapshots of another cluster (system identifier {}, this repo's main pg is {ours}); zenith never mixes clusters there: choose another storage_dest",
+                    other.system_identifier
+                )));
+            }
+            if let Some(m) = picked.iter().find(|m| m.system_identifier != ours) {
+                if reference.is_some() {
+                    return Err(OpError::Conflict(format!(
+                        "snapshot {} is of another cluster than the main pg; push it to a named storage or URL instead of storage_dest",
+                        m.id
+                    )));
+                }
+            }
+            picked.retain(|m| m.system_identifier == ours);
+        }
+        let mut pushed = Vec::new();
+        let (mut bytes, mut objects) = (0u64, 0u64);
+        for m in &picked {
+            let r = transfer::transfer(store.as_ref(), &target, m, None, &progress).await?;
+            bytes += r.bytes_sent;
+            objects += r.objects_sent;
+            pushed.push(json!({
+                "snapshot": m.summary(),
+                "bytes_sent": r.bytes_sent,
+                "objects_sent": r.objects_sent,
+                "objects_skipped": r.objects_skipped,
+                "already_there": r.already_there,
+            }));
+        }
+        Ok(json!({
+            "storage": label,
+            "url": target.url(),
+            "pushed": pushed,
+            "bytes_sent": bytes,
+            "objects_sent": objects,
+        }))
+    }
+
+    /// Pulls one snapshot (default LATEST) of a storage into the repo; no pg changes.
+    pub async fn pull(
+        &self,
+        source: &str,
+        reference: Option<&str>,
+        progress: ProgressHandle,
+    ) -> OpResult<Value> {
+        let url = self.storage_url(source)?;
+        let from = open(&url).await?;
+        let m = native::resolve(from.as_ref(), reference.unwrap_or("LATEST")).await?;
+        let store = open(&self.repo.store_url()).await?;
+        let r = transfer::transfer(from.as_ref(), &store, &m, None, &progress).await?;
+        Ok(json!({
+            "snapshot": m.summary(),
+            "url": from.url(),
+            "bytes_sent": r.bytes_sent,
+            "objects_sent": r.objects_sent,
+            "objects_skipped": r.objects_skipped,
+            "already_there": r.already_there,
+        }))
+    }
+
+    /// Retention on a storage: keeps the newest `keep_last` unnamed snapshots and every
+    /// named one; the rest go (with `dry_run`, they are only listed).
+    pub async fn prune(
+        &self,
+        storage: &str,
+        keep_last: u32,
+        dry_run: bool,
+    ) -> OpResult<Vec<Manifest>> {
+        let url = self.storage_url(storage)?;
+        let target = open(&url).await?;
+        let mut unnamed: Vec<Manifest> = native::list(target.as_ref())
+            .await?
+            .into_iter()
+            .filter(|m| m.name.is_none())
+            .collect();
+        unnamed.sort_by(|a, b| b.id.cmp(&a.id));
+        let doomed: Vec<Manifest> = unnamed.into_iter().skip(keep_last as usize).collect();
+        if !dry_run {
+            for m in &doomed {
+                native::delete(
+                    Arc::clone(&target),
+                    m,
+                    std::time::Duration::from_secs(3600),
+                    0.05,
+                )
+                .await?;
+            }
+        }
+        Ok(doomed)
+    }
+}
+
+impl Ops {
+    /// Brings the main pg back from the newest snapshot in storage_dest (a crash, or a new
+    /// machine given the old config.toml); `None` when storage_dest is unset or empty.
+    pub async fn restore_main(&self, progress: ProgressHandle) -> OpResult<Option<Manifest>> {
+        let Some(url) = self.repo.config()?.storage_dest else {
+            return Ok(None);
+        };
+        let from = open(&url).await?;
+        let Some(m) = native::list(from.as_ref()).await?.pop() else {
+            return Ok(None);
+        };
+        let store = open(&self.repo.store_url()).await?;
+        transfer::transfer(from.as_ref(), &store, &m, None, &progress).await?;
+        self.main_from_snapshot(&m).await?;
+        Ok(Some(m))
+    }
+}
