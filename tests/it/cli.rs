@@ -55,11 +55,7 @@ fn help_shows_the_whole_command_surface() {
 #[test]
 fn commands_not_built_yet_say_so_with_exit_code_2() {
     for args in [
-        vec!["init", "--snapshot_path=/x", "--snapshot-format", "pgdata"],
-        vec!["push"],
-        vec!["pull", "s3://bucket/x"],
         vec!["snapshot", "diff", "a", "b"],
-        vec!["storage", "attach", "-n", "team", "--path", "s3://bucket/x"],
         vec!["wal-push", "pg_wal/000000010000000000000001"],
     ] {
         let out = run(zenith().args(&args));

@@ -538,11 +538,30 @@ fn the_rest_api_serves_every_resource_behind_its_token() {
     assert_eq!(call("GET", "/pgs/b1", None).0, 404);
     assert_eq!(call("DELETE", "/pgs/main", None).0, 409);
 
-    // Storages: storage_dest only, for now.
+    // Storages: attached, shown with what they hold, refused twice, detached.
     assert_eq!(call("GET", "/storages", None), (200, serde_json::json!([])));
     assert_eq!(call("GET", "/storages/team", None).0, 404);
-    assert_eq!(call("PUT", "/storages", None).0, 501);
-    assert_eq!(call("DELETE", "/storages/team", None).0, 501);
+    let team = format!("file://{}", repo.path.with_file_name("team").display());
+    let body = format!(r#"{{"name": "team", "url": "{team}"}}"#);
+    assert_eq!(call("PUT", "/storages", Some(&body)).0, 201);
+    assert_eq!(call("PUT", "/storages", Some(&body)).0, 409);
+    assert_eq!(
+        call(
+            "PUT",
+            "/storages",
+            Some(r#"{"name": "x", "url": "ftp://x"}"#)
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call("GET", "/storages", None).1,
+        serde_json::json!([{ "name": "team", "url": team }])
+    );
+    let (status, shown) = call("GET", "/storages/team", None);
+    assert_eq!((status, &shown["snapshots"]), (200, &serde_json::json!([])));
+    assert_eq!(call("DELETE", "/storages/team", None).0, 204);
+    assert_eq!(call("DELETE", "/storages/team", None).0, 404);
 
     let (status, deleted) = call("DELETE", &format!("/snapshots/{id}"), None);
     assert_eq!(
