@@ -334,12 +334,8 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
     let m = &out["newest_snapshot"];
     match m.is_object() {
         true => println!(
-            "newest snapshot: {}{}, {}",
-            m["id"].as_str().unwrap_or(""),
-            m["name"]
-                .as_str()
-                .map(|n| format!(" ({n})"))
-                .unwrap_or_default(),
+            "newest snapshot: {}, {}",
+            super::snapshot_label(m),
             m["created_at"].as_str().unwrap_or("")
         ),
         false => println!("newest snapshot: none"),

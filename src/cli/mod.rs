@@ -274,6 +274,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// `ID (NAME)` of a snapshot summary (JSON), for messages.
+fn snapshot_label(m: &serde_json::Value) -> String {
+    format!(
+        "{}{}",
+        m["id"].as_str().unwrap_or(""),
+        m["name"]
+            .as_str()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    )
+}
+
 /// A JSON object as aligned `key value` lines.
 fn print_fields(value: &serde_json::Value) {
     for (k, v) in value.as_object().into_iter().flatten() {

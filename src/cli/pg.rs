@@ -234,12 +234,8 @@ pub async fn snapshot_create(
     let (pg, _) = ops::split_reference(name.as_deref());
     let size = |k: &str| crate::util::size::format_size(m[k].as_u64().unwrap_or(0));
     println!(
-        "snapshot {}{} of pg {pg}: {} ({} new)",
-        m["id"].as_str().unwrap_or(""),
-        m["name"]
-            .as_str()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default(),
+        "snapshot {} of pg {pg}: {} ({} new)",
+        super::snapshot_label(&m),
         size("total_size"),
         size("stored_size")
     );

@@ -364,12 +364,8 @@ async fn export_from_repo(
         )
     };
     println!(
-        "exported snapshot {}{} as {} to {}: {what}",
-        m["id"].as_str().unwrap_or(""),
-        m["name"]
-            .as_str()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default(),
+        "exported snapshot {} as {} to {}: {what}",
+        super::snapshot_label(m),
         format.as_str(),
         done["url"].as_str().unwrap_or("")
     );

@@ -157,14 +157,7 @@ pub async fn push(
     }
     for p in &pushed {
         let m = &p["snapshot"];
-        let label = format!(
-            "{}{}",
-            m["id"].as_str().unwrap_or(""),
-            m["name"]
-                .as_str()
-                .map(|n| format!(" ({n})"))
-                .unwrap_or_default()
-        );
+        let label = super::snapshot_label(m);
         if p["already_there"] == true {
             println!("snapshot {label}: already in {url}");
         } else {
@@ -196,14 +189,7 @@ pub async fn pull(
     let bar = super::progress::bar("pull", progress);
     let done = ops.pull(&source, snapshot.as_deref(), bar).await?;
     let m = &done["snapshot"];
-    let label = format!(
-        "{}{}",
-        m["id"].as_str().unwrap_or(""),
-        m["name"]
-            .as_str()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default()
-    );
+    let label = super::snapshot_label(m);
     if done["already_there"] == true {
         println!("snapshot {label} is in the repo already; nothing pulled");
     } else {

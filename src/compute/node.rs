@@ -472,7 +472,8 @@ fn seed() -> u64 {
     }
 }
 
-fn last_line(bytes: &[u8]) -> String {
+/// The last non-empty line of a program's output, for messages.
+pub fn last_line(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
         .lines()
         .rev()

@@ -329,13 +329,7 @@ impl Ops {
                 "pg {primary} is itself a replica; follow a primary instead"
             )));
         }
-        let followers = replica::replicas_of(&self.repo, name);
-        if !followers.is_empty() {
-            return Err(OpError::Conflict(format!(
-                "pg {name} has replicas ({}); promote or destroy them first",
-                followers.join(", ")
-            )));
-        }
+        refuse_followers(&self.repo, name, "")?;
         if pnode.status() != Status::Running {
             return Err(OpError::Conflict(format!(
                 "pg {primary} is not running; `zenith pg start {primary}` first"
@@ -416,13 +410,7 @@ impl Ops {
                     .into(),
             ));
         }
-        let followers = replica::replicas_of(&self.repo, name);
-        if !followers.is_empty() {
-            return Err(OpError::Conflict(format!(
-                "pg {name} has replicas ({}); promote or destroy them first",
-                followers.join(", ")
-            )));
-        }
+        refuse_followers(&self.repo, name, "")?;
         self.halt_node(&node, true).await?;
         std::fs::remove_dir_all(&node.dir)
             .map_err(|e| anyhow::anyhow!("{}: {e}", node.dir.display()))?;
@@ -510,13 +498,7 @@ impl Ops {
                 "pg {name} is a replica and follows its primary; `zenith pg promote {name}` first"
             )));
         }
-        let followers = replica::replicas_of(&self.repo, name);
-        if !followers.is_empty() {
-            return Err(OpError::Conflict(format!(
-                "pg {name} has replicas ({}), which cannot follow a rollback; promote or destroy them first",
-                followers.join(", ")
-            )));
-        }
+        refuse_followers(&self.repo, name, ", which cannot follow a rollback")?;
         let store = store(&self.repo).await?;
         let target = native::resolve(store.as_ref(), reference).await?;
         let was_running = node.status() == Status::Running;
@@ -567,6 +549,18 @@ impl Ops {
             pg: was_running.then(|| describe(&node, &state)),
         })
     }
+}
+
+/// Refuses to act on a pg that replicas follow (`why` says what they could not follow).
+fn refuse_followers(repo: &Repo, name: &str, why: &str) -> OpResult<()> {
+    let followers = replica::replicas_of(repo, name);
+    if followers.is_empty() {
+        return Ok(());
+    }
+    Err(OpError::Conflict(format!(
+        "pg {name} has replicas ({}){why}; promote or destroy them first",
+        followers.join(", ")
+    )))
 }
 
 /// Replaces a stopped pg's data directory by the complete directory `fresh`.

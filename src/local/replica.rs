@@ -144,15 +144,11 @@ pub async fn copy_primary(
         .await
         .map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("pg_basebackup").display()))?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output")
-            .trim()
-            .to_string();
-        anyhow::bail!("copying pg {} for its replica failed: {last}", primary.name);
+        anyhow::bail!(
+            "copying pg {} for its replica failed: {}",
+            primary.name,
+            crate::compute::node::last_line(&out.stderr)
+        );
     }
     write_owned(&target.join("standby.signal"))
 }

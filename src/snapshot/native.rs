@@ -497,13 +497,7 @@ pub async fn online_copy(install: &crate::compute::PgInstall, connstr: &str) -> 
         .await
         .map_err(|e| SnapshotError::io(install.bin("pg_basebackup"), "run", e))?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output")
-            .trim();
+        let last = crate::compute::node::last_line(&out.stderr);
         return Err(SnapshotError::Refused {
             reason: format!(
                 "the online snapshot of {} failed: {last}; check the connection string, and that the server accepts replication connections (pg_hba.conf, max_wal_senders)",

@@ -238,9 +238,21 @@ fn init_refuses_an_existing_repo_and_changes_nothing() {
     let Some(repo) = TestRepo::new() else {
         return;
     };
-    ok(z(&repo.path).args(["init", "--storage_dest", "s3://bucket/team/app"]));
+    // A storage_dest it cannot reach (no credentials): refused, no repo left behind.
+    let mut bare = z(&repo.path);
+    bare.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    let out = run(bare.args(["init", "--storage_dest", "s3://bucket/team/app"]));
+    assert_clean_failure(&out, "credentials");
+    assert!(!repo.path.exists());
+
+    let dest = format!("file://{}", repo.path.with_file_name("dest").display());
+    ok(z(&repo.path).args(["init", "--storage_dest", &dest]));
     let config = std::fs::read_to_string(repo.path.join("config.toml")).unwrap();
-    assert!(config.contains("s3://bucket/team/app"), "{config}");
+    assert!(config.contains(&dest), "{config}");
     let node = std::fs::read(repo.path.join("pgs/main/node.json")).unwrap();
     let out = run(z(&repo.path).arg("init"));
     assert_clean_failure(&out, "already a zenith repo");
