@@ -38,7 +38,7 @@ now() { date +%s.%N; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
 mib() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1048576:.1f}')" "$1"; }
-row() { printf "  %-52s %8s s %10s MiB\n" "$1" "$2" "$3"; }
+row() { printf "  %-52s %8s s %12s\n" "$1" "$2" "$3"; }
 
 bash scripts/garage-cluster.sh start "$work/garage" 3 > /dev/null
 # shellcheck disable=SC1091
@@ -115,13 +115,13 @@ z_snap=$(secs "$t0" "$(now)")
 t1=$(now)
 out=$("$zenith" --no-progress push main@full "$dest")
 z_push=$(secs "$t1" "$(now)"); z_full=$(secs "$t0" "$(now)")
-row "zenith snapshot create" "$z_snap" "-"
+row "zenith snapshot create" "$z_snap" ""
 row "zenith push (to Garage)" "$z_push" "$(echo "$out" | tail -1 | sed -E 's/.*: (.*) sent.*/\1/')"
-row "zenith snapshot + push" "$z_full" "-"
+row "zenith snapshot + push" "$z_full" ""
 t0=$(now)
 "${pgbr[@]}" --type=full backup
 b_full=$(secs "$t0" "$(now)"); b_full_bytes=$(stored pgbr-backup)
-row "pgBackRest full backup (to Garage, backup/ only)" "$b_full" "$(mib "$b_full_bytes")"
+row "pgBackRest full backup (to Garage, backup/ only)" "$b_full" "$(mib "$b_full_bytes") MiB"
 echo "  zenith snapshot+push / pgBackRest: $(ratio "$z_full" "$b_full")×"
 
 echo
@@ -134,11 +134,11 @@ out=$("$zenith" --no-progress push main@incr "$dest")
 z_ipush=$(secs "$t1" "$(now)"); z_incr=$(secs "$t0" "$(now)")
 z_incr_sent=$(echo "$out" | tail -1 | sed -E 's/.*: (.*) sent.*/\1/')
 row "zenith push (to Garage)" "$z_ipush" "$z_incr_sent"
-row "zenith snapshot + push" "$z_incr" "-"
+row "zenith snapshot + push" "$z_incr" ""
 t0=$(now)
 "${pgbr[@]}" --type=incr backup
 b_incr=$(secs "$t0" "$(now)"); b_incr_bytes=$(( $(stored pgbr-backup) - b_full_bytes ))
-row "pgBackRest incr backup (backup/ only)" "$b_incr" "$(mib "$b_incr_bytes")"
+row "pgBackRest incr backup (backup/ only)" "$b_incr" "$(mib "$b_incr_bytes") MiB"
 echo "  zenith snapshot+push / pgBackRest: time $(ratio "$z_incr" "$b_incr")×; bytes: zenith $z_incr_sent vs pgBackRest $(mib "$b_incr_bytes") MiB"
 
 echo
@@ -148,15 +148,14 @@ export ZENITH_REPO_DIR="$work/b"
 t0=$(now)
 /usr/bin/time -v -o "$work/t.pull" "$zenith" --no-progress pull "$dest" main@incr > /dev/null
 z_pull=$(secs "$t0" "$(now)")
-t1=$(now)
 "$zenith" --no-progress pg create copy --snapshot main@incr --no-start > /dev/null
 z_pull_create=$(secs "$t0" "$(now)")
-row "zenith pull (from Garage)" "$z_pull" "-"
-row "zenith pull + pg create" "$z_pull_create" "-"
+row "zenith pull (from Garage)" "$z_pull" ""
+row "zenith pull + pg create" "$z_pull_create" ""
 mkdir -m 700 "$work/restore-pgbr"; chown postgres "$work/restore-pgbr"
 t0=$(now)
 "${pgbr[@]}" --pg1-path="$work/restore-pgbr" restore
 b_rest=$(secs "$t0" "$(now)")
-row "pgBackRest restore (from Garage)" "$b_rest" "-"
+row "pgBackRest restore (from Garage)" "$b_rest" ""
 echo "  zenith pull / pgBackRest restore: $(ratio "$z_pull" "$b_rest")×; pull + pg create / restore: $(ratio "$z_pull_create" "$b_rest")×"
 echo "  zenith pull peak RSS: $(awk '/Maximum resident set size/ {printf "%.0f", $6/1024}' "$work/t.pull") MiB"

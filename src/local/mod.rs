@@ -160,8 +160,9 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long `zenith stop` lets the last push run.
-const FINAL_PUSH: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long `zenith stop` waits for a push under way, and then lets the last push run
+/// (together well within the 180 s `zenith stop` waits).
+const FINAL_PUSH: std::time::Duration = std::time::Duration::from_secs(70);
 
 /// Stops a background task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

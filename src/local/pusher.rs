@@ -156,19 +156,27 @@ impl Pusher {
             for m in self.ops.prune(STORAGE_DEST, self.keep_last, false).await? {
                 tracing::info!("retention: deleted snapshot {} from storage_dest", m.id);
             }
-            // The repo keeps as many (everything is pushed by now).
-            let store = self.ops.repo.store_url();
-            for m in self.ops.prune(&store, self.keep_last, false).await? {
-                tracing::info!("retention: deleted snapshot {} from the repo", m.id);
-            }
         }
         let url = self.ops.storage_url(STORAGE_DEST)?;
         let dest = crate::storage::open(&url)
             .await
             .map_err(anyhow::Error::from)?;
-        Ok(crate::snapshot::native::list(dest.as_ref())
-            .await?
-            .pop()
-            .map(|m| m.id))
+        let there = crate::snapshot::native::list(dest.as_ref()).await?;
+        if self.keep_last > 0 {
+            // The repo keeps as many of those it pushed; its other snapshots stay.
+            let pushed: std::collections::HashSet<&str> =
+                there.iter().map(|m| m.id.as_str()).collect();
+            let store = self.ops.repo.store_url();
+            let gone = self
+                .ops
+                .prune_where(&store, self.keep_last, false, |m| {
+                    pushed.contains(m.id.as_str())
+                })
+                .await?;
+            for m in gone {
+                tracing::info!("retention: deleted snapshot {} from the repo", m.id);
+            }
+        }
+        Ok(there.last().map(|m| m.id.clone()))
     }
 }

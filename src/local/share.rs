@@ -237,12 +237,24 @@ impl Ops {
         keep_last: u32,
         dry_run: bool,
     ) -> OpResult<Vec<Manifest>> {
+        self.prune_where(storage, keep_last, dry_run, |_| true)
+            .await
+    }
+
+    /// [`Ops::prune`] among the unnamed snapshots `eligible` accepts; others stay.
+    pub async fn prune_where(
+        &self,
+        storage: &str,
+        keep_last: u32,
+        dry_run: bool,
+        eligible: impl Fn(&Manifest) -> bool,
+    ) -> OpResult<Vec<Manifest>> {
         let url = self.storage_url(storage)?;
         let target = open(&url).await?;
         let mut unnamed: Vec<Manifest> = native::list(target.as_ref())
             .await?
             .into_iter()
-            .filter(|m| m.name.is_none())
+            .filter(|m| m.name.is_none() && eligible(m))
             .collect();
         unnamed.sort_by(|a, b| b.id.cmp(&a.id));
         let doomed: Vec<Manifest> = unnamed.into_iter().skip(keep_last as usize).collect();
