@@ -90,6 +90,9 @@ pub enum Command {
         /// Named storage or URL [default: storage_dest]; given alone, a storage name or URL
         /// is the storage
         storage: Option<String>,
+        /// Push from this storage (name or URL) instead of the repo: S3 to S3, file to S3
+        #[arg(long, value_name = "STORAGE|URL")]
+        from: Option<String>,
     },
     /// Pull a snapshot from a storage into the repo (no pg changes; `pg create --snapshot`
     /// uses it)
@@ -253,9 +256,11 @@ pub fn main() -> ExitCode {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => storage::run(cmd, cli.repo_dir).await,
-        Command::Push { snapshot, storage } => {
-            storage::push(snapshot, storage, cli.repo_dir, !cli.no_progress).await
-        }
+        Command::Push {
+            snapshot,
+            storage,
+            from,
+        } => storage::push(snapshot, storage, from, cli.repo_dir, !cli.no_progress).await,
         Command::Pull { source, snapshot } => {
             storage::pull(source, snapshot, cli.repo_dir, !cli.no_progress).await
         }

@@ -109,9 +109,14 @@ pub enum SnapshotCommand {
         /// Storage name or URL
         #[arg(long, value_name = "NAME|URL", default_value = "storage_dest")]
         storage: String,
-        /// Unnamed snapshots to keep [default: keep_last of [push] in config.toml]
+        /// Unnamed snapshots to keep, newest first [default: keep_last of [push] in
+        /// config.toml]
         #[arg(long)]
         keep_last: Option<u32>,
+        /// Unnamed snapshots younger than this stay too, e.g. 7d [default: keep_within of
+        /// [push] in config.toml]
+        #[arg(long, value_parser = crate::util::size::parse_duration)]
+        keep_within: Option<std::time::Duration>,
         /// List what would go; delete nothing
         #[arg(long)]
         dry_run: bool,
@@ -578,28 +583,35 @@ pub async fn run(
         SnapshotCommand::Prune {
             storage,
             keep_last,
+            keep_within,
             dry_run,
         } => {
             let repo = crate::local::repo::Repo::existing(repo_dir)?;
-            let keep = match keep_last {
-                Some(n) => n,
-                None => repo.config()?.push.keep_last,
+            let push = repo.config()?.push;
+            let configured = push.retention()?;
+            let rule = crate::local::repo::Retention {
+                keep_last: keep_last.unwrap_or(push.keep_last),
+                keep_within: keep_within.or(configured.and_then(|r| r.keep_within)),
             };
-            if keep == 0 {
+            if rule.keep_last == 0 && rule.keep_within.is_none() {
                 return Err(anyhow::anyhow!(
-                    "keep_last is 0 (keep everything): nothing to prune; pass --keep-last N"
+                    "no retention rule (keep_last 0, no keep_within): nothing to prune; pass --keep-last N or --keep-within 7d"
                 )
                 .into());
             }
             let ops = crate::local::ops::Ops::direct(repo);
-            let gone = ops.prune(&storage, keep, dry_run).await?;
+            let gone = ops.prune(&storage, rule, dry_run, |_| true).await?;
             let verb = if dry_run { "would delete" } else { "deleted" };
             for m in &gone {
                 println!("{verb} snapshot {} ({})", m.id, m.created_at);
             }
             println!(
-                "{} snapshot(s) {verb}; the newest {keep} unnamed and every named one stay",
-                gone.len()
+                "{} snapshot(s) {verb}; the newest {} unnamed{}, and every named one, stay",
+                gone.len(),
+                rule.keep_last,
+                rule.keep_within
+                    .map(|d| format!(", those younger than {} s", d.as_secs()))
+                    .unwrap_or_default()
             );
             Ok(())
         }

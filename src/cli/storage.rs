@@ -135,6 +135,7 @@ pub async fn run(
 pub async fn push(
     snapshot: Option<String>,
     storage: Option<String>,
+    from: Option<String>,
     repo_dir: Option<std::path::PathBuf>,
     progress: bool,
 ) -> Result<(), CliError> {
@@ -147,7 +148,12 @@ pub async fn push(
     };
     let bar = super::progress::bar("push", progress);
     let done = ops
-        .push(snapshot.as_deref(), storage.as_deref(), bar)
+        .push_from(
+            from.as_deref(),
+            snapshot.as_deref(),
+            storage.as_deref(),
+            bar,
+        )
         .await?;
     let pushed = done["pushed"].as_array().cloned().unwrap_or_default();
     let url = done["url"].as_str().unwrap_or("");

@@ -113,8 +113,12 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     let _server = AbortOnDrop(server);
     let pusher = match (&config.storage_dest, config.push.period()?) {
         (Some(dest), Some(period)) => {
-            let p =
-                pusher::Pusher::new(ops, Arc::clone(&supervisor), period, config.push.keep_last);
+            let p = pusher::Pusher::new(
+                ops,
+                Arc::clone(&supervisor),
+                period,
+                config.push.retention()?,
+            );
             tracing::info!("pushing to {dest} every {}", config.push.interval);
             let (stop, stopped) = tokio::sync::watch::channel(false);
             // On a blocking thread of its own, like the API's operations (see api::op).

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::ops::{OpResult, Ops};
+use super::repo::Retention;
 use super::share::STORAGE_DEST;
 use super::supervisor::Supervisor;
 use crate::compute::node::Status;
@@ -48,7 +49,7 @@ pub struct Pusher {
     ops: Ops,
     supervisor: Arc<Supervisor>,
     period: Duration,
-    keep_last: u32,
+    retention: Option<Retention>,
     /// The main pg's WAL position after the last snapshot: unchanged means nothing to take.
     last_lsn: tokio::sync::Mutex<Option<String>>,
 }
@@ -58,13 +59,13 @@ impl Pusher {
         ops: Ops,
         supervisor: Arc<Supervisor>,
         period: Duration,
-        keep_last: u32,
+        retention: Option<Retention>,
     ) -> Arc<Pusher> {
         Arc::new(Pusher {
             ops,
             supervisor,
             period,
-            keep_last,
+            retention,
             last_lsn: Default::default(),
         })
     }
@@ -152,8 +153,8 @@ impl Pusher {
                 pushed["objects_sent"]
             );
         }
-        if self.keep_last > 0 {
-            for m in self.ops.prune(STORAGE_DEST, self.keep_last, false).await? {
+        if let Some(rule) = self.retention {
+            for m in self.ops.prune(STORAGE_DEST, rule, false, |_| true).await? {
                 tracing::info!("retention: deleted snapshot {} from storage_dest", m.id);
             }
         }
@@ -162,16 +163,14 @@ impl Pusher {
             .await
             .map_err(anyhow::Error::from)?;
         let there = crate::snapshot::native::list(dest.as_ref()).await?;
-        if self.keep_last > 0 {
+        if let Some(rule) = self.retention {
             // The repo keeps as many of those it pushed; its other snapshots stay.
             let pushed: std::collections::HashSet<&str> =
                 there.iter().map(|m| m.id.as_str()).collect();
             let store = self.ops.repo.store_url();
             let gone = self
                 .ops
-                .prune_where(&store, self.keep_last, false, |m| {
-                    pushed.contains(m.id.as_str())
-                })
+                .prune(&store, rule, false, |m| pushed.contains(m.id.as_str()))
                 .await?;
             for m in gone {
                 tracing::info!("retention: deleted snapshot {} from the repo", m.id);

@@ -56,9 +56,20 @@ pub struct PushConfig {
     #[serde(default = "default_push_interval")]
     pub interval: String,
     /// After each background push, storage_dest keeps the newest `keep_last` unnamed
-    /// snapshots (0: all), and every named one.
+    /// snapshots, and every named one (0 with no keep_within: keep everything).
     #[serde(default = "default_keep_last")]
     pub keep_last: u32,
+    /// Unnamed snapshots younger than this (e.g. "7d") stay too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_within: Option<String>,
+}
+
+/// Which unnamed snapshots of a storage stay: the newest `keep_last`, and those younger
+/// than `keep_within`. Named snapshots always stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_last: u32,
+    pub keep_within: Option<std::time::Duration>,
 }
 
 fn default_push_interval() -> String {
@@ -74,11 +85,28 @@ impl Default for PushConfig {
         PushConfig {
             interval: default_push_interval(),
             keep_last: default_keep_last(),
+            keep_within: None,
         }
     }
 }
 
 impl PushConfig {
+    /// The retention rule of config.toml; `None` when it keeps everything.
+    pub fn retention(&self) -> anyhow::Result<Option<Retention>> {
+        let keep_within = self
+            .keep_within
+            .as_deref()
+            .map(crate::util::size::parse_duration)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("config.toml [push] keep_within: {e}"))?;
+        Ok(
+            (self.keep_last > 0 || keep_within.is_some()).then_some(Retention {
+                keep_last: self.keep_last,
+                keep_within,
+            }),
+        )
+    }
+
     /// The push interval; `None` when background pushes are off.
     pub fn period(&self) -> anyhow::Result<Option<std::time::Duration>> {
         let d = crate::util::size::parse_duration(&self.interval)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::ops::{check_name, OpError, OpResult, Ops};
+use super::repo::Retention;
 use crate::snapshot::{datadir, native, transfer, Manifest};
 use crate::storage::Storage;
 use crate::util::progress::ProgressHandle;
@@ -151,10 +152,30 @@ impl Ops {
         dest: Option<&str>,
         progress: ProgressHandle,
     ) -> OpResult<Value> {
+        self.push_from(None, reference, dest, progress).await
+    }
+
+    /// [`Ops::push`] from another storage (`from`, a name or URL) instead of the repo.
+    pub async fn push_from(
+        &self,
+        from: Option<&str>,
+        reference: Option<&str>,
+        dest: Option<&str>,
+        progress: ProgressHandle,
+    ) -> OpResult<Value> {
         let label = dest.unwrap_or(STORAGE_DEST);
         let url = self.storage_url(label)?;
         let is_dest = self.repo.config()?.storage_dest.as_deref() == Some(url.as_str());
-        let store = open(&self.repo.store_url()).await?;
+        let source = match from {
+            Some(f) => self.storage_url(f)?,
+            None => self.repo.store_url(),
+        };
+        if source == url {
+            return Err(OpError::BadRequest(format!(
+                "{url} is both where the snapshots come from and where they go"
+            )));
+        }
+        let store = open(&source).await?;
         let target = open(&url).await?;
         let there = native::list(target.as_ref()).await?;
         let there_ids: HashSet<&str> = there.iter().map(|m| m.id.as_str()).collect();
@@ -229,23 +250,12 @@ impl Ops {
         }))
     }
 
-    /// Retention on a storage: keeps the newest `keep_last` unnamed snapshots and every
-    /// named one; the rest go (with `dry_run`, they are only listed).
+    /// Retention on a storage: unnamed snapshots `rule` does not keep go, named ones stay
+    /// (with `dry_run`, they are only listed). `eligible` narrows what may go.
     pub async fn prune(
         &self,
         storage: &str,
-        keep_last: u32,
-        dry_run: bool,
-    ) -> OpResult<Vec<Manifest>> {
-        self.prune_where(storage, keep_last, dry_run, |_| true)
-            .await
-    }
-
-    /// [`Ops::prune`] among the unnamed snapshots `eligible` accepts; others stay.
-    pub async fn prune_where(
-        &self,
-        storage: &str,
-        keep_last: u32,
+        rule: Retention,
         dry_run: bool,
         eligible: impl Fn(&Manifest) -> bool,
     ) -> OpResult<Vec<Manifest>> {
@@ -257,7 +267,20 @@ impl Ops {
             .filter(|m| m.name.is_none() && eligible(m))
             .collect();
         unnamed.sort_by(|a, b| b.id.cmp(&a.id));
-        let doomed: Vec<Manifest> = unnamed.into_iter().skip(keep_last as usize).collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        // Ids start with their creation time, milliseconds since the epoch, in hex.
+        let young = |m: &Manifest| match (rule.keep_within, u64::from_str_radix(&m.id[..12], 16)) {
+            (Some(within), Ok(created)) => now.saturating_sub(created) < within.as_millis() as u64,
+            _ => false,
+        };
+        let doomed: Vec<Manifest> = unnamed
+            .into_iter()
+            .skip(rule.keep_last as usize)
+            .filter(|m| !young(m))
+            .collect();
         if !dry_run {
             for m in &doomed {
                 native::delete(

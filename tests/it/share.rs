@@ -98,6 +98,18 @@ fn push_and_pull_through(server: &S3Server) {
         fingerprint(&main)
     );
 
+    // Storage to storage (S3 to S3), without the repo in between.
+    let mirror = format!("{url}-mirror");
+    let out = ok(ze(&b.path, &env).args(["push", "main@s2", &mirror, "--from", "team"]));
+    assert!(out.contains("(main@s2)"), "{out}");
+    let listed = ok(ze(&b.path, &env).args(["snapshot", "list", "--storage", &mirror]));
+    assert!(
+        listed.contains("main@s2") && !listed.contains("main@s1"),
+        "{listed}"
+    );
+    let out = ok(ze(&b.path, &env).args(["snapshot", "verify", "main@s2", "--storage", &mirror]));
+    assert!(out.contains("intact"), "{out}");
+
     // Without credentials: one line, nothing pulled.
     let mut bare = z(&b.path);
     bare.env_remove("AWS_ACCESS_KEY_ID")
@@ -177,6 +189,35 @@ fn a_new_machine_with_only_the_old_config_comes_back_from_storage_dest() {
     ok(z(&b.path).args(["snapshot", "create", "main@from-b"]));
     let out = ok(z(&b.path).arg("push"));
     assert!(out.contains("(main@from-b)"), "{out}");
+
+    // Retention: unnamed snapshots beyond the newest one go, named ones stay; a dry run
+    // only lists.
+    ok(z(&b.path).args(["snapshot", "create"]));
+    ok(z(&b.path).args(["snapshot", "create"]));
+    ok(z(&b.path).arg("push"));
+    let before = std::fs::read_dir(dest.join("snapshots")).unwrap().count();
+    let out = ok(z(&b.path).args(["snapshot", "prune", "--keep-last", "1", "--dry-run"]));
+    assert!(out.contains("1 snapshot(s) would delete"), "{out}");
+    assert_eq!(
+        std::fs::read_dir(dest.join("snapshots")).unwrap().count(),
+        before
+    );
+    let out = ok(z(&b.path).args([
+        "snapshot",
+        "prune",
+        "--keep-within",
+        "1d",
+        "--keep-last",
+        "0",
+    ]));
+    assert!(out.contains("0 snapshot(s) deleted"), "{out}");
+    let out = ok(z(&b.path).args(["snapshot", "prune", "--keep-last", "1"]));
+    assert!(out.contains("1 snapshot(s) deleted"), "{out}");
+    let left = ok(z(&b.path).args(["snapshot", "list", "--storage", &url]));
+    assert!(
+        left.contains("main@pushed") && left.contains("main@from-b"),
+        "{left}"
+    );
 
     // Another cluster is never pushed into this storage_dest; unknown storages are named.
     let listed = std::fs::read_dir(dest.join("snapshots")).unwrap().count();
