@@ -43,6 +43,8 @@ async fn create(
     let install = crate::compute::find_postgres()?;
     let account = crate::compute::node::run_as()?;
     let existed = repo.root.exists();
+    let pgs_existed = repo.pgs_dir().exists();
+    let store_existed = repo.root.join("snapshots").exists();
     repo.create(config, account.as_ref())?;
     let made = async {
         let ops = Ops::direct(repo.clone());
@@ -69,8 +71,12 @@ async fn create(
         if !existed {
             let _ = std::fs::remove_dir_all(&repo.root);
         } else {
-            let _ = std::fs::remove_dir_all(repo.pgs_dir());
-            let _ = std::fs::remove_dir_all(repo.root.join("snapshots"));
+            if !pgs_existed {
+                let _ = std::fs::remove_dir_all(repo.pgs_dir());
+            }
+            if !store_existed {
+                let _ = std::fs::remove_dir_all(repo.root.join("snapshots"));
+            }
         }
         return Err(e);
     }

@@ -71,8 +71,8 @@ pub enum SnapshotCommand {
     Create { name: Option<String> },
     /// List snapshots
     List {
-        /// A storage URL [default: the repo]
-        #[arg(long, value_name = "URL")]
+        /// A storage name or URL [default: the repo]
+        #[arg(long, value_name = "NAME|URL")]
         storage: Option<String>,
         #[arg(long)]
         json: bool,
@@ -80,7 +80,7 @@ pub enum SnapshotCommand {
     /// Show one snapshot's manifest
     Show {
         snapshot: String,
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "NAME|URL")]
         storage: Option<String>,
         #[arg(long)]
         json: bool,
@@ -88,7 +88,7 @@ pub enum SnapshotCommand {
     /// Delete a snapshot and whatever no other snapshot needs
     Delete {
         snapshot: String,
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "NAME|URL")]
         storage: Option<String>,
         /// Leave data younger than this alone (a concurrent export may still need it)
         #[arg(long, default_value = "1h", value_parser = crate::util::size::parse_duration)]
@@ -100,7 +100,7 @@ pub enum SnapshotCommand {
     /// Re-read every object of a snapshot and check every checksum
     Verify {
         snapshot: String,
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "NAME|URL")]
         storage: Option<String>,
     },
     /// Retention: keep the newest unnamed snapshots of a storage and every named one,
@@ -143,6 +143,7 @@ pub async fn export(
         .await
         .map_err(anyhow::Error::from)?;
     let options = native::PackOptions {
+        pg: None,
         progress: super::progress::bar("export", progress),
         name: args.name,
         parent: None,
@@ -468,8 +469,18 @@ pub async fn run(
 ) -> Result<(), CliError> {
     let words = |w: &str| CliError::NotImplemented(w.to_string());
     // Without --storage, the repo's own snapshots.
+    // A storage name of the repo (storage_dest, an attached one), a URL, or the repo.
     let at = |storage: Option<String>| -> Result<String, CliError> {
+        let repo = crate::local::repo::Repo::locate(repo_dir.clone())?;
         match storage {
+            Some(name) if repo.exists() => {
+                let ops = crate::local::ops::Ops::direct(repo);
+                if ops.is_storage(&name)? {
+                    Ok(ops.storage_url(&name)?)
+                } else {
+                    Ok(name)
+                }
+            }
             Some(url) => Ok(url),
             None => Ok(crate::local::repo::Repo::existing(repo_dir.clone())?.store_url()),
         }

@@ -170,6 +170,13 @@ impl Node {
     /// Creates the data directory with `initdb` (data checksums on, scram-sha-256) and a
     /// fresh password.
     pub fn init(&self, install: &PgInstall, port: u16) -> anyhow::Result<NodeState> {
+        let data = self.data();
+        if std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()) {
+            anyhow::bail!(
+                "{} exists and is not a PostgreSQL data directory zenith can use; move it away first, nothing was changed",
+                data.display()
+            );
+        }
         let account = run_as()?;
         make_dir(&self.dir, account.as_ref())?;
         // An empty cluster that never ran: a replica copy may replace it.

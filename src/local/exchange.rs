@@ -85,6 +85,7 @@ impl Ops {
         let scratch = Scratch::new(self, "export")?;
         native::unpack(store.as_ref(), &m, &scratch.0, &ProgressHandle::default()).await?;
         let options = native::PackOptions {
+            pg: None,
             name: m.name.clone(),
             parent: None,
             progress,
@@ -135,6 +136,7 @@ impl Ops {
             }
         }
         let options = native::PackOptions {
+            pg: None,
             name: name.map(str::to_string),
             parent: None,
             progress: progress.clone(),

@@ -147,7 +147,7 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         if !immediate {
             tracing::info!("pushing to {dest} before stopping");
             let mut state = supervisor.push_state().unwrap_or_default();
-            let last = tokio::time::timeout(FINAL_PUSH, p.attempt(&mut state)).await;
+            let last = tokio::time::timeout(FINAL_PUSH, p.attempt(&mut state, true)).await;
             if last.is_err() || state.last_error.is_some() {
                 tracing::error!(
                     "the last push to {dest} did not complete ({}); the snapshots stay in the repo and go with the next push",

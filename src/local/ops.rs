@@ -106,6 +106,8 @@ fn new_port(repo: &Repo) -> OpResult<u16> {
 pub struct Ops {
     pub repo: Repo,
     supervisor: Option<Arc<Supervisor>>,
+    /// One lock per pg: a start never runs in the middle of a checkout of the same pg.
+    busy: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// What `POST /pgs/NAME/actions` (and the CLI's pg commands) ask for.
@@ -148,6 +150,7 @@ impl Ops {
         Ops {
             repo,
             supervisor: Some(supervisor),
+            busy: Default::default(),
         }
     }
 
@@ -156,7 +159,20 @@ impl Ops {
         Ops {
             repo,
             supervisor: None,
+            busy: Default::default(),
         }
+    }
+
+    /// Holds pg `name` for one operation (start, stop, checkout, snapshot, destroy ...).
+    async fn hold(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = Arc::clone(
+            self.busy
+                .lock()
+                .expect("not poisoned")
+                .entry(name.to_string())
+                .or_default(),
+        );
+        lock.lock_owned().await
     }
 
     /// Starts a pg: under zenith-local's supervision, or left running on its own, reaped
@@ -210,6 +226,7 @@ impl Ops {
         progress: ProgressHandle,
     ) -> OpResult<Value> {
         check_name(name)?;
+        let _held = self.hold(name).await;
         let node = self.repo.node(name);
         if node.dir.exists() {
             return Err(OpError::Conflict(format!(
@@ -263,6 +280,7 @@ impl Ops {
         action: &Action,
         progress: ProgressHandle,
     ) -> OpResult<Value> {
+        let _held = self.hold(name).await;
         match action.action.as_str() {
             "start" if action.is_replica => {
                 self.start_replica(name, action.primary.as_deref().unwrap_or("main"))
@@ -403,6 +421,7 @@ impl Ops {
     }
 
     pub async fn destroy_pg(&self, name: &str) -> OpResult<()> {
+        let _held = self.hold(name).await;
         let (node, state) = existing(&self.repo, name)?;
         if name == "main" {
             return Err(OpError::Conflict(
@@ -430,6 +449,7 @@ impl Ops {
         progress: ProgressHandle,
     ) -> OpResult<Manifest> {
         let (pg, name) = split_reference(reference);
+        let _held = self.hold(&pg).await;
         let (node, state) = existing(&self.repo, &pg)?;
         if let Some(n) = &name {
             if n.contains("@HEAD") {
@@ -474,12 +494,16 @@ impl Ops {
     ) -> OpResult<Manifest> {
         let store = store(&self.repo).await?;
         let prefix = format!("{}@HEAD{{", node.name);
-        let heads = native::list(store.as_ref())
+        // One more than the highest: deleted or pulled HEADs leave gaps, never collisions.
+        let next = native::list(store.as_ref())
             .await?
             .iter()
-            .filter(|m| m.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
-            .count();
-        let head = format!("{}@HEAD{{{heads}}}", node.name);
+            .filter_map(|m| m.name.as_deref()?.strip_prefix(&prefix)?.strip_suffix('}'))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .map(|n| n + 1)
+            .max()
+            .unwrap_or(0);
+        let head = format!("{}@HEAD{{{next}}}", node.name);
         take(node, state, store, Some(head), progress).await
     }
 
@@ -538,9 +562,15 @@ impl Ops {
             OpResult::Ok(kept)
         }
         .await;
-        // Failed or not, a pg that ran runs again (on its old data if nothing changed).
+        // Failed or not, a pg that ran runs again (on its old data if nothing changed); a
+        // failure to restart does not hide why the checkout failed.
         if was_running {
-            self.run_node(&node, &mut state).await?;
+            let restarted = self.run_node(&node, &mut state).await;
+            if let (Err(e), Err(again)) = (&result, &restarted) {
+                tracing::error!("pg {name} did not start again after a failed checkout: {again}");
+                return Err(anyhow::anyhow!("{e}; pg {name} did not start again: {again}").into());
+            }
+            restarted?;
         }
         let kept = result?;
         Ok(Checkout {
@@ -626,6 +656,7 @@ async fn take(
     }
     let options = native::PackOptions {
         name,
+        pg: Some(node.name.clone()),
         parent: None,
         progress,
     };

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ops::{OpResult, Ops};
 use super::repo::Retention;
-use super::share::STORAGE_DEST;
+use super::share::{doomed, of_main, STORAGE_DEST};
 use super::supervisor::Supervisor;
 use crate::compute::node::Status;
 
@@ -50,8 +50,9 @@ pub struct Pusher {
     supervisor: Arc<Supervisor>,
     period: Duration,
     retention: Option<Retention>,
-    /// The main pg's WAL position after the last snapshot: unchanged means nothing to take.
-    last_lsn: tokio::sync::Mutex<Option<String>>,
+    /// The main pg's row change counters after the last snapshot: unchanged means
+    /// nothing to take.
+    last_changes: tokio::sync::Mutex<Option<String>>,
 }
 
 impl Pusher {
@@ -66,7 +67,7 @@ impl Pusher {
             supervisor,
             period,
             retention,
-            last_lsn: Default::default(),
+            last_changes: Default::default(),
         })
     }
 
@@ -92,13 +93,15 @@ impl Pusher {
             if *stop.borrow() {
                 return;
             }
-            wait = self.attempt(&mut state).await;
+            wait = self.attempt(&mut state, false).await;
         }
     }
 
     /// One push, its outcome recorded in `state`; returns how long to wait for the next.
-    pub async fn attempt(&self, state: &mut PushState) -> Duration {
-        let wait = match self.push_once().await {
+    /// `force` takes a snapshot even if no rows seem to have changed (statistics reach
+    /// the counters up to seconds late): the last push at `zenith stop` misses nothing.
+    pub async fn attempt(&self, state: &mut PushState, force: bool) -> Duration {
+        let wait = match self.push_once(force).await {
             Ok(pushed) => {
                 if let Some(id) = pushed {
                     state.last_pushed = Some(id);
@@ -130,21 +133,44 @@ impl Pusher {
 
     /// Snapshots the main pg if its WAL moved since the last one, pushes whatever
     /// storage_dest lacks, applies retention; the newest snapshot storage_dest now holds.
-    async fn push_once(&self) -> OpResult<Option<String>> {
+    async fn push_once(&self, force: bool) -> OpResult<Option<String>> {
+        use crate::snapshot::native;
         let main = self.ops.repo.node("main");
         if main.status() == Status::Running {
             let state = main.state()?;
             let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
-            let lsn_sql = "SELECT pg_current_wal_insert_lsn()";
-            let now = main.query(&install, &state, lsn_sql).await.ok();
-            let mut last = self.last_lsn.lock().await;
-            if now.is_none() || *last != now {
+            // Rows written, updated or deleted anywhere: a snapshot's own WAL (its
+            // checkpoint, the backup records) changes none of these.
+            let changes_sql = "SELECT sum(tup_inserted + tup_updated + tup_deleted)::text \
+                               || '/' || pg_is_in_recovery() FROM pg_stat_database";
+            let now = main.query(&install, &state, changes_sql).await.ok();
+            let mut last = self.last_changes.lock().await;
+            if force || now.is_none() || *last != now {
                 let m = self.ops.create_snapshot(None, Default::default()).await?;
                 tracing::info!("background snapshot {} of pg main", m.id);
-                *last = main.query(&install, &state, lsn_sql).await.ok();
+                *last = main.query(&install, &state, changes_sql).await.ok();
             }
         }
-        let pushed = self.ops.push(None, None, Default::default()).await?;
+        let url = self.ops.storage_url(STORAGE_DEST)?;
+        let dest = crate::storage::open(&url)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let store = crate::storage::open(&self.ops.repo.store_url())
+            .await
+            .map_err(anyhow::Error::from)?;
+        // Retention decides over the repo's and storage_dest's snapshots of main together,
+        // so a snapshot it drops is neither pushed nor kept on either side.
+        let mut both: Vec<_> = native::list(store.as_ref()).await?;
+        both.extend(native::list(dest.as_ref()).await?);
+        both.retain(of_main);
+        let doomed = match self.retention {
+            Some(rule) => doomed(&both, rule),
+            None => Default::default(),
+        };
+        let pushed = self
+            .ops
+            .push_except(None, None, None, &doomed, Default::default())
+            .await?;
         let sent = pushed["pushed"].as_array().map(Vec::len).unwrap_or(0);
         if sent > 0 {
             tracing::info!(
@@ -154,28 +180,19 @@ impl Pusher {
             );
         }
         if let Some(rule) = self.retention {
-            for m in self.ops.prune(STORAGE_DEST, rule, false, |_| true).await? {
-                tracing::info!("retention: deleted snapshot {} from storage_dest", m.id);
+            for (storage, label) in [
+                (url.as_str(), "storage_dest"),
+                (&self.ops.repo.store_url(), "the repo"),
+            ] {
+                let gone = self
+                    .ops
+                    .prune(storage, rule, false, |m| doomed.contains(&m.id))
+                    .await?;
+                for m in gone {
+                    tracing::info!("retention: deleted snapshot {} from {label}", m.id);
+                }
             }
         }
-        let url = self.ops.storage_url(STORAGE_DEST)?;
-        let dest = crate::storage::open(&url)
-            .await
-            .map_err(anyhow::Error::from)?;
-        let there = crate::snapshot::native::list(dest.as_ref()).await?;
-        if let Some(rule) = self.retention {
-            // The repo keeps as many of those it pushed; its other snapshots stay.
-            let pushed: std::collections::HashSet<&str> =
-                there.iter().map(|m| m.id.as_str()).collect();
-            let store = self.ops.repo.store_url();
-            let gone = self
-                .ops
-                .prune(&store, rule, false, |m| pushed.contains(m.id.as_str()))
-                .await?;
-            for m in gone {
-                tracing::info!("retention: deleted snapshot {} from the repo", m.id);
-            }
-        }
-        Ok(there.last().map(|m| m.id.clone()))
+        Ok(native::list(dest.as_ref()).await?.pop().map(|m| m.id))
     }
 }

@@ -163,20 +163,37 @@ impl Ops {
         dest: Option<&str>,
         progress: ProgressHandle,
     ) -> OpResult<Value> {
+        self.push_except(from, reference, dest, &HashSet::new(), progress)
+            .await
+    }
+
+    /// [`Ops::push_from`], leaving out the snapshots in `except` (retention's choice).
+    pub async fn push_except(
+        &self,
+        from: Option<&str>,
+        reference: Option<&str>,
+        dest: Option<&str>,
+        except: &HashSet<String>,
+        progress: ProgressHandle,
+    ) -> OpResult<Value> {
         let label = dest.unwrap_or(STORAGE_DEST);
         let url = self.storage_url(label)?;
-        let is_dest = self.repo.config()?.storage_dest.as_deref() == Some(url.as_str());
         let source = match from {
             Some(f) => self.storage_url(f)?,
             None => self.repo.store_url(),
         };
-        if source == url {
+        let store = open(&source).await?;
+        let target = open(&url).await?;
+        if store.url() == target.url() {
             return Err(OpError::BadRequest(format!(
                 "{url} is both where the snapshots come from and where they go"
             )));
         }
-        let store = open(&source).await?;
-        let target = open(&url).await?;
+        // Compared as the storages name themselves: `/x` and `file:///x` are one place.
+        let is_dest = match self.repo.config()?.storage_dest {
+            Some(d) => open(&d).await?.url() == target.url(),
+            None => false,
+        };
         let there = native::list(target.as_ref()).await?;
         let there_ids: HashSet<&str> = there.iter().map(|m| m.id.as_str()).collect();
         let mut picked = match reference {
@@ -184,7 +201,9 @@ impl Ops {
             None => native::list(store.as_ref())
                 .await?
                 .into_iter()
-                .filter(|m| !there_ids.contains(m.id.as_str()))
+                .filter(|m| !there_ids.contains(m.id.as_str()) && !except.contains(&m.id))
+                // storage_dest is the main pg's: other pgs' snapshots go there by name.
+                .filter(|m| !is_dest || of_main(m))
                 .collect(),
         };
         if is_dest {
@@ -261,25 +280,15 @@ impl Ops {
     ) -> OpResult<Vec<Manifest>> {
         let url = self.storage_url(storage)?;
         let target = open(&url).await?;
-        let mut unnamed: Vec<Manifest> = native::list(target.as_ref())
+        let listed: Vec<Manifest> = native::list(target.as_ref())
             .await?
             .into_iter()
-            .filter(|m| m.name.is_none() && eligible(m))
+            .filter(|m| eligible(m))
             .collect();
-        unnamed.sort_by(|a, b| b.id.cmp(&a.id));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        // Ids start with their creation time, milliseconds since the epoch, in hex.
-        let young = |m: &Manifest| match (rule.keep_within, u64::from_str_radix(&m.id[..12], 16)) {
-            (Some(within), Ok(created)) => now.saturating_sub(created) < within.as_millis() as u64,
-            _ => false,
-        };
-        let doomed: Vec<Manifest> = unnamed
+        let gone = doomed(&listed, rule);
+        let doomed: Vec<Manifest> = listed
             .into_iter()
-            .skip(rule.keep_last as usize)
-            .filter(|m| !young(m))
+            .filter(|m| gone.contains(&m.id))
             .collect();
         if !dry_run {
             for m in &doomed {
@@ -304,7 +313,15 @@ impl Ops {
             return Ok(None);
         };
         let from = open(&url).await?;
-        let Some(m) = native::list(from.as_ref()).await?.pop() else {
+        let all = native::list(from.as_ref()).await?;
+        // The newest of the main pg; a storage_dest filled only by hand: its newest.
+        let Some(m) = all
+            .iter()
+            .rev()
+            .find(|m| of_main(m))
+            .or(all.last())
+            .cloned()
+        else {
             return Ok(None);
         };
         let store = open(&self.repo.store_url()).await?;
@@ -312,4 +329,34 @@ impl Ops {
         self.main_from_snapshot(&m).await?;
         Ok(Some(m))
     }
+}
+
+/// Whether a snapshot is of the main pg (taken by zenith of pg main, or named `main@...`).
+pub fn of_main(m: &Manifest) -> bool {
+    m.pg.as_deref() == Some("main") || m.name.as_deref().is_some_and(|n| n.starts_with("main@"))
+}
+
+/// The ids of the unnamed snapshots among `all` that `rule` does not keep.
+pub fn doomed(all: &[Manifest], rule: Retention) -> HashSet<String> {
+    let mut unnamed: Vec<&Manifest> = all.iter().filter(|m| m.name.is_none()).collect();
+    unnamed.sort_by(|a, b| b.id.cmp(&a.id));
+    unnamed.dedup_by(|a, b| a.id == b.id);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    // Ids start with their creation time, milliseconds since the epoch, in hex.
+    let young = |m: &Manifest| match (
+        rule.keep_within,
+        u64::from_str_radix(m.id.get(..12).unwrap_or(""), 16),
+    ) {
+        (Some(within), Ok(created)) => now.saturating_sub(created) < within.as_millis() as u64,
+        _ => false,
+    };
+    unnamed
+        .into_iter()
+        .skip(rule.keep_last as usize)
+        .filter(|m| !young(m))
+        .map(|m| m.id.clone())
+        .collect()
 }

@@ -92,6 +92,9 @@ pub struct Manifest {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The zenith pg it was taken of, when zenith-local took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg: Option<String>,
     pub format: Format,
     /// Major version from `PG_VERSION`, e.g. "15".
     pub pg_version: String,
@@ -116,6 +119,7 @@ pub struct Origin {
     pub format: Format,
     pub name: Option<String>,
     pub parent: Option<String>,
+    pub pg: Option<String>,
     pub pg_version: String,
     pub control: super::datadir::ControlInfo,
     /// Start and stop LSN of an online copy; a stopped directory uses its checkpoint.
@@ -154,6 +158,7 @@ impl Manifest {
             id: new_id(),
             name: origin.name,
             parent: origin.parent,
+            pg: origin.pg,
             format: origin.format,
             pg_version: origin.pg_version,
             system_identifier: origin.control.system_identifier,
@@ -256,6 +261,7 @@ impl Manifest {
         serde_json::json!({
             "id": self.id,
             "name": self.name,
+            "pg": self.pg,
             "format": self.format.as_str(),
             "created_at": self.created_at,
             "pg_version": self.pg_version,
@@ -342,6 +348,7 @@ mod tests {
             format_version: FORMAT_VERSION,
             id: new_id(),
             name: Some("main@t1".into()),
+            pg: Some("main".into()),
             parent: None,
             format: Format::Zenith,
             pg_version: "15".into(),

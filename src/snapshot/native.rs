@@ -408,6 +408,8 @@ pub(crate) async fn fetch_lists(
 #[derive(Debug, Clone, Default)]
 pub struct PackOptions {
     pub name: Option<String>,
+    /// The zenith pg being snapshotted, recorded in the manifest.
+    pub pg: Option<String>,
     pub parent: Option<String>,
     /// Receives the bytes read from the data directory.
     pub progress: crate::util::progress::ProgressHandle,
@@ -444,6 +446,7 @@ pub(crate) async fn survey_for(
         format,
         name: options.name.clone(),
         parent: options.parent.clone(),
+        pg: options.pg.clone(),
         pg_version: survey.pg_version,
         control: survey.control,
         lsns,
@@ -479,9 +482,14 @@ pub async fn online_copy(install: &crate::compute::PgInstall, connstr: &str) -> 
         staging,
         lsns: (String::new(), String::new()),
     };
-    let out = tokio::process::Command::new(install.bin("pg_basebackup"))
+    let (dbname, password) = split_password(connstr);
+    let mut cmd = tokio::process::Command::new(install.bin("pg_basebackup"));
+    if let Some(pw) = password {
+        cmd.env("PGPASSWORD", pw);
+    }
+    let out = cmd
         .arg("--dbname")
-        .arg(connstr)
+        .arg(dbname)
         .arg("--pgdata")
         .arg(&copy.data)
         .args([
@@ -526,6 +534,66 @@ pub(crate) fn backup_lsns(data: &Path) -> Result<(String, String)> {
             what: "no WAL-Ranges".into(),
         }),
     }
+}
+
+/// A libpq URI or key=value string without its password, and the password: programs get
+/// it through `PGPASSWORD`, never on a command line other users can read.
+pub fn split_password(connstr: &str) -> (String, Option<String>) {
+    if let Some((scheme, rest)) = connstr.split_once("://") {
+        let (mut rest, mut password) = (rest.to_string(), None);
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, pw)) = userinfo.split_once(':') {
+                password = Some(percent_decode(pw));
+                rest = format!("{user}@{host}");
+            }
+        }
+        if let Some((base, query)) = rest.split_once('?') {
+            let mut kept = Vec::new();
+            for pair in query.split('&') {
+                match pair.strip_prefix("password=") {
+                    Some(pw) => password = Some(percent_decode(pw)),
+                    None => kept.push(pair),
+                }
+            }
+            rest = if kept.is_empty() {
+                base.to_string()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            };
+        }
+        return (format!("{scheme}://{rest}"), password);
+    }
+    let mut password = None;
+    let kept: Vec<&str> = connstr
+        .split_whitespace()
+        .filter(|kv| match kv.strip_prefix("password=") {
+            Some(pw) if !pw.starts_with('\'') => {
+                password = Some(pw.to_string());
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    (kept.join(" "), password)
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A libpq URI or key=value string with its password replaced, for messages.
@@ -664,6 +732,7 @@ pub async fn pack_online(
             format: Format::Zenith,
             name: options.name.clone(),
             parent: options.parent.clone(),
+            pg: options.pg.clone(),
             pg_version,
             control,
             lsns: Some((end.start_lsn, end.stop_lsn)),
@@ -2178,6 +2247,32 @@ fn check_and_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_leave_connection_strings_for_the_environment() {
+        assert_eq!(
+            split_password("postgres://u:s%40cret@h:5432/db?sslmode=disable"),
+            (
+                "postgres://u@h:5432/db?sslmode=disable".into(),
+                Some("s@cret".into())
+            )
+        );
+        assert_eq!(
+            split_password("postgresql://u@h/db?password=pw&application_name=x"),
+            (
+                "postgresql://u@h/db?application_name=x".into(),
+                Some("pw".into())
+            )
+        );
+        assert_eq!(
+            split_password("host=h password=pw user=u"),
+            ("host=h user=u".into(), Some("pw".into()))
+        );
+        assert_eq!(
+            split_password("host=/tmp port=5"),
+            ("host=/tmp port=5".into(), None)
+        );
+    }
 
     #[test]
     fn passwords_never_reach_messages() {

@@ -57,7 +57,12 @@ impl Session {
     /// Connects with `psql` to `connstr`.
     pub async fn open(install: &crate::compute::PgInstall, connstr: &str) -> Result<Session> {
         let what = super::native::redact_password(connstr);
-        let mut child = tokio::process::Command::new(install.bin("psql"))
+        let (dbname, password) = super::native::split_password(connstr);
+        let mut cmd = tokio::process::Command::new(install.bin("psql"));
+        if let Some(pw) = password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        let mut child = cmd
             .args([
                 "-X",
                 "-q",
@@ -69,7 +74,7 @@ impl Session {
             ])
             .arg(format!("--field-separator={FIELD_SEPARATOR}"))
             .arg("--dbname")
-            .arg(connstr)
+            .arg(dbname)
             .env("PGAPPNAME", "zenith")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

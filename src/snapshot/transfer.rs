@@ -52,10 +52,16 @@ pub async fn transfer(
     // A concurrent `snapshot delete` on the target must not collect what this run
     // decides not to send because it is there.
     let lock = native::take_export_lock(target).await?;
-    let result = send(source, target, &m, progress).await;
+    // The manifest goes under the lock too: until it is there, a collection on the target
+    // could take objects this run relied on.
+    let result = async {
+        let report = send(source, target, &m, progress).await?;
+        target.put(&key, Bytes::from(m.to_json())).await?;
+        Ok::<_, SnapshotError>(report)
+    }
+    .await;
     lock.release().await;
     let mut report = result?;
-    target.put(&key, Bytes::from(m.to_json())).await?;
     report.manifest = Some(m);
     Ok(report)
 }
@@ -108,8 +114,20 @@ async fn send(
         .into_iter()
         .map(|o| (o.key.trim_start_matches("packs/").to_string(), o.size))
         .collect();
-    let packs: Vec<(String, u64, bool)> = native::pack_sizes(source)
-        .await?
+    let all_packs = native::pack_sizes(source).await?;
+    // Every block the target lacks must be in a pack the source has: a snapshot that
+    // cannot be restored is never sent.
+    let available: HashSet<&Hash> = all_packs.iter().flat_map(|(_, e, _)| e.iter()).collect();
+    if let Some(missing) = needed.iter().find(|h| !available.contains(h)) {
+        return Err(SnapshotError::Corrupt {
+            object: format!("snapshot {} in {}", m.id, source.url()),
+            what: format!(
+                "it needs block {}, which no pack there holds (a missing pack?)",
+                hex::encode(missing)
+            ),
+        });
+    }
+    let packs: Vec<(String, u64, bool)> = all_packs
         .into_iter()
         .filter(|(_, entries, _)| {
             let hit = entries.iter().any(|h| needed.contains(h));

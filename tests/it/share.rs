@@ -88,6 +88,11 @@ fn push_and_pull_through(server: &S3Server) {
     assert!(listed.contains("team") && listed.contains(&url), "{listed}");
     let shown = ok(ze(&b.path, &env).args(["storage", "show", "-n", "team"]));
     assert!(shown.contains("main@s2"), "{shown}");
+    let listed = ok(ze(&b.path, &env).args(["snapshot", "list", "--storage", "team"]));
+    assert!(
+        listed.contains("main@s1") && listed.contains("main@s2"),
+        "{listed}"
+    );
     let out = ok(ze(&b.path, &env).args(["pull", "team", "main@s2"]));
     assert!(out.contains("pulled snapshot"), "{out}");
     let out = ok(ze(&b.path, &env).args(["pull", "team", "main@s2"]));
