@@ -316,15 +316,35 @@ fn background_pushes_follow_writes_and_ride_out_a_storage_outage() {
     ok(z(&b.path).arg("stop"));
 }
 
+/// How a push is cut short.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// zenith itself is killed.
+    KillZenith,
+    /// Two of the three Garage nodes die (no write quorum); they come back afterwards.
+    StopGarageNodes,
+}
+
 #[test]
 fn a_push_cut_short_lists_nothing_and_the_rerun_sends_only_the_rest() {
+    cut_then_resume(Cut::KillZenith);
+}
+
+#[test]
+fn a_push_that_loses_garage_nodes_fails_and_the_rerun_sends_only_the_rest() {
+    cut_then_resume(Cut::StopGarageNodes);
+}
+
+fn cut_then_resume(how: Cut) {
     let Some(server) = crate::support::require("Garage", S3Server::garage(3)) else {
         return;
     };
     let Some(a) = TestRepo::new() else {
         return;
     };
-    let env = server.env();
+    let mut env = server.env();
+    // A dead cluster fails the push after a few quick attempts.
+    env.push(("ZENITH_RETRY_ATTEMPTS", "3".into()));
     ok(z(&a.path).arg("start"));
     let main = connstr_of(&a.path, "main");
     // Incompressible rows: a push long enough to cut.
@@ -340,7 +360,16 @@ fn a_push_cut_short_lists_nothing_and_the_rerun_sends_only_the_rest() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let storage = runtime.block_on(server.storage(&prefix));
     use zenith::storage::Storage;
-    let count = |prefix: &str| runtime.block_on(storage.list(prefix)).unwrap().len();
+    // Listing waits for the cluster to be whole again after a node restart.
+    let count = |prefix: &str| {
+        for _ in 0..300 {
+            if let Ok(listed) = runtime.block_on(storage.list(prefix)) {
+                return listed.len();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("the Garage cluster does not list {prefix} after 60 s");
+    };
 
     // Killed as soon as the first pack has arrived; tried again if the push won the race.
     let mut caught = false;
@@ -354,8 +383,20 @@ fn a_push_cut_short_lists_nothing_and_the_rerun_sends_only_the_rest() {
         while child.try_wait().unwrap().is_none() && count("packs/") == 0 {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        let _ = child.kill();
-        let finished = child.wait().unwrap().success();
+        let finished = match how {
+            Cut::KillZenith => {
+                let _ = child.kill();
+                child.wait().unwrap().success()
+            }
+            Cut::StopGarageNodes => {
+                server.kill_garage_node(2);
+                server.kill_garage_node(3);
+                let finished = child.wait().unwrap().success();
+                server.restart_garage_node(2);
+                server.restart_garage_node(3);
+                finished
+            }
+        };
         if !finished && count("snapshots/") == 0 {
             caught = true;
             break;
