@@ -1774,21 +1774,7 @@ pub async fn unpack(
     target: &Path,
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
-    progress.set_total(manifest.total_size);
-    into_new_dir(target, |temp| async move {
-        let started = std::time::Instant::now();
-        prepare_tree(manifest, &temp)?;
-        tracing::debug!(
-            "{} entries created in {:?}",
-            manifest.entries.len(),
-            started.elapsed()
-        );
-        let report = restore_blocks(storage, manifest, Some(&temp), None, progress).await?;
-        sync_tree(manifest, &temp)?;
-        tracing::debug!("restored and synced in {:?}", started.elapsed());
-        Ok(report)
-    })
-    .await
+    restore_into(storage, manifest, target, None, progress).await
 }
 
 /// A directory whose files may be taken over by a restore: its content is exactly
@@ -1808,54 +1794,86 @@ pub async fn unpack_over(
     basis: Basis<'_>,
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
+    restore_into(storage, manifest, target, Some(basis), progress).await
+}
+
+async fn restore_into(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    target: &Path,
+    basis: Option<Basis<'_>>,
+    progress: &crate::util::progress::ProgressHandle,
+) -> Result<CheckReport> {
     progress.set_total(manifest.total_size);
     into_new_dir(target, |temp| async move {
         let started = std::time::Instant::now();
         prepare_tree(manifest, &temp)?;
-        let old_lists = load_lists(storage, basis.manifest).await?;
-        let old: HashMap<&str, Arc<Vec<Hash>>> = basis
-            .manifest
-            .entries
-            .iter()
-            .zip(old_lists)
-            .filter(|(e, _)| e.kind == EntryKind::File)
-            .map(|(e, l)| (e.path.as_str(), l))
-            .collect();
-        let mut kept = Vec::with_capacity(manifest.entries.len());
-        let mut moved = 0u64;
-        for entry in &manifest.entries {
-            // WAL is left out: a snapshot may store a segment with its stale tail zeroed,
-            // so the file on disk is not what its list says.
-            let wal = entry.path.starts_with("pg_wal/");
-            let taken = match (entry.kind, old.get(entry.path.as_str())) {
-                (EntryKind::File, Some(list)) if !wal => {
-                    let (from, to) = (basis.dir.join(&entry.path), temp.join(&entry.path));
-                    std::fs::rename(&from, &to)
-                        .and_then(|()| {
-                            std::fs::OpenOptions::new()
-                                .write(true)
-                                .open(&to)?
-                                .set_len(entry.size)
-                        })
-                        .map(|()| Arc::clone(list))
-                        .ok()
-                }
-                _ => None,
-            };
-            moved += u64::from(taken.is_some());
-            kept.push(taken);
-        }
         tracing::debug!(
-            "{moved} files taken over from {} in {:?}",
-            basis.dir.display(),
+            "{} entries created in {:?}",
+            manifest.entries.len(),
             started.elapsed()
         );
-        let report = restore_blocks(storage, manifest, Some(&temp), Some(&kept), progress).await?;
+        let present = match basis {
+            Some(b) => Some(take_over(storage, manifest, &temp, b).await?),
+            None => None,
+        };
+        let report =
+            restore_blocks(storage, manifest, Some(&temp), present.as_deref(), progress).await?;
         sync_tree(manifest, &temp)?;
         tracing::debug!("restored and synced in {:?}", started.elapsed());
         Ok(report)
     })
     .await
+}
+
+/// Moves the files of `basis` that `manifest` also has into the prepared tree `temp`,
+/// sized for `manifest`; per entry, the block list of the file now in place, if any.
+async fn take_over(
+    storage: &dyn Storage,
+    manifest: &Manifest,
+    temp: &Path,
+    basis: Basis<'_>,
+) -> Result<Vec<Option<Arc<Vec<Hash>>>>> {
+    let started = std::time::Instant::now();
+    let old_lists = load_lists(storage, basis.manifest).await?;
+    let old: HashMap<&str, Arc<Vec<Hash>>> = basis
+        .manifest
+        .entries
+        .iter()
+        .zip(old_lists)
+        .filter(|(e, _)| e.kind == EntryKind::File)
+        .map(|(e, l)| (e.path.as_str(), l))
+        .collect();
+    let mut kept = Vec::with_capacity(manifest.entries.len());
+    let mut moved = 0u64;
+    for entry in &manifest.entries {
+        // WAL is left out: a snapshot may store a segment with its stale tail zeroed,
+        // so the file on disk is not what its list says.
+        let wal = entry.path.starts_with("pg_wal/");
+        let taken = match (entry.kind, old.get(entry.path.as_str())) {
+            (EntryKind::File, Some(list)) if !wal => {
+                let (from, to) = (basis.dir.join(&entry.path), temp.join(&entry.path));
+                std::fs::rename(&from, &to)
+                    .and_then(|()| {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&to)?
+                            .set_len(entry.size)
+                    })
+                    .map(|()| Arc::clone(list))
+                    .ok()
+            }
+            _ => None,
+        };
+        moved += u64::from(taken.is_some());
+        kept.push(taken);
+    }
+    tracing::debug!(
+        "{moved} files taken over from {} in {:?}",
+        basis.dir.display(),
+        started.elapsed()
+    );
+    Ok(kept)
 }
 
 /// Fills a temporary sibling of `target` with `fill` and renames it into place only when

@@ -39,8 +39,18 @@ pub(crate) fn ok(cmd: &mut Command) -> String {
 
 /// Runs SQL through psql with a connection string, as a user would.
 pub(crate) fn psql(connstr: &str, sql: &str) -> String {
+    let out = psql_output(connstr, sql);
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn psql_output(connstr: &str, sql: &str) -> std::process::Output {
     let install = find_postgres().unwrap();
-    let out = Command::new(install.bin("psql"))
+    Command::new(install.bin("psql"))
         .args([
             "-X",
             "-q",
@@ -54,13 +64,7 @@ pub(crate) fn psql(connstr: &str, sql: &str) -> String {
             sql,
         ])
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+        .unwrap()
 }
 
 /// The test table's rows, in order.
@@ -606,20 +610,7 @@ pub(crate) fn postmaster_pid(repo: &Path, pg: &str) -> i32 {
 
 /// Runs SQL that must fail; returns psql's error.
 pub(crate) fn psql_error(connstr: &str, sql: &str) -> String {
-    let install = find_postgres().unwrap();
-    let out = Command::new(install.bin("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            connstr,
-            "-c",
-            sql,
-        ])
-        .output()
-        .unwrap();
+    let out = psql_output(connstr, sql);
     assert!(!out.status.success(), "{sql} succeeded on {connstr}");
     String::from_utf8_lossy(&out.stderr).to_string()
 }
