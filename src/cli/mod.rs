@@ -150,10 +150,13 @@ pub enum PgCommand {
         #[arg(long)]
         no_start: bool,
     },
-    /// Start a pg; --replica makes it a streaming replica of a primary (its data becomes
-    /// a copy of the primary's, its own kept first as snapshot NAME@HEAD{n})
+    /// Start a pg (with --replica: as a streaming replica of a primary)
+    ///
+    /// A replica's data becomes a fresh copy of its primary's; what the pg held is kept
+    /// first as snapshot NAME@HEAD{number} if it ever ran as a primary.
     Start {
         name: String,
+        /// Follow a primary by streaming replication (read-only until `pg promote`)
         #[arg(long)]
         replica: bool,
         /// The pg a replica follows [default: main]
@@ -182,7 +185,7 @@ pub enum PgCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Roll a pg back to a snapshot, keeping its current state as NAME@HEAD{n}
+    /// Roll a pg back to a snapshot, keeping its current state as NAME@HEAD{number}
     Checkout { name: String, snapshot: String },
 }
 
