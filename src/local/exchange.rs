@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::ops::{OpError, OpResult, Ops};
+use super::ops::{open, refuse_head_name, refuse_taken_name, store, OpError, OpResult, Ops};
 use crate::snapshot::{basebackup, datadir, native, pgdata, transfer, Format, Manifest};
-use crate::storage::{Storage, StorageUrl};
+use crate::storage::StorageUrl;
 use crate::util::progress::ProgressHandle;
 
 /// A scratch directory in the repo, removed when dropped.
@@ -47,17 +47,7 @@ fn is_server(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-async fn open(url: &str) -> OpResult<Arc<dyn Storage>> {
-    Ok(crate::storage::open(url)
-        .await
-        .map_err(anyhow::Error::from)?)
-}
-
 impl Ops {
-    async fn store(&self) -> OpResult<Arc<dyn Storage>> {
-        open(&self.repo.store_url()).await
-    }
-
     /// Writes repo snapshot `reference` to `url` in `format`.
     pub async fn export(
         &self,
@@ -67,7 +57,7 @@ impl Ops {
         compress: bool,
         progress: ProgressHandle,
     ) -> OpResult<Value> {
-        let store = self.store().await?;
+        let store = store(&self.repo).await?;
         let m = native::resolve(store.as_ref(), reference).await?;
         let target = open(url).await?;
         if format == Format::Zenith {
@@ -118,22 +108,10 @@ impl Ops {
         name: Option<&str>,
         progress: ProgressHandle,
     ) -> OpResult<(Manifest, bool)> {
-        let store = self.store().await?;
+        let store = store(&self.repo).await?;
         if let Some(n) = name {
-            if n.contains("@HEAD") {
-                return Err(OpError::BadRequest(format!(
-                    "{n:?}: names with @HEAD are kept for checkouts; choose another"
-                )));
-            }
-            if native::list(store.as_ref())
-                .await?
-                .iter()
-                .any(|m| m.name.as_deref() == Some(n))
-            {
-                return Err(OpError::Conflict(format!(
-                    "the repo has a snapshot named {n:?} already; choose another name"
-                )));
-            }
+            refuse_head_name(n)?;
+            refuse_taken_name(store.as_ref(), n).await?;
         }
         let options = native::PackOptions {
             pg: None,

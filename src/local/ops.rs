@@ -58,10 +58,40 @@ pub fn check_name(name: &str) -> OpResult<()> {
     Ok(())
 }
 
-async fn store(repo: &Repo) -> OpResult<Arc<dyn Storage>> {
-    Ok(crate::storage::open(&repo.store_url())
+/// A storage by URL.
+pub(super) async fn open(url: &str) -> OpResult<Arc<dyn Storage>> {
+    Ok(crate::storage::open(url)
         .await
         .map_err(anyhow::Error::from)?)
+}
+
+/// The repo's own snapshot store.
+pub(super) async fn store(repo: &Repo) -> OpResult<Arc<dyn Storage>> {
+    open(&repo.store_url()).await
+}
+
+/// Refuses a name kept for checkouts (`PG@HEAD{n}`).
+pub(super) fn refuse_head_name(name: &str) -> OpResult<()> {
+    if name.contains("@HEAD") {
+        return Err(OpError::BadRequest(format!(
+            "{name:?}: names with @HEAD are kept for checkouts; choose another"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a snapshot name `store` already has.
+pub(super) async fn refuse_taken_name(store: &dyn Storage, name: &str) -> OpResult<()> {
+    if native::list(store)
+        .await?
+        .iter()
+        .any(|m| m.name.as_deref() == Some(name))
+    {
+        return Err(OpError::Conflict(format!(
+            "a snapshot named {name:?} already exists; choose another name"
+        )));
+    }
+    Ok(())
 }
 
 fn install() -> OpResult<PgInstall> {
@@ -452,11 +482,7 @@ impl Ops {
         let _held = self.hold(&pg).await;
         let (node, state) = existing(&self.repo, &pg)?;
         if let Some(n) = &name {
-            if n.contains("@HEAD") {
-                return Err(OpError::BadRequest(format!(
-                    "{n:?}: names with @HEAD are kept for checkouts; choose another tag"
-                )));
-            }
+            refuse_head_name(n)?;
         }
         take(&node, &state, store(&self.repo).await?, name, progress).await
     }
@@ -644,15 +670,7 @@ async fn take(
     progress: ProgressHandle,
 ) -> OpResult<Manifest> {
     if let Some(n) = &name {
-        if native::list(store.as_ref())
-            .await?
-            .iter()
-            .any(|m| m.name.as_deref() == Some(n))
-        {
-            return Err(OpError::Conflict(format!(
-                "a snapshot named {n:?} already exists; choose another tag"
-            )));
-        }
+        refuse_taken_name(store.as_ref(), n).await?;
     }
     let options = native::PackOptions {
         name,

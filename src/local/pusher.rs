@@ -193,6 +193,12 @@ impl Pusher {
                 }
             }
         }
-        Ok(native::list(dest.as_ref()).await?.pop().map(|m| m.id))
+        // After the push and retention, storage_dest holds every snapshot of main listed
+        // above that retention kept: the newest of those is the newest there.
+        Ok(both
+            .into_iter()
+            .filter(|m| !doomed.contains(&m.id))
+            .map(|m| m.id)
+            .max())
     }
 }

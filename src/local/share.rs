@@ -7,20 +7,13 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::ops::{check_name, OpError, OpResult, Ops};
+use super::ops::{check_name, open, store, OpError, OpResult, Ops};
 use super::repo::Retention;
 use crate::snapshot::{datadir, native, transfer, Manifest};
-use crate::storage::Storage;
 use crate::util::progress::ProgressHandle;
 
 /// The name `storage_dest` goes by wherever a storage name is accepted.
 pub const STORAGE_DEST: &str = "storage_dest";
-
-async fn open(url: &str) -> OpResult<Arc<dyn Storage>> {
-    Ok(crate::storage::open(url)
-        .await
-        .map_err(anyhow::Error::from)?)
-}
 
 fn looks_like_url(text: &str) -> bool {
     text.contains("://") || text.starts_with('/') || text.starts_with('.')
@@ -257,7 +250,7 @@ impl Ops {
         let url = self.storage_url(source)?;
         let from = open(&url).await?;
         let m = native::resolve(from.as_ref(), reference.unwrap_or("LATEST")).await?;
-        let store = open(&self.repo.store_url()).await?;
+        let store = store(&self.repo).await?;
         let r = transfer::transfer(from.as_ref(), &store, &m, None, &progress).await?;
         Ok(json!({
             "snapshot": m.summary(),
@@ -324,7 +317,7 @@ impl Ops {
         else {
             return Ok(None);
         };
-        let store = open(&self.repo.store_url()).await?;
+        let store = store(&self.repo).await?;
         transfer::transfer(from.as_ref(), &store, &m, None, &progress).await?;
         self.main_from_snapshot(&m).await?;
         Ok(Some(m))
