@@ -316,7 +316,7 @@ impl Node {
                     self.log().display()
                 );
             }
-            if self.ready() {
+            if child.id().is_some_and(|pid| self.ready(pid as i32)) {
                 return Ok(child);
             }
             if std::time::Instant::now() > deadline {
@@ -331,11 +331,63 @@ impl Node {
         }
     }
 
-    /// Whether the postmaster says it is ready (line 8 of postmaster.pid).
-    pub fn ready(&self) -> bool {
+    /// Whether the postmaster `pid` says it is ready (line 8 of postmaster.pid); the file a
+    /// killed server left behind names another pid and does not count.
+    pub fn ready(&self, pid: i32) -> bool {
         std::fs::read_to_string(self.data().join("postmaster.pid"))
-            .map(|t| t.lines().nth(7).map(str::trim) == Some("ready"))
+            .map(|t| {
+                let mut lines = t.lines().map(str::trim);
+                lines.next() == Some(pid.to_string().as_str()) && lines.nth(6) == Some("ready")
+            })
             .unwrap_or(false)
+    }
+
+    /// Ends what is left of a server whose postmaster was killed: its backends live on
+    /// until they next wait (a long query runs to its end), keep its shared memory in use
+    /// and so keep a new postmaster from starting. They are the `postgres` processes
+    /// working in the data directory; they get SIGQUIT, as the postmaster would send them,
+    /// then SIGKILL after `grace`.
+    pub async fn end_orphans(&self, grace: std::time::Duration) {
+        let data = std::fs::canonicalize(self.data()).unwrap_or_else(|_| self.data());
+        let orphans = || -> Vec<i32> {
+            let Ok(entries) = std::fs::read_dir("/proc") else {
+                return Vec::new();
+            };
+            let link = |pid: i32, what: &str| std::fs::read_link(format!("/proc/{pid}/{what}"));
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&pid| {
+                    link(pid, "cwd").is_ok_and(|cwd| cwd == data)
+                        && link(pid, "exe").is_ok_and(|exe| exe.ends_with("postgres"))
+                })
+                .collect()
+        };
+        let mut signal = 0;
+        let mut deadline = std::time::Instant::now();
+        loop {
+            let left = orphans();
+            if left.is_empty() {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                (signal, deadline) = match signal {
+                    0 => (libc::SIGQUIT, std::time::Instant::now() + grace),
+                    libc::SIGQUIT => (libc::SIGKILL, std::time::Instant::now() + grace),
+                    _ => {
+                        tracing::error!("pg {}: processes {left:?} outlive SIGKILL", self.name);
+                        return;
+                    }
+                };
+                tracing::warn!(
+                    "pg {}: ending processes {left:?} its killed server left behind",
+                    self.name
+                );
+            }
+            for pid in left {
+                unsafe { libc::kill(pid, signal) };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops the server (fast: rolls back open transactions; immediate: no shutdown
@@ -490,16 +542,49 @@ pub fn last_line(bytes: &[u8]) -> String {
         .to_string()
 }
 
-/// The last line of a log file, for messages.
+/// What a server's log says last, for messages: the last FATAL or PANIC among its last
+/// lines (a HINT or DETAIL may follow it), else its last line. Only the log's tail is read.
 pub fn last_log_line(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| last_line(&b))
-        .unwrap_or_else(|_| "no log".into())
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 16 * 1024;
+    let tail = (|| -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    })();
+    let Ok(tail) = tail else {
+        return "no log".into();
+    };
+    let text = String::from_utf8_lossy(&tail);
+    text.lines()
+        .rev()
+        .take(5)
+        .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| last_line(&tail))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_is_summed_up_by_its_last_fatal_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("postgres.log");
+        std::fs::write(
+            &log,
+            "LOG:  starting\nFATAL:  lock file exists\nHINT:  Is another\n",
+        )
+        .unwrap();
+        assert_eq!(last_log_line(&log), "FATAL:  lock file exists");
+        std::fs::write(&log, format!("{}LOG:  ready\n", "x\n".repeat(100_000))).unwrap();
+        assert_eq!(last_log_line(&log), "LOG:  ready");
+        assert_eq!(last_log_line(&dir.path().join("none")), "no log");
+    }
 
     #[test]
     fn passwords_are_long_and_differ() {

@@ -128,6 +128,7 @@ impl Supervisor {
                     }
                     tracing::warn!("pg {} {why}; restarting it", node.name);
                     pg.restarts += 1;
+                    node.end_orphans(std::time::Duration::from_secs(5)).await;
                     // node.json is the truth: a promotion or a port move changed it.
                     if let Ok(saved) = node.state() {
                         state = saved;

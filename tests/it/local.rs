@@ -591,10 +591,28 @@ fn the_rest_api_serves_every_resource_behind_its_token() {
 
 /// Waits up to a minute for `check` to hold.
 pub(crate) fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    eventually_ok(|| check().then_some(()).ok_or_else(|| what.to_string()))
+}
+
+/// Waits up to a minute for `check` to succeed; fails with its last error.
+pub(crate) fn eventually_ok(mut check: impl FnMut() -> Result<(), String>) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Kills its child when dropped, so a failed test leaves no client behind.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -670,20 +688,37 @@ fn replicas_follow_and_promote_and_every_pg_is_supervised() {
     );
 
     // Every pg started through zenith-local is supervised: killed, r1 comes back once,
-    // as the primary it now is.
+    // as the primary it now is, even while a backend of the killed server still runs a
+    // long query (it holds the old shared memory until zenith-local ends it).
+    let busy = Command::new(find_postgres().unwrap().bin("psql"))
+        .args(["-X", "-d", &r1, "-c"])
+        .arg("select count(*) from generate_series(1, 10000000000)")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let busy = ChildGuard(busy);
+    eventually("the long query did not start", || {
+        psql(
+            &r1,
+            "select count(*) from pg_stat_activity where query like '%generate_series(1, 1%'",
+        ) == "2"
+    });
     let first = postmaster_pid(&repo.path, "r1");
     unsafe { libc::kill(first, libc::SIGKILL) };
-    eventually("the killed pg r1 was not restarted", || {
+    eventually_ok(|| {
         let s = status(&repo.path);
-        let r = s["pgs"]
+        let r1 = s["pgs"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|p| p["name"] == "r1")
-            .cloned()
-            .unwrap();
-        r["restarts"] == 1 && r["status"] == "running"
+            .find(|p| p["name"] == "r1");
+        match r1 {
+            Some(r) if r["restarts"] == 1 && r["status"] == "running" => Ok(()),
+            _ => Err(format!("the killed pg r1 was not restarted: {s}")),
+        }
     });
+    drop(busy);
     assert_ne!(postmaster_pid(&repo.path, "r1"), first);
     psql(&r1, "insert into t values (4)");
     assert_eq!(rows(&r1), "{1,2,3,4}");
