@@ -249,7 +249,10 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_NOT_IMPLEMENTED)
         }
         Err(CliError::Other(e)) => {
-            eprintln!("zenith: error: {}", one_line(&format!("{e:#}")));
+            eprintln!(
+                "zenith: error: {}",
+                one_line(&crate::util::message::full(&e))
+            );
             ExitCode::FAILURE
         }
     }

@@ -81,8 +81,14 @@ impl Node {
         self.dir.join("node.json")
     }
 
+    /// Whether the pg has data, complete or (after a failed checkout) not.
     pub fn exists(&self) -> bool {
-        self.data().join("PG_VERSION").exists()
+        self.data().join("PG_VERSION").exists() || self.incomplete_marker().exists()
+    }
+
+    /// Present while the pg's data is incomplete: names the snapshot holding its state.
+    pub fn incomplete_marker(&self) -> PathBuf {
+        self.dir.join("incomplete")
     }
 
     pub fn state(&self) -> anyhow::Result<NodeState> {
@@ -119,7 +125,7 @@ impl Node {
         loop {
             match self.try_set_password(install, state).await {
                 Err(e) if attempt < 5 => {
-                    tracing::debug!("{e:#}; trying again");
+                    tracing::debug!("{}; trying again", crate::util::message::full(&e));
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }

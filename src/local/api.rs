@@ -37,7 +37,7 @@ impl IntoResponse for OpError {
             OpError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self {
-            OpError::Other(e) => format!("{e:#}"),
+            OpError::Other(e) => crate::util::message::full(&e),
             other => other.to_string(),
         };
         error(status, &message)

@@ -77,7 +77,7 @@ pub async fn run(repo: Repo) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(repo.state_path());
     let _ = std::fs::remove_file(repo.pid_path());
     if let Err(e) = &result {
-        tracing::error!("zenith-local stops: {e:#}");
+        tracing::error!("zenith-local stops: {}", crate::util::message::full(&e));
     }
     result
 }

@@ -208,6 +208,7 @@ impl Ops {
     /// Starts a pg: under zenith-local's supervision, or left running on its own, reaped
     /// by a background task while this process lives and by init after.
     async fn run_node(&self, node: &Node, state: &mut NodeState) -> OpResult<()> {
+        refuse_incomplete(node)?;
         match &self.supervisor {
             Some(s) => Ok(s.start(node, state).await?),
             None => {
@@ -554,19 +555,30 @@ impl Ops {
         let was_running = node.status() == Status::Running;
         self.halt_node(&node, false).await?;
         let result = async {
-            let kept = self.keep_head(&node, &state, progress.clone()).await?;
-            // The new data next to the old, swapped only when complete. Files move over
-            // from the old data, which the kept snapshot holds, and only the blocks that
-            // differ are written.
+            // After a checkout that failed halfway, the state it kept is all there is.
+            let kept = match incomplete(&node) {
+                Some(id) => native::resolve(store.as_ref(), &id).await?,
+                None => self.keep_head(&node, &state, progress.clone()).await?,
+            };
             let fresh = node.dir.join("data.checkout");
             let _ = std::fs::remove_dir_all(&fresh);
-            let basis = native::Basis {
-                dir: &node.data(),
-                manifest: &kept,
+            let restored = if incomplete(&node).is_some() {
+                materialize(store.as_ref(), &target, &fresh, &progress).await
+            } else {
+                // The new data next to the old, swapped only when complete. Files move
+                // over from the old data, which the kept snapshot holds, and only the
+                // blocks that differ are written. Until the swap, the old data is marked
+                // incomplete: it may have lost files to the new.
+                mark_incomplete(&node, Some(&kept))?;
+                let basis = native::Basis {
+                    dir: &node.data(),
+                    manifest: &kept,
+                };
+                native::unpack_over(store.as_ref(), &target, &fresh, basis, &progress)
+                    .await
+                    .map(|_| ())
+                    .map_err(OpError::from)
             };
-            let restored = native::unpack_over(store.as_ref(), &target, &fresh, basis, &progress)
-                .await
-                .map_err(OpError::from);
             if let Err(e) = restored {
                 // The old data lost files to the attempt: it comes back from the kept snapshot.
                 tracing::error!("checkout of pg {name} failed: {e}; restoring {}", kept.id);
@@ -575,8 +587,9 @@ impl Ops {
                     .await
                     .and_then(|()| swap_data(&node, &fresh));
                 if let Err(again) = back {
+                    let _ = std::fs::remove_dir_all(&fresh);
                     return Err(anyhow::anyhow!(
-                        "{e}; putting the previous data back failed too ({again}); `zenith pg checkout {name} {}` restores it",
+                        "{e}; putting the previous data back failed too ({again}); once that is fixed, `zenith pg checkout {name} {}` restores it",
                         kept.id
                     )
                     .into());
@@ -623,10 +636,56 @@ fn refuse_followers(repo: &Repo, name: &str, why: &str) -> OpResult<()> {
 fn swap_data(node: &Node, fresh: &std::path::Path) -> OpResult<()> {
     let old = node.dir.join("data.old");
     let _ = std::fs::remove_dir_all(&old);
-    std::fs::rename(node.data(), &old).map_err(anyhow::Error::from)?;
+    if node.data().exists() {
+        std::fs::rename(node.data(), &old).map_err(anyhow::Error::from)?;
+    }
     std::fs::rename(fresh, node.data()).map_err(anyhow::Error::from)?;
-    std::fs::remove_dir_all(&old).map_err(anyhow::Error::from)?;
+    mark_incomplete(node, None)?;
+    let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// The snapshot that holds the state of a pg whose data a failed checkout left incomplete.
+pub fn incomplete(node: &Node) -> Option<String> {
+    Some(incomplete_kept(node)?.0)
+}
+
+/// The id and the name (or id) of the snapshot a failed checkout kept.
+fn incomplete_kept(node: &Node) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(node.incomplete_marker()).ok()?;
+    let mut lines = text.lines().map(str::trim);
+    let id = lines.next().filter(|id| !id.is_empty())?.to_string();
+    let name = lines.next().unwrap_or(&id).to_string();
+    Some((id, name))
+}
+
+/// Marks a pg's data incomplete, its state held by snapshot `kept`; `None` clears the mark.
+fn mark_incomplete(node: &Node, kept: Option<&Manifest>) -> OpResult<()> {
+    let marker = node.incomplete_marker();
+    match kept {
+        Some(m) => {
+            let text = format!("{}\n{}\n", m.id, m.name.as_deref().unwrap_or(&m.id));
+            crate::compute::node::write_private(&marker, text.as_bytes())?
+        }
+        None => match std::fs::remove_file(&marker) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::anyhow!("{}: {e}", marker.display()).into())
+            }
+            _ => {}
+        },
+    }
+    Ok(())
+}
+
+/// Refuses to start or snapshot a pg whose data a failed checkout left incomplete.
+pub fn refuse_incomplete(node: &Node) -> OpResult<()> {
+    match incomplete_kept(node) {
+        Some((_, kept)) => Err(OpError::Conflict(format!(
+            "pg {name}'s data is incomplete: a checkout was interrupted or could not put it back; `zenith pg checkout {name} {kept}` restores it (or `zenith pg checkout {name} REF`, another snapshot)",
+            name = node.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Restores a snapshot into the new data directory `dir`, owned by PostgreSQL's account.
@@ -669,6 +728,7 @@ async fn take(
     name: Option<String>,
     progress: ProgressHandle,
 ) -> OpResult<Manifest> {
+    refuse_incomplete(node)?;
     if let Some(n) = &name {
         refuse_taken_name(store.as_ref(), n).await?;
     }

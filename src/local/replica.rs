@@ -81,8 +81,9 @@ pub async fn prune_slots(repo: &Repo, install: &PgInstall, node: &Node, state: &
         Ok(out) => out,
         Err(e) => {
             tracing::warn!(
-                "cannot list the replication slots of pg {}: {e:#}",
-                node.name
+                "cannot list the replication slots of pg {}: {}",
+                node.name,
+                crate::util::message::full(&e)
             );
             return;
         }
@@ -94,7 +95,7 @@ pub async fn prune_slots(repo: &Repo, install: &PgInstall, node: &Node, state: &
                 "dropped the unused replication slot {slot} of pg {}",
                 node.name
             ),
-            Err(e) => tracing::warn!("{e:#}"),
+            Err(e) => tracing::warn!("{}", crate::util::message::full(&e)),
         }
     }
 }

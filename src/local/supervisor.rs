@@ -112,7 +112,7 @@ impl Supervisor {
                 immediate = &mut stop => {
                     tracing::info!("stopping pg {}", node.name);
                     if let Err(e) = node.stop_child(&mut child, immediate.unwrap_or(false)).await {
-                        tracing::error!("{e:#}");
+                        tracing::error!("{}", crate::util::message::full(&e));
                     }
                     return;
                 }
@@ -140,8 +140,8 @@ impl Supervisor {
                             self.record(pg);
                         }
                         Err(e) => {
-                            tracing::error!("pg {} could not be restarted: {e:#}", node.name);
-                            pg.failed = Some(format!("{e:#}"));
+                            tracing::error!("pg {} could not be restarted: {}", node.name, crate::util::message::full(&e));
+                            pg.failed = Some(crate::util::message::full(&e));
                             self.record(pg);
                             return;
                         }
@@ -197,7 +197,7 @@ impl Supervisor {
             &self.repo.state_path(),
             &serde_json::to_vec_pretty(&state).expect("serializes"),
         ) {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", crate::util::message::full(&e));
         }
     }
 }
@@ -211,6 +211,7 @@ pub async fn launch(
     node: &Node,
     state: &mut NodeState,
 ) -> anyhow::Result<tokio::process::Child> {
+    super::ops::refuse_incomplete(node)?;
     let first_port = repo.config()?.pg_port;
     let settings = super::replica::settings(repo, node, state)?;
     if state.primary.is_none() && !state.has_run {
@@ -245,7 +246,7 @@ pub async fn launch(
     if state.primary.is_none() {
         // A replica has its primary's password, and is read-only.
         if let Err(e) = node.set_password(install, state).await {
-            tracing::warn!("{e:#}");
+            tracing::warn!("{}", crate::util::message::full(&e));
         }
         super::replica::prune_slots(repo, install, node, state).await;
     }

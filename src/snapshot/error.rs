@@ -9,7 +9,7 @@ pub enum SnapshotError {
     #[error(transparent)]
     Storage(#[from] storage::Error),
 
-    #[error("{path}: cannot {op}: {source}")]
+    #[error("{}", storage::error::local_message(path, op, source))]
     Io {
         path: String,
         op: &'static str,

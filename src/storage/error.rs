@@ -74,7 +74,8 @@ pub enum Error {
     Cancelled,
 }
 
-fn local_message(path: &str, op: &str, source: &io::Error) -> String {
+/// `path: cannot OP: why`, with what to do about the commonest local failures.
+pub(crate) fn local_message(path: &str, op: &str, source: &io::Error) -> String {
     let hint = match source.kind() {
         io::ErrorKind::PermissionDenied => "; check the directory's owner and permissions",
         io::ErrorKind::StorageFull => "; the disk is full: free some space and try again",

@@ -16,7 +16,7 @@
 //! What it does not do: it knows nothing about snapshots, and it offers no rename, append or
 //! compare-and-swap; commit order (data first, manifest last) is the snapshot layer's job.
 
-mod error;
+pub(crate) mod error;
 mod local;
 mod s3;
 mod url;

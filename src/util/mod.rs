@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod crc32c;
 pub mod direct;
+pub mod message;
 pub mod progress;
 pub mod relpath;
 pub mod size;

@@ -97,7 +97,7 @@ pub(crate) fn processes_mentioning(needle: &Path) -> Vec<String> {
 /// A repo path in a directory PostgreSQL's account can reach; stops whatever runs there
 /// when dropped, so a failing test leaves nothing behind.
 pub(crate) struct TestRepo {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     pub(crate) path: PathBuf,
 }
 
@@ -106,7 +106,15 @@ impl TestRepo {
         require("PostgreSQL", find_postgres().ok())?;
         let dir = pg_tempdir();
         let path = dir.path().join("repo");
-        Some(TestRepo { _dir: dir, path })
+        Some(TestRepo {
+            _dir: Some(dir),
+            path,
+        })
+    }
+
+    /// A repo at `path`, in a directory the caller cleans up.
+    pub(crate) fn at(path: PathBuf) -> TestRepo {
+        TestRepo { _dir: None, path }
     }
 }
 

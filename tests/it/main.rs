@@ -4,6 +4,7 @@
 
 mod support;
 
+mod checkout_faults;
 mod cli;
 mod local;
 mod postgres;
