@@ -113,7 +113,7 @@ pub fn find_postgres_with(env: &SearchEnv) -> Result<PgInstall, PgNotFound> {
             Some((major, e.path().join("bin")))
         })
         .collect();
-    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
     versions
         .iter()
         .find_map(|(_, dir)| probe(dir, "/usr/lib/postgresql").ok())

@@ -25,6 +25,45 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 struct Api {
     ops: Ops,
     token: Arc<String>,
+    gate: Arc<Gate>,
+}
+
+/// Lets changes in while zenith-local serves, and none once it stops: [`Gate::close`]
+/// refuses new ones and waits for those under way, so no checkout or snapshot is cut
+/// short by the servers stopping under it.
+#[derive(Default)]
+pub struct Gate {
+    closing: std::sync::atomic::AtomicBool,
+    running: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl Gate {
+    async fn enter(&self) -> Result<tokio::sync::OwnedRwLockReadGuard<()>, OpError> {
+        let closing = || self.closing.load(std::sync::atomic::Ordering::SeqCst);
+        let refused = || {
+            OpError::Unavailable(
+                "zenith-local is stopping; run the command again after `zenith start`".into(),
+            )
+        };
+        if closing() {
+            return Err(refused());
+        }
+        let guard = Arc::clone(&self.running).read_owned().await;
+        if closing() {
+            return Err(refused());
+        }
+        Ok(guard)
+    }
+
+    /// Refuses new changes, then waits up to `wait` for those under way; false if some
+    /// still run.
+    pub async fn close(&self, wait: std::time::Duration) -> bool {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::timeout(wait, self.running.write())
+            .await
+            .is_ok()
+    }
 }
 
 impl IntoResponse for OpError {
@@ -34,10 +73,11 @@ impl IntoResponse for OpError {
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Conflict(_) => StatusCode::CONFLICT,
             OpError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             OpError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self {
-            OpError::Other(e) => crate::util::message::full(&e),
+            OpError::Other(e) => crate::util::message::full(e),
             other => other.to_string(),
         };
         error(status, &message)
@@ -61,11 +101,12 @@ fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, OpError> {
         .map_err(|e| OpError::BadRequest(format!("the request body: {}", e.body_text())))
 }
 
-/// The routes, behind the bearer token.
-pub fn router(ops: Ops, token: String) -> Router {
+/// The routes, behind the bearer token; `gate` admits changes.
+pub fn router(ops: Ops, token: String, gate: Arc<Gate>) -> Router {
     let api = Api {
         ops,
         token: Arc::new(token),
+        gate,
     };
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -104,6 +145,23 @@ where
     tokio::task::spawn_blocking(move || handle.block_on(f(ops)))
         .await
         .map_err(|e| OpError::Other(anyhow::anyhow!("the operation failed: {e}")))?
+}
+
+/// [`op`] for a change, admitted by the gate and holding it to the end (even when the
+/// client goes away, the operation runs on).
+async fn change<T, F, Fut>(api: &Api, f: F) -> Result<T, OpError>
+where
+    T: Send + 'static,
+    F: FnOnce(Ops) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, OpError>>,
+{
+    let admitted = api.gate.enter().await?;
+    op(api, move |ops| async move {
+        let result = f(ops).await;
+        drop(admitted);
+        result
+    })
+    .await
 }
 
 async fn authorize(State(api): State<Api>, request: Request<Body>, next: Next) -> Response {
@@ -156,7 +214,7 @@ fn yes() -> bool {
 
 async fn create_pg(State(api): State<Api>, new: Result<Json<NewPg>, JsonRejection>) -> Reply {
     let new = body(new)?;
-    let pg = op(&api, move |ops| async move {
+    let pg = change(&api, move |ops| async move {
         ops.create_pg(
             &new.name,
             new.snapshot.as_deref(),
@@ -174,7 +232,7 @@ async fn show_pg(State(api): State<Api>, Path(name): Path<String>) -> Reply {
 }
 
 async fn destroy_pg(State(api): State<Api>, Path(name): Path<String>) -> Reply {
-    op(&api, move |ops| async move { ops.destroy_pg(&name).await }).await?;
+    change(&api, move |ops| async move { ops.destroy_pg(&name).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -184,7 +242,7 @@ async fn pg_action(
     action: Result<Json<Action>, JsonRejection>,
 ) -> Reply {
     let action = body(action)?;
-    ok(op(&api, move |ops| async move {
+    ok(change(&api, move |ops| async move {
         ops.act(&name, &action, Default::default()).await
     })
     .await?)
@@ -208,7 +266,7 @@ async fn create_snapshot(
     new: Result<Json<NewSnapshot>, JsonRejection>,
 ) -> Reply {
     let new = body(new)?;
-    let m = op(&api, move |ops| async move {
+    let m = change(&api, move |ops| async move {
         ops.create_snapshot(new.name.as_deref(), Default::default())
             .await
     })
@@ -222,7 +280,7 @@ async fn show_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply 
 }
 
 async fn delete_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
-    let report = op(
+    let report = change(
         &api,
         move |ops| async move { ops.delete_snapshot(&id).await },
     )
@@ -258,11 +316,13 @@ async fn attach_storage(
     new: Result<Json<NewStorage>, JsonRejection>,
 ) -> Reply {
     let new = body(new)?;
+    let _admitted = api.gate.enter().await?;
     let attached = api.ops.attach_storage(&new.name, &new.url)?;
     Ok((StatusCode::CREATED, Json(attached)).into_response())
 }
 
 async fn detach_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
+    let _admitted = api.gate.enter().await?;
     api.ops.detach_storage(&name)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

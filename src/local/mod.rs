@@ -77,7 +77,7 @@ pub async fn run(repo: Repo) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(repo.state_path());
     let _ = std::fs::remove_file(repo.pid_path());
     if let Err(e) = &result {
-        tracing::error!("zenith-local stops: {}", crate::util::message::full(&e));
+        tracing::error!("zenith-local stops: {}", crate::util::message::full(e));
     }
     result
 }
@@ -106,9 +106,10 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     supervisor.start(&main, &mut state).await?;
     tracing::info!("pg main ready on port {}", state.port);
     let ops = ops::Ops::supervised(repo.clone(), Arc::clone(&supervisor));
+    let gate = Arc::new(api::Gate::default());
     let server = tokio::spawn(api::serve(
         listener,
-        api::router(ops.clone(), token.trim().to_string()),
+        api::router(ops.clone(), token.trim().to_string(), Arc::clone(&gate)),
     ));
     let _server = AbortOnDrop(server);
     let pusher = match (&config.storage_dest, config.push.period()?) {
@@ -137,6 +138,11 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         _ = int.recv() => false,
         _ = usr1.recv() => true,
     };
+    // Changes under way through the API (a checkout, a snapshot) finish first; new ones
+    // are refused.
+    if !gate.close(OPS_WAIT).await {
+        tracing::warn!("an operation through the API is still running; stopping anyway");
+    }
     // A last push before the servers stop (not for an immediate stop, which is in a hurry).
     if let Some((p, (stop, task), dest)) = pusher {
         let _ = stop.send(true);
@@ -164,9 +170,10 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long `zenith stop` waits for a push under way, and then lets the last push run
-/// (together well within the 180 s `zenith stop` waits).
-const FINAL_PUSH: std::time::Duration = std::time::Duration::from_secs(70);
+/// How long `zenith stop` waits for the API's operations under way, then for a push under
+/// way, and then lets the last push run (together within the 180 s `zenith stop` waits).
+const OPS_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
+const FINAL_PUSH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Stops a background task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

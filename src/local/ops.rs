@@ -26,6 +26,9 @@ pub enum OpError {
     Conflict(String),
     #[error("{0}")]
     NotImplemented(String),
+    /// zenith-local is stopping.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }

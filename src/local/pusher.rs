@@ -113,7 +113,7 @@ impl Pusher {
             }
             Err(e) => {
                 let message = match &e {
-                    super::ops::OpError::Other(e) => crate::util::message::full(&e),
+                    super::ops::OpError::Other(e) => crate::util::message::full(e),
                     other => other.to_string(),
                 };
                 tracing::warn!(

@@ -9,7 +9,7 @@ use crate::local::{connstr_of, ok, psql, z, TestRepo};
 use crate::support::{assert_clean_failure, in_ci, run, text};
 
 /// A table of about `mib` MiB that compresses poorly (md5 text of random numbers).
-fn fill(connstr: &str, table: &str, mib: u32) {
+pub(crate) fn fill(connstr: &str, table: &str, mib: u32) {
     let rows = mib * 1024 * 1024 / 110;
     psql(
         connstr,

@@ -409,8 +409,19 @@ fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
+    try_http(port, method, path, token, body).unwrap()
+}
+
+/// [`http`], with the error of a connection that fails.
+fn try_http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, serde_json::Value)> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     if let Some(t) = token {
@@ -421,9 +432,9 @@ fn http(
         request.push_str("Content-Type: application/json\r\n");
     }
     request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream.read_to_string(&mut response)?;
     let (head, payload) = response.split_once("\r\n\r\n").unwrap();
     let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     let json = if payload.is_empty() {
@@ -431,7 +442,62 @@ fn http(
     } else {
         serde_json::from_str(payload).unwrap_or_else(|e| panic!("{e}: {payload}"))
     };
-    (status, json)
+    Ok((status, json))
+}
+
+#[test]
+fn stop_lets_a_change_under_way_finish_and_refuses_new_ones() {
+    let Some(repo) = TestRepo::new() else {
+        return;
+    };
+    ok(z(&repo.path).arg("start"));
+    let main = connstr_of(&repo.path, "main");
+    crate::checkout_faults::fill(&main, "big", 150);
+    let token = std::fs::read_to_string(repo.path.join("api-token")).unwrap();
+    let port = status(&repo.path)["zenith_local"]["api"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok())
+        .unwrap();
+
+    // A snapshot through the API, then `zenith stop` while it reads the data.
+    let snapshot = z(&repo.path)
+        .args(["--no-progress", "snapshot", "create", "main@big"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the snapshot did not start", || {
+        psql(
+            &main,
+            "select count(*) from pg_stat_activity where query like '%pg_backup_start%' \
+             and pid <> pg_backend_pid()",
+        ) == "1"
+    });
+    let mut stop = z(&repo.path).arg("stop").spawn().unwrap();
+    // While it waits for the snapshot, zenith-local refuses new changes with a 503.
+    eventually_ok(
+        || match try_http(port, "DELETE", "/pgs/nobody", Some(token.trim()), None) {
+            Ok((503, body)) => {
+                let e = body["error"].as_str().unwrap_or_default();
+                assert!(e.contains("stopping"), "{body}");
+                Ok(())
+            }
+            Ok((404, _)) => Err("not stopping yet".into()),
+            other => panic!("zenith-local went away without refusing a change: {other:?}"),
+        },
+    );
+    let snapshot = snapshot.wait_with_output().unwrap();
+    assert!(
+        snapshot.status.success(),
+        "the snapshot under way failed: {}",
+        text(&snapshot).1
+    );
+    let stopped = stop.wait().unwrap();
+    assert!(stopped.success());
+    assert_eq!(processes_mentioning(&repo.path), Vec::<String>::new());
+
+    // The snapshot is whole.
+    ok(z(&repo.path).args(["snapshot", "verify", "main@big"]));
 }
 
 #[test]
