@@ -320,6 +320,9 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
             push["storage_dest"].as_str().unwrap_or(""),
             push["interval_secs"]
         );
+        if let Some(wal) = push["wal_bytes"].as_u64() {
+            print!(" or after {} of WAL", crate::util::size::format_size(wal));
+        }
         match (push["last_pushed"].as_str(), ago("last_pushed_unix")) {
             (Some(id), Some(age)) => print!("; last pushed snapshot {id}, {age} s ago"),
             _ => print!("; nothing pushed yet"),

@@ -62,6 +62,10 @@ pub fn free_port_except(first: u16, promised: &[u16]) -> anyhow::Result<u16> {
 /// Creates the main pg of a new repo.
 pub fn init_main(repo: &Repo, install: &crate::compute::PgInstall) -> anyhow::Result<NodeState> {
     let config = repo.config()?;
+    // Settings zenith-local reads again later are checked before anything starts.
+    config.push.period()?;
+    config.push.retention()?;
+    config.push.wal_bytes()?;
     let main = repo.node("main");
     main.init(install, free_port(config.pg_port)?)
 }
@@ -89,6 +93,10 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let install = crate::compute::find_postgres()?;
     let config = repo.config()?;
+    // Settings zenith-local reads again later are checked before anything starts.
+    config.push.period()?;
+    config.push.retention()?;
+    config.push.wal_bytes()?;
     let main = repo.node("main");
     if !main.exists() {
         init_main(repo, &install)?;
@@ -112,26 +120,13 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         api::router(ops.clone(), token.trim().to_string(), Arc::clone(&gate)),
     ));
     let _server = AbortOnDrop(server);
-    let pusher = match (&config.storage_dest, config.push.period()?) {
-        (Some(dest), Some(period)) => {
-            let p = pusher::Pusher::new(
-                ops,
-                Arc::clone(&supervisor),
-                period,
-                config.push.retention()?,
-            );
-            tracing::info!("pushing to {dest} every {}", config.push.interval);
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            // On a blocking thread of its own, like the API's operations (see api::op).
-            let (runner, d, handle) = (
-                Arc::clone(&p),
-                dest.clone(),
-                tokio::runtime::Handle::current(),
-            );
-            let task = tokio::task::spawn_blocking(move || handle.block_on(runner.run(d, stopped)));
-            Some((p, (stop, task), dest.clone()))
-        }
-        _ => None,
+    // Background pushes, on a blocking thread of their own like the API's operations
+    // (see api::op); they follow config.toml as it changes.
+    let pusher = pusher::Pusher::new(ops, Arc::clone(&supervisor));
+    let (stop_pushes, stopped) = tokio::sync::watch::channel(false);
+    let pushes = {
+        let (runner, handle) = (Arc::clone(&pusher), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || handle.block_on(runner.run(stopped)))
     };
     let immediate = tokio::select! {
         _ = term.recv() => false,
@@ -144,22 +139,26 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
         tracing::warn!("an operation through the API is still running; stopping anyway");
     }
     // A last push before the servers stop (not for an immediate stop, which is in a hurry).
-    if let Some((p, (stop, task), dest)) = pusher {
-        let _ = stop.send(true);
-        // A push under way finishes first (a snapshot is written whole or not at all).
-        if !immediate && tokio::time::timeout(FINAL_PUSH, task).await.is_err() {
-            tracing::warn!("the background push to {dest} is still running");
-        }
-        if !immediate {
-            tracing::info!("pushing to {dest} before stopping");
-            let mut state = supervisor.push_state().unwrap_or_default();
-            let last = tokio::time::timeout(FINAL_PUSH, p.attempt(&mut state, true)).await;
-            if last.is_err() || state.last_error.is_some() {
-                tracing::error!(
-                    "the last push to {dest} did not complete ({}); the snapshots stay in the repo and go with the next push",
-                    state.last_error.as_deref().unwrap_or("timed out")
-                );
-            }
+    let _ = stop_pushes.send(true);
+    // A push under way finishes first (a snapshot is written whole or not at all).
+    if !immediate && tokio::time::timeout(FINAL_PUSH, pushes).await.is_err() {
+        tracing::warn!("a background push is still running");
+    }
+    if let (false, Ok(Some(settings))) = (immediate, pusher.settings()) {
+        let dest = &settings.storage_dest;
+        tracing::info!("pushing to {dest} before stopping");
+        let mut state = supervisor
+            .push_state()
+            .filter(|s| &s.storage_dest == dest)
+            .unwrap_or_default();
+        state.storage_dest = dest.clone();
+        let last =
+            tokio::time::timeout(FINAL_PUSH, pusher.attempt(&mut state, &settings, true)).await;
+        if last.is_err() || state.last_error.is_some() {
+            tracing::error!(
+                "the last push to {dest} did not complete ({}); the snapshots stay in the repo and go with the next push",
+                state.last_error.as_deref().unwrap_or("timed out")
+            );
         }
     }
     tracing::info!(

@@ -1,6 +1,8 @@
 //! Background pushes: while zenith-local runs with a storage_dest, it snapshots the main
 //! pg (online, when it changed) and pushes every snapshot storage_dest lacks, on the
-//! `[push] interval` of config.toml and at `zenith stop`. A failed push is retried with
+//! `[push] interval` of config.toml, earlier once the main pg wrote `[push] wal` of WAL,
+//! and at `zenith stop`. config.toml is read again every few seconds, so a storage_dest
+//! set or changed while zenith-local runs takes effect. A failed push is retried with
 //! backoff and reported in `zenith status`; it never stops a database.
 
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ops::{OpResult, Ops};
 use super::repo::Retention;
-use super::share::{doomed, of_main, STORAGE_DEST};
+use super::share::{doomed, of_main};
 use super::supervisor::Supervisor;
 use crate::compute::node::Status;
 
@@ -19,6 +21,9 @@ use crate::compute::node::Status;
 pub struct PushState {
     pub storage_dest: String,
     pub interval_secs: u64,
+    /// WAL written by the main pg that brings a push forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_pushed: Option<String>,
     /// When the last push succeeded, seconds since the epoch.
@@ -44,64 +49,152 @@ fn unix_now() -> u64 {
 /// Longest wait after a failure before the next attempt (never longer than the interval).
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// How often the pusher reads config.toml again and looks at the main pg's WAL.
+const TICK: Duration = Duration::from_secs(5);
+
+/// What config.toml says of background pushes, read again every [`TICK`]: storage_dest
+/// can be set, changed or removed while zenith-local runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub storage_dest: String,
+    pub period: Duration,
+    pub retention: Option<Retention>,
+    pub wal_bytes: Option<u64>,
+}
+
 /// One zenith-local's pusher.
 pub struct Pusher {
     ops: Ops,
     supervisor: Arc<Supervisor>,
-    period: Duration,
-    retention: Option<Retention>,
     /// The main pg's row change counters after the last snapshot: unchanged means
     /// nothing to take.
     last_changes: tokio::sync::Mutex<Option<String>>,
+    /// The main pg's WAL position at its last background snapshot (or when first seen).
+    last_lsn: tokio::sync::Mutex<Option<u64>>,
 }
 
 impl Pusher {
-    pub fn new(
-        ops: Ops,
-        supervisor: Arc<Supervisor>,
-        period: Duration,
-        retention: Option<Retention>,
-    ) -> Arc<Pusher> {
+    pub fn new(ops: Ops, supervisor: Arc<Supervisor>) -> Arc<Pusher> {
         Arc::new(Pusher {
             ops,
             supervisor,
-            period,
-            retention,
             last_changes: Default::default(),
+            last_lsn: Default::default(),
         })
     }
 
-    /// Pushes on schedule until `stop` turns true (between pushes).
-    pub async fn run(
-        self: Arc<Self>,
-        storage_dest: String,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let mut state = PushState {
-            storage_dest,
-            interval_secs: self.period.as_secs(),
-            next_unix: unix_now() + self.period.as_secs(),
-            ..Default::default()
+    /// Background pushes as config.toml has them now: `None` without a storage_dest or
+    /// with an interval of 0.
+    pub fn settings(&self) -> anyhow::Result<Option<Settings>> {
+        let config = self.ops.repo.config()?;
+        let (Some(storage_dest), Some(period)) = (config.storage_dest, config.push.period()?)
+        else {
+            return Ok(None);
         };
-        self.supervisor.set_push(Some(state.clone()));
-        let mut wait = self.period;
+        Ok(Some(Settings {
+            storage_dest,
+            period,
+            retention: config.push.retention()?,
+            wal_bytes: config.push.wal_bytes()?,
+        }))
+    }
+
+    /// Pushes on schedule, or early after `[push] wal` of WAL, until `stop` turns true
+    /// (between pushes).
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut state: Option<PushState> = None;
+        let mut bad_config = None;
+        let mut tick = TICK;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(tick) => {}
                 _ = stop.changed() => return,
             }
             if *stop.borrow() {
                 return;
             }
-            wait = self.attempt(&mut state, false).await;
+            let settings = match self.settings() {
+                Ok(s) => s,
+                Err(e) => {
+                    let e = crate::util::message::full(&e);
+                    if bad_config.as_ref() != Some(&e) {
+                        tracing::error!("background pushes: {e}");
+                        bad_config = Some(e);
+                    }
+                    continue;
+                }
+            };
+            bad_config = None;
+            let Some(settings) = settings else {
+                if state.take().is_some() {
+                    tracing::info!("background pushes are off");
+                    self.supervisor.set_push(None);
+                }
+                continue;
+            };
+            let st = match &mut state {
+                Some(st) if st.storage_dest == settings.storage_dest => st,
+                _ => {
+                    tracing::info!(
+                        "pushing to {} every {} s",
+                        settings.storage_dest,
+                        settings.period.as_secs()
+                    );
+                    state.insert(PushState {
+                        storage_dest: settings.storage_dest.clone(),
+                        next_unix: unix_now() + settings.period.as_secs(),
+                        ..Default::default()
+                    })
+                }
+            };
+            tick = TICK.min(settings.period);
+            st.interval_secs = settings.period.as_secs();
+            st.wal_bytes = settings.wal_bytes;
+            self.supervisor.set_push(Some(st.clone()));
+            let due = unix_now() >= st.next_unix;
+            // WAL brings a push forward, not a retry after a failure.
+            let early = !due && st.failures == 0 && self.wal_due(settings.wal_bytes).await;
+            if due || early {
+                if early {
+                    tracing::info!("the main pg wrote more WAL than [push] wal: pushing now");
+                }
+                self.attempt(st, &settings, false).await;
+            }
         }
     }
 
-    /// One push, its outcome recorded in `state`; returns how long to wait for the next.
+    /// Whether the main pg wrote at least `volume` bytes of WAL since its last
+    /// background snapshot.
+    async fn wal_due(&self, volume: Option<u64>) -> bool {
+        let Some(volume) = volume else {
+            return false;
+        };
+        let Some(now) = self.main_lsn().await else {
+            return false;
+        };
+        let mut last = self.last_lsn.lock().await;
+        let since = now.saturating_sub(*last.get_or_insert(now));
+        since >= volume
+    }
+
+    /// The main pg's WAL position in bytes, when it runs as a primary.
+    async fn main_lsn(&self) -> Option<u64> {
+        let main = self.ops.repo.node("main");
+        if main.status() != Status::Running {
+            return None;
+        }
+        let state = main.state().ok()?;
+        let install = crate::compute::find_postgres().ok()?;
+        let sql = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint";
+        let out = main.query(&install, &state, sql).await.ok()?;
+        out.trim().parse().ok()
+    }
+
+    /// One push, its outcome recorded in `state`, which also says when the next is due.
     /// `force` takes a snapshot even if no rows seem to have changed (statistics reach
     /// the counters up to seconds late): the last push at `zenith stop` misses nothing.
-    pub async fn attempt(&self, state: &mut PushState, force: bool) -> Duration {
-        let wait = match self.push_once(force).await {
+    pub async fn attempt(&self, state: &mut PushState, settings: &Settings, force: bool) {
+        let wait = match self.push_once(settings, force).await {
             Ok(pushed) => {
                 if let Some(id) = pushed {
                     state.last_pushed = Some(id);
@@ -109,7 +202,7 @@ impl Pusher {
                 }
                 state.last_error = None;
                 state.failures = 0;
-                self.period
+                settings.period
             }
             Err(e) => {
                 let message = match &e {
@@ -123,17 +216,16 @@ impl Pusher {
                 state.last_error = Some(message);
                 state.failures += 1;
                 let backoff = Duration::from_secs(5u64.saturating_mul(1 << state.failures.min(10)));
-                backoff.min(MAX_BACKOFF).min(self.period)
+                backoff.min(MAX_BACKOFF).min(settings.period)
             }
         };
         state.next_unix = unix_now() + wait.as_secs();
         self.supervisor.set_push(Some(state.clone()));
-        wait
     }
 
     /// Snapshots the main pg if its WAL moved since the last one, pushes whatever
     /// storage_dest lacks, applies retention; the newest snapshot storage_dest now holds.
-    async fn push_once(&self, force: bool) -> OpResult<Option<String>> {
+    async fn push_once(&self, settings: &Settings, force: bool) -> OpResult<Option<String>> {
         use crate::snapshot::native;
         let main = self.ops.repo.node("main");
         if main.status() == Status::Running {
@@ -146,13 +238,15 @@ impl Pusher {
             let now = main.query(&install, &state, changes_sql).await.ok();
             let mut last = self.last_changes.lock().await;
             if force || now.is_none() || *last != now {
+                let lsn = self.main_lsn().await;
                 let m = self.ops.create_snapshot(None, Default::default()).await?;
                 tracing::info!("background snapshot {} of pg main", m.id);
                 *last = main.query(&install, &state, changes_sql).await.ok();
+                *self.last_lsn.lock().await = lsn;
             }
         }
-        let url = self.ops.storage_url(STORAGE_DEST)?;
-        let dest = crate::storage::open(&url)
+        let url = &settings.storage_dest;
+        let dest = crate::storage::open(url)
             .await
             .map_err(anyhow::Error::from)?;
         let store = crate::storage::open(&self.ops.repo.store_url())
@@ -163,7 +257,7 @@ impl Pusher {
         let mut both: Vec<_> = native::list(store.as_ref()).await?;
         both.extend(native::list(dest.as_ref()).await?);
         both.retain(of_main);
-        let doomed = match self.retention {
+        let doomed = match settings.retention {
             Some(rule) => doomed(&both, rule),
             None => Default::default(),
         };
@@ -179,7 +273,7 @@ impl Pusher {
                 pushed["objects_sent"]
             );
         }
-        if let Some(rule) = self.retention {
+        if let Some(rule) = settings.retention {
             for (storage, label) in [
                 (url.as_str(), "storage_dest"),
                 (&self.ops.repo.store_url(), "the repo"),

@@ -62,6 +62,10 @@ pub struct PushConfig {
     /// Unnamed snapshots younger than this (e.g. "7d") stay too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_within: Option<String>,
+    /// A push also runs, before the interval is over, once the main pg has written this
+    /// much WAL since the last background snapshot, e.g. "1GB"; "0" turns it off.
+    #[serde(default = "default_push_wal")]
+    pub wal: String,
 }
 
 /// Which unnamed snapshots of a storage stay: the newest `keep_last`, and those younger
@@ -80,12 +84,17 @@ fn default_keep_last() -> u32 {
     48
 }
 
+fn default_push_wal() -> String {
+    "1GB".into()
+}
+
 impl Default for PushConfig {
     fn default() -> Self {
         PushConfig {
             interval: default_push_interval(),
             keep_last: default_keep_last(),
             keep_within: None,
+            wal: default_push_wal(),
         }
     }
 }
@@ -112,6 +121,13 @@ impl PushConfig {
         let d = crate::util::size::parse_duration(&self.interval)
             .map_err(|e| anyhow::anyhow!("config.toml [push] interval: {e}"))?;
         Ok((!d.is_zero()).then_some(d))
+    }
+
+    /// The WAL volume that brings a push forward; `None` when only the interval counts.
+    pub fn wal_bytes(&self) -> anyhow::Result<Option<u64>> {
+        let n = crate::util::size::parse_size(&self.wal)
+            .map_err(|e| anyhow::anyhow!("config.toml [push] wal: {e}"))?;
+        Ok((n > 0).then_some(n))
     }
 }
 

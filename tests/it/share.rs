@@ -316,6 +316,75 @@ fn background_pushes_follow_writes_and_ride_out_a_storage_outage() {
     ok(z(&b.path).arg("stop"));
 }
 
+#[test]
+fn a_storage_dest_set_while_running_is_pushed_to_and_wal_volume_brings_pushes_forward() {
+    let Some(a) = TestRepo::new() else {
+        return;
+    };
+    ok(z(&a.path).arg("init"));
+    // An hour between pushes: within the test, only WAL volume can bring one on.
+    let config = a.path.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("wal = \"1GB\""), "{text}");
+    let text = text
+        .replace("interval = \"5m\"", "interval = \"1h\"")
+        .replace("wal = \"1GB\"", "wal = \"48MB\"");
+    std::fs::write(&config, text).unwrap();
+    ok(z(&a.path).arg("start"));
+    let main = connstr_of(&a.path, "main");
+    fill(&main, 1_000);
+
+    // storage_dest attached while zenith-local runs: no restart needed.
+    let dest = a.path.with_file_name("dest");
+    let url = format!("file://{}", dest.display());
+    ok(z(&a.path).args(["storage", "attach", "-n", "storage_dest", "--path", &url]));
+    eventually("pushes did not follow the new storage_dest", || {
+        status(&a.path)["push"]["storage_dest"] == url.as_str()
+    });
+    // Some WAL, well under the volume: nothing is pushed.
+    psql(
+        &main,
+        "insert into t select g, md5(g::text) from generate_series(1, 20000) g",
+    );
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    assert!(status(&a.path)["push"]["last_pushed"].is_null());
+    // Over 48 MB of WAL: a push comes long before the hour is over.
+    psql(
+        &main,
+        "insert into t select g, repeat(md5(g::text), 8) from generate_series(1, 200000) g",
+    );
+    eventually("WAL volume did not bring a push forward", || {
+        status(&a.path)["push"]["last_pushed"].is_string()
+    });
+    let log = std::fs::read_to_string(a.path.join("logs/zenith-local.log")).unwrap();
+    assert!(log.contains("more WAL than [push] wal"), "{log}");
+    let listed: serde_json::Value = serde_json::from_str(&ok(z(&a.path).args([
+        "snapshot",
+        "list",
+        "--storage",
+        "storage_dest",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+
+    // Detached, pushes stop (status no longer shows them), and `stop` pushes nothing.
+    ok(z(&a.path).args(["storage", "detach", "-n", "storage_dest"]));
+    eventually("pushes did not stop with storage_dest gone", || {
+        status(&a.path)["push"].is_null()
+    });
+    ok(z(&a.path).arg("stop"));
+    let listed: serde_json::Value = serde_json::from_str(&ok(z(&a.path).args([
+        "snapshot",
+        "list",
+        "--storage",
+        &url,
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+}
+
 /// How a push is cut short.
 #[derive(Clone, Copy, PartialEq)]
 enum Cut {
