@@ -575,6 +575,12 @@ pub async fn run(
             let m = native::resolve(storage.as_ref(), &snapshot)
                 .await
                 .map_err(anyhow::Error::from)?;
+            if let Ok(repo) = crate::local::repo::Repo::existing(repo_dir.clone()) {
+                let store = storage::open(&repo.store_url()).await;
+                if store.is_ok_and(|s| s.url() == storage.url()) {
+                    crate::local::ops::refuse_needed(&repo, &m.id).map_err(anyhow::Error::from)?;
+                }
+            }
             let r = native::delete(storage, &m, grace, max_unused / 100.0)
                 .await
                 .map_err(anyhow::Error::from)?;

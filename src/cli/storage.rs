@@ -75,9 +75,7 @@ pub async fn run(
             ops.attach_storage(&name, &path)?;
             println!("attached storage {name}: {path}");
             if running && name == crate::local::share::STORAGE_DEST {
-                println!(
-                    "zenith-local pushes there from its next start (`zenith stop && zenith start`)"
-                );
+                println!("zenith-local pushes there from now on (it reads config.toml again within seconds)");
             }
         }
         StorageCommand::Detach { name } => {

@@ -548,8 +548,8 @@ pub fn last_line(bytes: &[u8]) -> String {
         .to_string()
 }
 
-/// What a server's log says last, for messages: the last FATAL or PANIC among its last
-/// lines (a HINT or DETAIL may follow it), else its last line. Only the log's tail is read.
+/// What a server's log says last, for messages: the last message itself, not the HINT,
+/// DETAIL or CONTEXT lines that may follow it. Only the log's tail is read.
 pub fn last_log_line(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
     const TAIL: u64 = 16 * 1024;
@@ -565,11 +565,12 @@ pub fn last_log_line(path: &Path) -> String {
         return "no log".into();
     };
     let text = String::from_utf8_lossy(&tail);
+    let detail = ["HINT:", "DETAIL:", "CONTEXT:", "STATEMENT:"];
     text.lines()
         .rev()
-        .take(5)
-        .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
-        .map(|l| l.trim().to_string())
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !detail.iter().any(|d| l.contains(d)))
+        .map(str::to_string)
         .unwrap_or_else(|| last_line(&tail))
 }
 
@@ -587,6 +588,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(last_log_line(&log), "FATAL:  lock file exists");
+        std::fs::write(
+            &log,
+            "FATAL:  password authentication failed\nLOG:  shutting down\n",
+        )
+        .unwrap();
+        assert_eq!(last_log_line(&log), "LOG:  shutting down");
         std::fs::write(&log, format!("{}LOG:  ready\n", "x\n".repeat(100_000))).unwrap();
         assert_eq!(last_log_line(&log), "LOG:  ready");
         assert_eq!(last_log_line(&dir.path().join("none")), "no log");

@@ -135,7 +135,12 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     };
     // Changes under way through the API (a checkout, a snapshot) finish first; new ones
     // are refused.
-    if !gate.close(OPS_WAIT).await {
+    let wait = if immediate {
+        std::time::Duration::ZERO
+    } else {
+        OPS_WAIT
+    };
+    if !gate.close(wait).await && !immediate {
         tracing::warn!("an operation through the API is still running; stopping anyway");
     }
     // A last push before the servers stop (not for an immediate stop, which is in a hurry).
@@ -172,7 +177,7 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
 /// How long `zenith stop` waits for the API's operations under way, then for a push under
 /// way, and then lets the last push run (together within the 180 s `zenith stop` waits).
 const OPS_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
-const FINAL_PUSH: std::time::Duration = std::time::Duration::from_secs(60);
+const FINAL_PUSH: std::time::Duration = std::time::Duration::from_secs(50);
 
 /// Stops a background task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

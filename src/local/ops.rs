@@ -502,6 +502,7 @@ impl Ops {
     pub async fn delete_snapshot(&self, reference: &str) -> OpResult<native::DeleteReport> {
         let store = store(&self.repo).await?;
         let m = native::resolve(store.as_ref(), reference).await?;
+        refuse_needed(&self.repo, &m.id)?;
         // The repo's own store: no other writer but this machine, so a short grace suffices.
         Ok(native::delete(store, &m, std::time::Duration::from_secs(60), 0.05).await?)
     }
@@ -560,7 +561,12 @@ impl Ops {
         let result = async {
             // After a checkout that failed halfway, the state it kept is all there is.
             let kept = match incomplete(&node) {
-                Some(id) => native::resolve(store.as_ref(), &id).await?,
+                Some(id) => native::resolve(store.as_ref(), &id).await.map_err(|e| {
+                    OpError::Conflict(format!(
+                        "pg {name}'s data is incomplete and the snapshot that held its state is unreadable ({e}); to give that state up, delete {} and run the checkout again",
+                        node.incomplete_marker().display()
+                    ))
+                })?,
                 None => self.keep_head(&node, &state, progress.clone()).await?,
             };
             let fresh = node.dir.join("data.checkout");
@@ -676,6 +682,19 @@ fn mark_incomplete(node: &Node, kept: Option<&Manifest>) -> OpResult<()> {
             }
             _ => {}
         },
+    }
+    Ok(())
+}
+
+/// Refuses to delete the snapshot that holds the state of a pg a checkout left incomplete.
+pub fn refuse_needed(repo: &Repo, id: &str) -> OpResult<()> {
+    for node in repo.nodes() {
+        if incomplete(&node).as_deref() == Some(id) {
+            return Err(OpError::Conflict(format!(
+                "snapshot {id} holds the state of pg {name}, whose data a checkout left incomplete; `zenith pg checkout {name} {id}` puts it back first",
+                name = node.name
+            )));
+        }
     }
     Ok(())
 }

@@ -148,6 +148,10 @@ impl Pusher {
                 }
             };
             tick = TICK.min(settings.period);
+            if st.interval_secs != settings.period.as_secs() {
+                // A shorter interval counts from now, not from the end of the old one.
+                st.next_unix = st.next_unix.min(unix_now() + settings.period.as_secs());
+            }
             st.interval_secs = settings.period.as_secs();
             st.wal_bytes = settings.wal_bytes;
             self.supervisor.set_push(Some(st.clone()));
@@ -158,7 +162,9 @@ impl Pusher {
                 if early {
                     tracing::info!("the main pg wrote more WAL than [push] wal: pushing now");
                 }
-                self.attempt(st, &settings, false).await;
+                // WAL without row changes (an index build, a table rewrite) is a change
+                // too: an early push always snapshots, which also moves the WAL baseline.
+                self.attempt(st, &settings, early).await;
             }
         }
     }
@@ -173,8 +179,13 @@ impl Pusher {
             return false;
         };
         let mut last = self.last_lsn.lock().await;
-        let since = now.saturating_sub(*last.get_or_insert(now));
-        since >= volume
+        let base = *last.get_or_insert(now);
+        if now < base {
+            // The main pg went back to an older snapshot: its WAL counts from here.
+            *last = Some(now);
+            return false;
+        }
+        now - base >= volume
     }
 
     /// The main pg's WAL position in bytes, when it runs as a primary.
@@ -263,7 +274,7 @@ impl Pusher {
         };
         let pushed = self
             .ops
-            .push_except(None, None, None, &doomed, Default::default())
+            .push_except(None, None, Some(url), &doomed, Default::default())
             .await?;
         let sent = pushed["pushed"].as_array().map(Vec::len).unwrap_or(0);
         if sent > 0 {

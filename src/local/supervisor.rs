@@ -24,6 +24,8 @@ pub struct Supervisor {
     report: Mutex<BTreeMap<String, PgState>>,
     /// And of background pushes.
     push: Mutex<Option<super::pusher::PushState>>,
+    /// Set by [`Supervisor::stop_all`]: no pg starts after it.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 struct Watch {
@@ -42,6 +44,7 @@ impl Supervisor {
             watched: Default::default(),
             report: Default::default(),
             push: Default::default(),
+            stopping: Default::default(),
         })
     }
 
@@ -49,6 +52,9 @@ impl Supervisor {
     /// port moves to a free one if another program took it, saved in `state`.
     pub async fn start(self: &Arc<Self>, node: &Node, state: &mut NodeState) -> anyhow::Result<()> {
         let mut watched = self.watched.lock().await;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("zenith-local is stopping; pg {} is not started", node.name);
+        }
         if let Some(w) = watched.get(&node.name) {
             if !w.task.is_finished() {
                 return Ok(());
@@ -87,7 +93,12 @@ impl Supervisor {
 
     /// Stops every supervised pg, all at once.
     pub async fn stop_all(&self, immediate: bool) {
-        let all = std::mem::take(&mut *self.watched.lock().await);
+        let all = {
+            let mut watched = self.watched.lock().await;
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            std::mem::take(&mut *watched)
+        };
         let mut tasks = Vec::new();
         for (name, watch) in all {
             let _ = watch.stop.send(immediate);

@@ -71,6 +71,11 @@ fn a_checkout_killed_halfway_leaves_a_pg_that_says_so_and_comes_back() {
         "incomplete",
     );
     assert!(!ok(z(&repo.path).args(["snapshot", "list"])).contains("main@broken"));
+    // The snapshot that holds main's state is not deleted under it.
+    assert_clean_failure(
+        &run(z(&repo.path).args(["snapshot", "delete", "main@HEAD{0}"])),
+        "puts it back first",
+    );
 
     // The state the checkout kept is whole: checking it out brings back every row.
     ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));

@@ -452,7 +452,7 @@ fn stop_lets_a_change_under_way_finish_and_refuses_new_ones() {
     };
     ok(z(&repo.path).arg("start"));
     let main = connstr_of(&repo.path, "main");
-    crate::checkout_faults::fill(&main, "big", 150);
+    crate::checkout_faults::fill(&main, "big", 250);
     let token = std::fs::read_to_string(repo.path.join("api-token")).unwrap();
     let port = status(&repo.path)["zenith_local"]["api"]
         .as_str()
