@@ -102,7 +102,7 @@ async fn send(
     }
     // The packs holding blocks the target has in none of its packs.
     let have = native::load_block_hashes(target.as_ref()).await?;
-    let mut needed: HashSet<Hash> = HashSet::new();
+    let mut needed = native::BlockSet::default();
     for (list, _) in lists.values() {
         needed.extend(list.iter().filter(|h| !have.contains(*h)));
     }
