@@ -1170,7 +1170,7 @@ impl PackRun {
         buf: &mut AlignedBuf,
     ) -> Result<RangeRead> {
         let want_direct = item.size >= READ_CHUNK as u64 && !item.rel.starts_with("pg_wal/");
-        let (file, is_direct) = match direct::open_read(&item.abs, want_direct) {
+        let file = match direct::CachedOrDirect::open(&item.abs, want_direct) {
             Ok(opened) => opened,
             Err(e) if live && e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(RangeRead {
@@ -1186,13 +1186,9 @@ impl PackRun {
         let mut done = 0u64;
         while done < range.len {
             let want = (range.len - done).min(buf.capacity() as u64) as usize;
-            let n = direct::read_full_at(
-                &file,
-                &mut buf.spare()[..want],
-                range.start + done,
-                is_direct,
-            )
-            .map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
+            let n = file
+                .read_full_at(&mut buf.spare()[..want], range.start + done)
+                .map_err(|e| SnapshotError::io(&item.abs, "read", e))?;
             let data = &buf.spare()[..n];
             self.progress.add(n as u64);
             let mut fresh: Vec<(Hash, &[u8])> = Vec::new();

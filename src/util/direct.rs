@@ -130,6 +130,107 @@ pub fn read_full_at(
     Ok(filled)
 }
 
+/// A file read both ways: what the page cache holds comes from it (`preadv2` with
+/// `RWF_NOWAIT`, which never waits for the disk; a running database's recent writes are
+/// usually there), the rest with direct I/O, so a read neither goes to the disk for what
+/// is cached nor fills the cache with what is not.
+pub struct CachedOrDirect {
+    buffered: File,
+    direct: Option<File>,
+}
+
+impl CachedOrDirect {
+    /// Opens `path`; without `direct`, or where the filesystem refuses direct I/O, every
+    /// read is an ordinary one.
+    pub fn open(path: &Path, direct: bool) -> std::io::Result<CachedOrDirect> {
+        let buffered = File::open(path)?;
+        let direct = direct
+            .then(|| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok()
+            })
+            .flatten();
+        Ok(CachedOrDirect { buffered, direct })
+    }
+
+    /// Fills `buf` (aligned to [`ALIGN`]) from `offset` until it is full or the file
+    /// ends; returns the bytes read.
+    pub fn read_full_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let Some(direct) = &self.direct else {
+            return read_full_at(&self.buffered, buf, offset, false);
+        };
+        let mut filled = 0;
+        while filled < buf.len() {
+            let at = offset + filled as u64;
+            match read_cached(&self.buffered, &mut buf[filled..], at) {
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                // A kernel without RWF_NOWAIT for this file: direct I/O alone, as before.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                    ) =>
+                {
+                    let aligned = filled % ALIGN == 0;
+                    let file = if aligned { direct } else { &self.buffered };
+                    return Ok(filled + read_full_at(file, &mut buf[filled..], at, aligned)?);
+                }
+                Err(e) => return Err(e),
+            }
+            // Not cached: from the disk, directly while offsets and lengths allow it.
+            let rest = &mut buf[filled..];
+            let aligned = filled % ALIGN == 0 && rest.len() % ALIGN == 0;
+            let file = if aligned { direct } else { &self.buffered };
+            let n = match file.read_at(rest, at) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                break;
+            }
+            filled += n;
+            if aligned && n % ALIGN != 0 {
+                // A short, unaligned direct read marks the end of the file.
+                break;
+            }
+        }
+        Ok(filled)
+    }
+}
+
+/// One `preadv2(RWF_NOWAIT)`: what the page cache holds from `offset`, or EAGAIN.
+fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +268,41 @@ mod tests {
                 }
             }
             assert_eq!(out, data);
+        }
+    }
+
+    #[test]
+    fn cached_or_direct_reads_return_the_file_whether_cached_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3_000_017u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        for round in 0..2 {
+            if round == 1 {
+                // Out of the page cache (best effort): the reads go to the disk.
+                use std::os::fd::AsRawFd;
+                file.sync_all().unwrap();
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            }
+            for direct in [false, true] {
+                let reader = CachedOrDirect::open(&path, direct).unwrap();
+                let mut buf = AlignedBuf::new(1 << 20);
+                let mut out = Vec::new();
+                let mut offset = 0u64;
+                loop {
+                    let n = reader
+                        .read_full_at(&mut buf.spare()[..256 << 10], offset)
+                        .unwrap();
+                    out.extend_from_slice(&buf.spare()[..n]);
+                    offset += n as u64;
+                    if n < 256 << 10 {
+                        break;
+                    }
+                }
+                assert_eq!(out.len(), data.len(), "round {round}, direct {direct}");
+                assert!(out == data, "round {round}, direct {direct}");
+            }
         }
     }
 }
