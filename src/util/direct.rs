@@ -2,8 +2,10 @@
 //!
 //! Snapshots read and restore gigabytes once; going through the page cache costs a kernel
 //! copy per byte (on virtual machines often the bottleneck) and evicts what the database
-//! itself keeps cached. Direct I/O needs aligned buffers, offsets and lengths, and not every
-//! filesystem supports it (tmpfs does not): callers fall back to ordinary I/O.
+//! itself keeps cached. What the cache already holds is cheaper to read from it, though:
+//! [`CachedOrDirect`] does that and reads only the rest directly. Direct I/O needs aligned
+//! buffers, offsets and lengths, and not every filesystem supports it (tmpfs does not):
+//! callers fall back to ordinary I/O.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
