@@ -560,8 +560,9 @@ impl Ops {
         self.halt_node(&node, false).await?;
         let result = async {
             // After a checkout that failed halfway, the state it kept is all there is.
-            let kept = match incomplete(&node) {
-                Some(id) => native::resolve(store.as_ref(), &id).await.map_err(|e| {
+            let interrupted = incomplete(&node);
+            let kept = match &interrupted {
+                Some(id) => native::resolve(store.as_ref(), id).await.map_err(|e| {
                     OpError::Conflict(format!(
                         "pg {name}'s data is incomplete and the snapshot that held its state is unreadable ({e}); to give that state up, delete {} and run the checkout again",
                         node.incomplete_marker().display()
@@ -571,7 +572,7 @@ impl Ops {
             };
             let fresh = node.dir.join("data.checkout");
             let _ = std::fs::remove_dir_all(&fresh);
-            let restored = if incomplete(&node).is_some() {
+            let restored = if interrupted.is_some() {
                 materialize(store.as_ref(), &target, &fresh, &progress).await
             } else {
                 // The new data next to the old, swapped only when complete. Files move

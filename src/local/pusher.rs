@@ -195,9 +195,11 @@ impl Pusher {
             return None;
         }
         let state = main.state().ok()?;
-        let install = crate::compute::find_postgres().ok()?;
         let sql = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint";
-        let out = main.query(&install, &state, sql).await.ok()?;
+        let out = main
+            .query(self.supervisor.install(), &state, sql)
+            .await
+            .ok()?;
         out.trim().parse().ok()
     }
 
@@ -241,18 +243,18 @@ impl Pusher {
         let main = self.ops.repo.node("main");
         if main.status() == Status::Running {
             let state = main.state()?;
-            let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
+            let install = self.supervisor.install();
             // Rows written, updated or deleted anywhere: a snapshot's own WAL (its
             // checkpoint, the backup records) changes none of these.
             let changes_sql = "SELECT sum(tup_inserted + tup_updated + tup_deleted)::text \
                                || '/' || pg_is_in_recovery() FROM pg_stat_database";
-            let now = main.query(&install, &state, changes_sql).await.ok();
+            let now = main.query(install, &state, changes_sql).await.ok();
             let mut last = self.last_changes.lock().await;
             if force || now.is_none() || *last != now {
                 let lsn = self.main_lsn().await;
                 let m = self.ops.create_snapshot(None, Default::default()).await?;
                 tracing::info!("background snapshot {} of pg main", m.id);
-                *last = main.query(&install, &state, changes_sql).await.ok();
+                *last = main.query(install, &state, changes_sql).await.ok();
                 *self.last_lsn.lock().await = lsn;
             }
         }

@@ -79,6 +79,11 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The PostgreSQL installation the pgs run with, found once at start.
+    pub fn install(&self) -> &PgInstall {
+        &self.install
+    }
+
     /// Stops a supervised pg and waits until it is down; false if it was not supervised.
     pub async fn stop(&self, name: &str, immediate: bool) -> bool {
         let watch = self.watched.lock().await.remove(name);
