@@ -230,7 +230,8 @@ pub async fn stop(immediate: bool, repo_dir: Option<PathBuf>) -> Result<(), CliE
         // SAFETY: kill takes plain integers.
         unsafe { libc::kill(pid, signal) };
         let deadline = Instant::now() + WAIT;
-        while RepoLock::held(&repo) {
+        // The lock goes first, then the process itself: stopped means nothing is left.
+        while RepoLock::held(&repo) || crate::compute::node::running(pid) {
             if Instant::now() > deadline {
                 return Err(anyhow::anyhow!(
                     "zenith-local (pid {pid}) did not stop in {} s; see {}",

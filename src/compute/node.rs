@@ -459,6 +459,21 @@ pub fn alive(pid: i32) -> bool {
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
+/// Whether a process exists and has not exited: unlike [`alive`], a zombie waiting for a
+/// parent that is not us to reap it does not count.
+pub fn running(pid: i32) -> bool {
+    if !alive(pid) {
+        return false;
+    }
+    // /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces and parentheses.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_none_or(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// The account to run PostgreSQL as: the postgres account when zenith is root, else the
 /// current user (`None`).
 pub fn run_as() -> anyhow::Result<Option<Account>> {
@@ -597,6 +612,22 @@ mod tests {
         std::fs::write(&log, format!("{}LOG:  ready\n", "x\n".repeat(100_000))).unwrap();
         assert_eq!(last_log_line(&log), "LOG:  ready");
         assert_eq!(last_log_line(&dir.path().join("none")), "no log");
+    }
+
+    #[test]
+    fn running_processes_are_told_from_exited_ones() {
+        assert!(running(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Exited but not yet reaped: a zombie, which `alive` still counts.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while running(pid) {
+            assert!(std::time::Instant::now() < deadline, "{pid} never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(alive(pid));
+        child.wait().unwrap();
+        assert!(!running(pid) && !alive(pid));
     }
 
     #[test]
