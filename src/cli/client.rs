@@ -1,49 +1,85 @@
 //! The CLI's side of zenith-local's REST API: while zenith-local runs, commands that act
 //! on pgs and snapshots are requests to it, so the CLI and the API never disagree. A small
-//! HTTP/1.1 client over loopback (one request per connection) is all that needs.
+//! HTTP/1.1 client over loopback (one request per connection) is all that needs; it is the
+//! API implementation of [`Control`].
 
-use serde_json::Value;
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::CliError;
-use crate::local::repo::Repo;
+use crate::local::Control;
+use crate::models::{
+    Action, ActionReply, CheckoutReport, ErrorReply, NewPg, NewSnapshot, OpError, OpResult, PgInfo,
+    SnapshotSummary, StatusReport,
+};
+use crate::pageserver::Repo;
+use crate::util::progress::ProgressHandle;
 
 /// Largest response body accepted (a snapshot list of a big repo fits many times).
 const MAX_RESPONSE: usize = 64 << 20;
 
 pub struct Client {
+    repo: Repo,
     port: u16,
     token: String,
 }
 
 impl Client {
     /// A client of the repo's zenith-local, if it runs.
-    pub fn for_repo(repo: &Repo) -> anyhow::Result<Option<Client>> {
+    pub fn for_repo(repo: &Repo) -> OpResult<Option<Client>> {
         let Some(local) = crate::local::running(repo) else {
             return Ok(None);
         };
         let token = std::fs::read_to_string(repo.token_path())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", repo.token_path().display()))?;
+            .map_err(|e| OpError::io(repo.token_path().display(), e))?;
         Ok(Some(Client {
+            repo: repo.clone(),
             port: local.api_port,
             token: token.trim().to_string(),
         }))
     }
 
-    pub async fn get(&self, path: &str) -> Result<Value, CliError> {
-        self.call("GET", path, None).await
-    }
-
-    /// Sends one request; a JSON error reply becomes the command's error (exit 2 for
-    /// 501, 1 otherwise).
-    pub async fn call(
+    /// Sends one request and reads the reply as `T`; an error reply becomes the error of
+    /// its kind (by HTTP status) with the API's message.
+    pub async fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, CliError> {
+        body: Option<&impl Serialize>,
+    ) -> OpResult<T> {
+        let payload = body
+            .map(|b| serde_json::to_string(b).expect("request bodies serialize"))
+            .unwrap_or_default();
+        let (status, body) = self.exchange(method, path, &payload).await?;
+        if (200..300).contains(&status) {
+            let body = if body.is_empty() {
+                b"null".to_vec()
+            } else {
+                body
+            };
+            return serde_json::from_slice(&body).map_err(|e| {
+                OpError::Failed(format!(
+                    "zenith-local sent a reply this zenith does not understand ({e}); are both the same version?"
+                ))
+            });
+        }
+        let message = serde_json::from_slice::<ErrorReply>(&body)
+            .map(|r| r.error)
+            .unwrap_or_else(|_| format!("zenith-local answered HTTP {status}"));
+        Err(match status {
+            400 => OpError::BadRequest(message),
+            404 => OpError::NotFound(message),
+            409 => OpError::Conflict(message),
+            503 => OpError::Unavailable(message),
+            _ => OpError::Failed(message),
+        })
+    }
+
+    /// One request and its reply's status and body.
+    async fn exchange(&self, method: &str, path: &str, payload: &str) -> OpResult<(u16, Vec<u8>)> {
         let unreachable = |e: std::io::Error| {
-            CliError::Other(anyhow::anyhow!(
+            OpError::Failed(format!(
                 "zenith-local does not answer on 127.0.0.1:{} ({e}); `zenith stop` then `zenith start` restarts it",
                 self.port
             ))
@@ -51,7 +87,6 @@ impl Client {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .map_err(unreachable)?;
-        let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
@@ -64,38 +99,124 @@ impl Client {
             .await
             .map_err(unreachable)?;
         let mut reply = Vec::new();
-        (&mut stream)
+        let read = (&mut stream)
             .take(MAX_RESPONSE as u64 + 65536)
             .read_to_end(&mut reply)
-            .await
-            .map_err(unreachable)?;
-        let (status, body) = parse_response(&reply).ok_or_else(|| {
-            CliError::Other(anyhow::anyhow!(
-                "zenith-local sent a reply that is not HTTP; see its log"
-            ))
-        })?;
-        let value: Value = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body).map_err(|e| {
-                CliError::Other(anyhow::anyhow!(
-                    "zenith-local sent a reply that is not JSON: {e}"
-                ))
-            })?
-        };
-        if (200..300).contains(&status) {
-            return Ok(value);
+            .await;
+        match (read, parse_response(&reply)) {
+            (Ok(_), Some(parsed)) => Ok(parsed),
+            // The connection ended without a whole reply: zenith-local went away meanwhile
+            // (killed, or stopped), or answered garbage.
+            _ if crate::local::running(&self.repo).is_none() => Err(OpError::Failed(format!(
+                "zenith-local stopped before it answered (see {}); `zenith start` starts it again, `zenith status` shows the state of the pgs",
+                self.repo.log_path().display()
+            ))),
+            (Err(e), _) => Err(unreachable(e)),
+            (Ok(_), None) => Err(OpError::Failed(format!(
+                "zenith-local sent a reply that is not HTTP; see {}",
+                self.repo.log_path().display()
+            ))),
         }
-        let message = value["error"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("zenith-local answered HTTP {status}"));
-        if status == 501 {
-            eprintln!("zenith: {message}");
-            return Err(CliError::Exit(super::EXIT_NOT_IMPLEMENTED));
-        }
-        Err(CliError::Other(anyhow::anyhow!(message)))
     }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> OpResult<T> {
+        self.call("GET", path, None::<&()>).await
+    }
+}
+
+#[async_trait(?Send)]
+impl Control for Client {
+    async fn create_pg(&self, new: NewPg, _progress: ProgressHandle) -> OpResult<PgInfo> {
+        self.call("PUT", "/pgs", Some(&new)).await
+    }
+
+    async fn start_pg(
+        &self,
+        name: &str,
+        replica: bool,
+        primary: Option<String>,
+        _progress: ProgressHandle,
+    ) -> OpResult<PgInfo> {
+        let action = Action::Start {
+            is_replica: replica,
+            primary,
+        };
+        self.act(name, &action).await
+    }
+
+    async fn stop_pg(&self, name: &str, immediate: bool) -> OpResult<PgInfo> {
+        self.act(name, &Action::Stop { immediate }).await
+    }
+
+    async fn promote_pg(&self, name: &str) -> OpResult<PgInfo> {
+        self.act(name, &Action::Promote).await
+    }
+
+    async fn checkout_pg(
+        &self,
+        name: &str,
+        snapshot: &str,
+        _progress: ProgressHandle,
+    ) -> OpResult<CheckoutReport> {
+        let action = Action::Checkout {
+            snapshot: snapshot.to_string(),
+        };
+        match self.action(name, &action).await? {
+            ActionReply::Checkout(done) => Ok(*done),
+            ActionReply::Pg(_) => Err(unexpected()),
+        }
+    }
+
+    async fn destroy_pg(&self, name: &str) -> OpResult<()> {
+        let _: serde::de::IgnoredAny = self
+            .call("DELETE", &format!("/pgs/{}", segment(name)), None::<&()>)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_pgs(&self) -> OpResult<Vec<PgInfo>> {
+        self.get("/pgs").await
+    }
+
+    async fn show_pg(&self, name: &str) -> OpResult<PgInfo> {
+        self.get(&format!("/pgs/{}", segment(name))).await
+    }
+
+    async fn create_snapshot(
+        &self,
+        name: Option<String>,
+        _progress: ProgressHandle,
+    ) -> OpResult<SnapshotSummary> {
+        self.call("POST", "/snapshots", Some(&NewSnapshot { name }))
+            .await
+    }
+
+    async fn status(&self) -> OpResult<StatusReport> {
+        self.get("/status").await
+    }
+}
+
+impl Client {
+    async fn action(&self, name: &str, action: &Action) -> OpResult<ActionReply> {
+        self.call(
+            "POST",
+            &format!("/pgs/{}/actions", segment(name)),
+            Some(action),
+        )
+        .await
+    }
+
+    /// An action that answers with the pg.
+    async fn act(&self, name: &str, action: &Action) -> OpResult<PgInfo> {
+        match self.action(name, action).await? {
+            ActionReply::Pg(pg) => Ok(pg),
+            ActionReply::Checkout(_) => Err(unexpected()),
+        }
+    }
+}
+
+fn unexpected() -> OpError {
+    OpError::Failed("zenith-local answered with an unexpected kind of reply".into())
 }
 
 /// A path segment with everything but unreserved characters percent-encoded.

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{CliError, InitArgs};
-use crate::local::ops::Ops;
-use crate::local::repo::{Config, Repo, RepoLock};
+use crate::local::{Ops, RepoLock};
+use crate::models::OpResult;
+use crate::pageserver::{Config, Repo};
+use crate::util::message::printable;
 
 /// How long `start` waits for zenith-local to be ready, and `stop` for it to be gone.
 const WAIT: Duration = Duration::from_secs(180);
@@ -17,7 +19,7 @@ pub async fn init(args: InitArgs, repo_dir: Option<PathBuf>) -> Result<(), CliEr
     }
     let repo = Repo::locate(repo_dir)?;
     if let Some(url) = &args.storage_dest {
-        crate::storage::StorageUrl::parse(url).map_err(anyhow::Error::from)?;
+        crate::storage::StorageUrl::parse(url)?;
     }
     let format =
         crate::snapshot::Format::parse(args.snapshot_format.as_deref().unwrap_or("zenith"))
@@ -39,8 +41,8 @@ async fn create(
     repo: &Repo,
     config: &Config,
     source: Option<(&str, crate::snapshot::Format)>,
-) -> anyhow::Result<()> {
-    let install = crate::compute::find_postgres()?;
+) -> OpResult<()> {
+    let install = crate::pageserver::install()?;
     let account = crate::compute::node::run_as()?;
     let existed = repo.root.exists();
     let pgs_existed = repo.pgs_dir().exists();
@@ -51,18 +53,19 @@ async fn create(
         match source {
             Some((url, format)) => {
                 let (m, _) = ops
+                    .pageserver
                     .import(url, format, "LATEST", None, Default::default())
                     .await?;
-                ops.main_from_snapshot(&m).await?;
+                ops.pageserver.main_from_snapshot(&m).await?;
                 println!(
                     "pg main starts from snapshot {} of {}",
                     m.id,
-                    crate::snapshot::native::redact_password(url)
+                    crate::compute::connstr::redact_password(url)
                 );
             }
             None => main_from_storage_dest_or_initdb(repo, &install, &ops).await?,
         }
-        anyhow::Ok(())
+        OpResult::Ok(())
     }
     .await;
     if let Err(e) = made {
@@ -89,15 +92,11 @@ async fn main_from_storage_dest_or_initdb(
     repo: &Repo,
     install: &crate::compute::PgInstall,
     ops: &Ops,
-) -> anyhow::Result<()> {
-    match ops.restore_main(Default::default()).await? {
+) -> OpResult<()> {
+    match ops.pageserver.restore_main(Default::default()).await? {
         Some(m) => println!(
-            "restored pg main from snapshot {}{} of {} in storage_dest {}",
-            m.id,
-            m.name
-                .as_deref()
-                .map(|n| format!(" ({n})"))
-                .unwrap_or_default(),
+            "restored pg main from snapshot {} of {} in storage_dest {}",
+            printable(&m.summary().label()),
             m.created_at,
             repo.config()?.storage_dest.unwrap_or_default()
         ),
@@ -117,8 +116,12 @@ pub async fn start(foreground: bool, repo_dir: Option<PathBuf>) -> Result<(), Cl
     // Fails early, with the pid, when zenith-local already runs.
     let lock = RepoLock::take(&repo)?;
     if !repo.node("main").exists() {
-        let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
-        repo.complete(crate::compute::node::run_as()?.as_ref())?;
+        let install = crate::pageserver::install()?;
+        repo.complete(
+            crate::compute::node::run_as()
+                .map_err(crate::models::OpError::from)?
+                .as_ref(),
+        )?;
         main_from_storage_dest_or_initdb(&repo, &install, &Ops::direct(repo.clone())).await?;
     }
     drop(lock);
@@ -272,83 +275,81 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
         )
         .into());
     }
-    let out = super::pg::Backend::for_repo(&repo)?.status().await?;
+    let out = super::pg::Backend::for_repo(&repo, false)?.status().await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("serializes")
-        );
+        super::print_json(&out);
         return Ok(());
     }
-    let local = &out["zenith_local"];
-    if local["running"] == true {
-        println!(
-            "zenith-local: running (pid {}), repo {}, API {}",
-            local["pid"],
+    let local = &out.zenith_local;
+    match (local.running, local.pid) {
+        (true, Some(pid)) => println!(
+            "zenith-local: running (pid {pid}), repo {}, API {}",
             repo.root.display(),
-            local["api"].as_str().unwrap_or("")
-        );
-    } else {
-        println!("zenith-local: stopped, repo {}", repo.root.display());
+            local.api.as_deref().unwrap_or("")
+        ),
+        _ => println!("zenith-local: stopped, repo {}", repo.root.display()),
     }
-    for pg in out["pgs"].as_array().into_iter().flatten() {
+    for pg in &out.pgs {
         print!(
             "pg {}: {}, port {}",
-            pg["name"].as_str().unwrap_or(""),
-            pg["status"].as_str().unwrap_or(""),
-            pg["port"]
+            pg.pg.name,
+            super::json_word(&pg.pg.status),
+            pg.pg.port
         );
-        if let Some(p) = pg["primary"].as_str() {
+        if let Some(p) = &pg.pg.primary {
             print!(", replica of {p}");
         }
-        if pg["restarts"].as_u64().unwrap_or(0) > 0 {
-            print!(", restarted {} time(s)", pg["restarts"]);
+        if pg.restarts > 0 {
+            print!(", restarted {} time(s)", pg.restarts);
         }
-        if let Some(why) = pg["failed"].as_str() {
+        if let Some(why) = &pg.failed {
             print!(" (failed: {why})");
         }
         println!();
     }
-    let push = &out["push"];
-    if push.is_object() {
+    if let Some(push) = &out.push {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let ago = |key: &str| push[key].as_u64().map(|t| now.saturating_sub(t));
         print!(
             "pushes: to {} every {} s",
-            push["storage_dest"].as_str().unwrap_or(""),
-            push["interval_secs"]
+            push.storage_dest, push.interval_secs
         );
-        if let Some(wal) = push["wal_bytes"].as_u64() {
+        if let Some(wal) = push.wal_bytes {
             print!(" or after {} of WAL", crate::util::size::format_size(wal));
         }
-        match (push["last_pushed"].as_str(), ago("last_pushed_unix")) {
-            (Some(id), Some(age)) => print!("; last pushed snapshot {id}, {age} s ago"),
+        match (&push.last_pushed, push.last_pushed_unix) {
+            (Some(id), Some(at)) => print!(
+                "; last pushed snapshot {id}, {} s ago",
+                now.saturating_sub(at)
+            ),
             _ => print!("; nothing pushed yet"),
         }
-        if let Some(e) = push["last_error"].as_str() {
+        if let Some(e) = &push.last_error {
             print!(
                 "; FAILING ({} attempts in a row): {e}; next attempt in {} s",
-                push["failures"],
-                push["next_unix"].as_u64().unwrap_or(0).saturating_sub(now)
+                push.failures,
+                push.next_unix.saturating_sub(now)
             );
         }
         println!();
-    } else if let Some(dest) = out["storage_dest"].as_str() {
+    } else if let Some(dest) = &out.storage_dest {
         println!(
             "storage_dest: {dest} (pushed by zenith-local while it runs, and by `zenith push`)"
         );
     }
-    let m = &out["newest_snapshot"];
-    match m.is_object() {
-        true => println!(
-            "newest snapshot: {}, {}",
-            super::snapshot_label(m),
-            m["created_at"].as_str().unwrap_or("")
+    match &out.newest_snapshot {
+        Some(m) => println!(
+            "newest snapshot: {}{}, {}",
+            m.id,
+            m.name
+                .as_deref()
+                .map(|n| format!(" ({})", printable(n)))
+                .unwrap_or_default(),
+            m.created_at
         ),
-        false => println!("newest snapshot: none"),
+        None => println!("newest snapshot: none"),
     }
     Ok(())
 }

@@ -227,6 +227,30 @@ pub enum CliError {
     Other(#[from] anyhow::Error),
 }
 
+impl From<crate::models::OpError> for CliError {
+    fn from(e: crate::models::OpError) -> Self {
+        CliError::Other(anyhow::Error::new(e))
+    }
+}
+
+impl From<crate::snapshot::SnapshotError> for CliError {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        CliError::Other(anyhow::Error::new(e))
+    }
+}
+
+impl From<crate::compute::Error> for CliError {
+    fn from(e: crate::compute::Error) -> Self {
+        CliError::Other(anyhow::Error::new(e))
+    }
+}
+
+impl From<crate::storage::Error> for CliError {
+    fn from(e: crate::storage::Error) -> Self {
+        CliError::Other(anyhow::Error::new(e))
+    }
+}
+
 /// Parses the process arguments, runs the command and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -251,7 +275,7 @@ pub fn main() -> ExitCode {
         Err(CliError::Other(e)) => {
             eprintln!(
                 "zenith: error: {}",
-                one_line(&crate::util::message::full(&e))
+                one_line(&crate::util::message::full(e.as_ref()))
             );
             ExitCode::FAILURE
         }
@@ -285,26 +309,32 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-/// `ID (NAME)` of a snapshot summary (JSON), for messages.
-fn snapshot_label(m: &serde_json::Value) -> String {
-    format!(
-        "{}{}",
-        m["id"].as_str().unwrap_or(""),
-        m["name"]
-            .as_str()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default()
-    )
+/// A report as pretty JSON (`--json`).
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("reports serialize")
+    );
 }
 
-/// A JSON object as aligned `key value` lines.
-fn print_fields(value: &serde_json::Value) {
+/// A report's fields as aligned `key value` lines, sorted by key;
+/// text from storages printed safely.
+fn print_fields(value: &impl serde::Serialize) {
+    let value = serde_json::to_value(value).expect("reports serialize");
     for (k, v) in value.as_object().into_iter().flatten() {
-        let text = v
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| v.to_string());
-        println!("{k:<18} {text}");
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{k:<18} {}", crate::util::message::printable(&text));
+    }
+}
+
+/// A unit enum as the word the API uses for it (`running`, `replica`).
+fn json_word(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value).expect("serializes") {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
     }
 }
 

@@ -1,64 +1,55 @@
 //! `zenith pg ...` (compute nodes) and `zenith snapshot create`: requests to zenith-local
-//! while it runs, the same operations ([`crate::local::ops`]) in this process when not.
+//! while it runs, the same operations in this process when not (one [`Control`] either
+//! way).
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
-
-use super::client::{segment, Client};
+use super::client::Client;
 use super::{CliError, PgCommand};
-use crate::local::ops::{self, Action, OpError, Ops};
-use crate::local::repo::Repo;
+use crate::local::{Control, Ops};
+use crate::models::{NewPg, PgInfo};
+use crate::pageserver::{split_reference, Repo};
+use crate::util::message::printable;
+use crate::util::progress::ProgressHandle;
 
-impl From<OpError> for CliError {
-    fn from(e: OpError) -> Self {
-        match e {
-            OpError::NotImplemented(what) => CliError::NotImplemented(what),
-            OpError::Other(e) => CliError::Other(e),
-            other => CliError::Other(anyhow::anyhow!(other.to_string())),
-        }
-    }
-}
-
-/// Where a command is carried out.
-pub enum Backend {
-    /// zenith-local runs: through its REST API.
-    Api(Client),
-    /// zenith-local is down: here.
-    Direct(Ops),
+/// Where a command is carried out: zenith-local's API while it runs, else here.
+pub struct Backend {
+    control: Box<dyn Control>,
+    /// Carried out in this process: progress can be drawn.
+    here: bool,
+    progress: bool,
 }
 
 impl Backend {
-    pub fn for_repo(repo: &Repo) -> Result<Backend, CliError> {
+    pub fn for_repo(repo: &Repo, progress: bool) -> Result<Backend, CliError> {
         Ok(match Client::for_repo(repo)? {
-            Some(client) => Backend::Api(client),
-            None => Backend::Direct(Ops::direct(repo.clone())),
+            Some(client) => Backend {
+                control: Box::new(client),
+                here: false,
+                progress,
+            },
+            None => Backend {
+                control: Box::new(Ops::direct(repo.clone())),
+                here: true,
+                progress,
+            },
         })
     }
 
-    async fn action(&self, name: &str, action: Action, progress: bool) -> Result<Value, CliError> {
-        match self {
-            Backend::Api(c) => {
-                let body = serde_json::to_value(&action).expect("serializes");
-                c.call(
-                    "POST",
-                    &format!("/pgs/{}/actions", segment(name)),
-                    Some(&body),
-                )
-                .await
-            }
-            Backend::Direct(ops) => {
-                let bar = super::progress::bar(&action.action, progress);
-                Ok(ops.act(name, &action, bar).await?)
-            }
+    /// A progress bar for work carried out here; through the API, none.
+    pub fn bar(&self, what: &str) -> ProgressHandle {
+        if self.here {
+            super::progress::bar(what, self.progress)
+        } else {
+            ProgressHandle::default()
         }
     }
+}
 
-    pub async fn status(&self) -> Result<Value, CliError> {
-        match self {
-            Backend::Api(c) => c.get("/status").await,
-            Backend::Direct(ops) => Ok(ops.status().await?),
-        }
+impl std::ops::Deref for Backend {
+    type Target = dyn Control;
+    fn deref(&self) -> &Self::Target {
+        self.control.as_ref()
     }
 }
 
@@ -68,24 +59,19 @@ pub async fn run(
     progress: bool,
 ) -> Result<(), CliError> {
     let repo = Repo::existing(repo_dir)?;
-    let backend = Backend::for_repo(&repo)?;
+    let backend = Backend::for_repo(&repo, progress)?;
     match cmd {
         PgCommand::Create {
             name,
             snapshot,
             no_start,
         } => {
-            let pg = match &backend {
-                Backend::Api(c) => {
-                    let body = json!({ "name": name, "snapshot": snapshot, "start": !no_start });
-                    c.call("PUT", "/pgs", Some(&body)).await?
-                }
-                Backend::Direct(ops) => {
-                    let bar = super::progress::bar("restore", progress);
-                    ops.create_pg(&name, snapshot.as_deref(), no_start, bar)
-                        .await?
-                }
+            let new = NewPg {
+                name: name.clone(),
+                snapshot: snapshot.clone(),
+                start: !no_start,
             };
+            let pg = backend.create_pg(new, backend.bar("restore")).await?;
             println!(
                 "created pg {name}{}{}",
                 snapshot
@@ -100,118 +86,80 @@ pub async fn run(
             replica,
             primary,
         } => {
-            let action = Action {
-                action: "start".into(),
-                is_replica: replica,
-                primary,
-                ..Action::default()
-            };
-            let pg = backend.action(&name, action, progress).await?;
-            if let Some(p) = pg["primary"].as_str() {
+            let pg = backend
+                .start_pg(&name, replica, primary, backend.bar("start"))
+                .await?;
+            if let Some(p) = &pg.primary {
                 println!("pg {name} follows pg {p} (streaming replica, read-only)");
             }
             print_connstr(&pg);
         }
         PgCommand::Stop { name, immediate } => {
-            let action = Action {
-                action: "stop".into(),
-                immediate,
-                ..Action::default()
-            };
-            backend.action(&name, action, progress).await?;
+            backend.stop_pg(&name, immediate).await?;
             println!("stopped pg {name}");
         }
         PgCommand::Promote { name } => {
-            let action = Action {
-                action: "promote".into(),
-                ..Action::default()
-            };
-            let pg = backend.action(&name, action, progress).await?;
+            let pg = backend.promote_pg(&name).await?;
             println!("promoted pg {name}: it is a primary of its own now");
             print_connstr(&pg);
         }
         PgCommand::Destroy { name } => {
-            match &backend {
-                Backend::Api(c) => {
-                    c.call("DELETE", &format!("/pgs/{}", segment(&name)), None)
-                        .await?;
-                }
-                Backend::Direct(ops) => ops.destroy_pg(&name).await?,
-            }
+            backend.destroy_pg(&name).await?;
             println!("destroyed pg {name} (its snapshots stay in the repo)");
         }
         PgCommand::List { json } => {
-            let rows = match &backend {
-                Backend::Api(c) => c.get("/pgs").await?,
-                Backend::Direct(ops) => Value::Array(ops.list_pgs()?),
-            };
+            let rows = backend.list_pgs().await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).expect("serializes")
-                );
+                super::print_json(&rows);
             } else {
                 println!(
                     "{:<16}  {:<8}  {:<12}  {:>5}  CONNSTR",
                     "NAME", "STATUS", "ROLE", "PORT"
                 );
-                for r in rows.as_array().into_iter().flatten() {
-                    let role = match r["primary"].as_str() {
+                for r in &rows {
+                    let role = match &r.primary {
                         Some(p) => format!("replica:{p}"),
                         None => "primary".into(),
                     };
                     println!(
                         "{:<16}  {:<8}  {:<12}  {:>5}  {}",
-                        r["name"].as_str().unwrap_or(""),
-                        r["status"].as_str().unwrap_or(""),
+                        r.name,
+                        super::json_word(&r.status),
                         role,
-                        r["port"],
-                        r["connstr"].as_str().unwrap_or("")
+                        r.port,
+                        r.connstr
                     );
                 }
             }
         }
         PgCommand::Show { name, json } => {
-            let row = match &backend {
-                Backend::Api(c) => c.get(&format!("/pgs/{}", segment(&name))).await?,
-                Backend::Direct(ops) => ops.show_pg(&name)?,
-            };
+            let row = backend.show_pg(&name).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&row).expect("serializes")
-                );
+                super::print_json(&row);
             } else {
                 super::print_fields(&row);
             }
         }
         PgCommand::Checkout { name, snapshot } => {
-            let action = Action {
-                action: "checkout".into(),
-                snapshot: Some(snapshot.clone()),
-                ..Action::default()
-            };
-            let done = backend.action(&name, action, progress).await?;
+            let done = backend
+                .checkout_pg(&name, &snapshot, backend.bar("checkout"))
+                .await?;
             println!(
                 "pg {name}: kept its previous state as snapshot {} ({}); now at {snapshot} ({})",
-                done["kept"]["id"].as_str().unwrap_or(""),
-                done["kept"]["name"].as_str().unwrap_or(""),
-                done["target"]["id"].as_str().unwrap_or("")
+                done.kept.id,
+                printable(done.kept.name.as_deref().unwrap_or("")),
+                done.target.id
             );
-            if !done["pg"].is_null() {
-                print_connstr(&done["pg"]);
+            if let Some(pg) = &done.pg {
+                print_connstr(pg);
             }
         }
     }
     Ok(())
 }
 
-fn print_connstr(pg: &Value) {
-    println!(
-        "pg {}: {}",
-        pg["name"].as_str().unwrap_or(""),
-        pg["connstr"].as_str().unwrap_or("")
-    );
+fn print_connstr(pg: &PgInfo) {
+    println!("pg {}: {}", pg.name, pg.connstr);
 }
 
 /// `zenith snapshot create [PG@TAG]`.
@@ -221,23 +169,17 @@ pub async fn snapshot_create(
     progress: bool,
 ) -> Result<(), CliError> {
     let repo = Repo::existing(repo_dir)?;
-    let m = match Backend::for_repo(&repo)? {
-        Backend::Api(c) => {
-            c.call("POST", "/snapshots", Some(&json!({ "name": name })))
-                .await?
-        }
-        Backend::Direct(ops) => {
-            let bar = super::progress::bar("snapshot", progress);
-            ops.create_snapshot(name.as_deref(), bar).await?.summary()
-        }
-    };
-    let (pg, _) = ops::split_reference(name.as_deref());
-    let size = |k: &str| crate::util::size::format_size(m[k].as_u64().unwrap_or(0));
+    let backend = Backend::for_repo(&repo, progress)?;
+    let m = backend
+        .create_snapshot(name.clone(), backend.bar("snapshot"))
+        .await?;
+    let (pg, _) = split_reference(name.as_deref());
+    let size = crate::util::size::format_size;
     println!(
         "snapshot {} of pg {pg}: {} ({} new)",
-        super::snapshot_label(&m),
-        size("total_size"),
-        size("stored_size")
+        printable(&m.label()),
+        size(m.total_size),
+        size(m.stored_size)
     );
     Ok(())
 }

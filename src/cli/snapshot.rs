@@ -3,12 +3,15 @@
 //! formats (`zenith`, `pgdata`, `basebackup`); listing, showing, verifying and deleting the
 //! snapshots of a storage or of the repo.
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::CliError;
-use crate::snapshot::{basebackup, native, pgdata, Format, Manifest};
+use crate::local::Ops;
+use crate::pageserver::capture;
+use crate::pageserver::{check_tag, Repo, Retention};
+use crate::snapshot::{self, zenith, EntryKind, Format, PackOptions, Packed};
 use crate::storage;
+use crate::util::message::printable;
 use crate::util::size::format_size;
 
 #[derive(Debug, Args)]
@@ -135,55 +138,58 @@ pub async fn export(
     progress: bool,
 ) -> Result<(), CliError> {
     let format = parse_format(&args.snapshot_format)?;
+    if let Some(name) = &args.name {
+        check_tag(name)?;
+    }
     if args.pgdata.is_none() && args.connstr.is_none() {
         let reference = args.snapshot.as_deref().unwrap_or("LATEST");
         return export_from_repo(&args, format, reference, repo_dir, progress).await;
     }
-    let storage = storage::open(&args.snapshot_path)
-        .await
-        .map_err(anyhow::Error::from)?;
-    let options = native::PackOptions {
+    let storage = storage::open(&args.snapshot_path).await?;
+    let options = PackOptions {
         pg: None,
         progress: super::progress::bar("export", progress),
-        name: args.name,
+        name: args.name.clone(),
         parent: None,
     };
-    // Online sources: the zenith format reads a local server in place; the other formats
-    // (and remote servers) are copied consistently first with stock pg_basebackup.
-    let mut staged = None;
-    let (dir, lsns, source) = match (args.pgdata, &args.connstr) {
+    let compress = !args.no_compress;
+    let packed = match (&args.pgdata, &args.connstr) {
         (Some(pgdata), _) => {
-            crate::snapshot::datadir::check_not_running(&pgdata).map_err(anyhow::Error::from)?;
-            let source = pgdata.display().to_string();
-            (Some(pgdata), None, source)
+            snapshot::datadir::check_not_running(pgdata)?;
+            snapshot::pack_dir(format, pgdata, storage.clone(), &options, None, compress).await?
         }
+        // Online: the zenith format reads a local server in place; the other formats (and
+        // remote servers) are copied consistently first with stock pg_basebackup.
         (None, Some(connstr)) => {
-            let source = native::redact_password(connstr);
+            let install = crate::pageserver::install()?;
             if format == Format::Zenith {
-                (None, None, source)
+                Packed::Zenith(
+                    capture::pack_online(&install, connstr, storage.clone(), &options).await?,
+                )
             } else {
-                let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
-                let copy = native::online_copy(&install, connstr)
-                    .await
-                    .map_err(anyhow::Error::from)?;
-                let found = (Some(copy.data.clone()), Some(copy.lsns.clone()), source);
-                staged = Some(copy);
-                found
+                let copy = capture::online_copy(&install, connstr).await?;
+                let lsns = Some(copy.lsns.clone());
+                snapshot::pack_dir(
+                    format,
+                    &copy.data,
+                    storage.clone(),
+                    &options,
+                    lsns,
+                    compress,
+                )
+                .await?
             }
         }
         (None, None) => unreachable!("repo exports return above"),
     };
-    let (m, detail) = match (format, dir) {
-        (Format::Zenith, dir) => {
-            let report = match dir {
-                Some(dir) => native::pack_dir(&dir, storage.clone(), &options, lsns).await,
-                None => {
-                    let install = crate::compute::find_postgres().map_err(anyhow::Error::from)?;
-                    let connstr = args.connstr.as_deref().expect("online source");
-                    native::pack_online(&install, connstr, storage.clone(), &options).await
-                }
-            }
-            .map_err(anyhow::Error::from)?;
+    let source = match (&args.pgdata, &args.connstr) {
+        (Some(pgdata), _) => pgdata.display().to_string(),
+        (None, connstr) => {
+            crate::compute::connstr::redact_password(connstr.as_deref().unwrap_or(""))
+        }
+    };
+    let detail = match (&packed, compress) {
+        (Packed::Zenith(report), _) => {
             let mut detail = format!(
                 "{} new blocks of {}",
                 report.blocks_new, report.blocks_total
@@ -194,45 +200,20 @@ pub async fn export(
                     report.files_reused
                 ));
             }
-            (report.manifest, detail)
+            detail
         }
-        (Format::Pgdata, Some(dir)) => {
-            let m = pgdata::pack_dir(&dir, storage.clone(), &options, lsns)
-                .await
-                .map_err(anyhow::Error::from)?;
-            (m, "plain files".to_string())
-        }
-        (Format::Basebackup, Some(dir)) => {
-            let m = basebackup::pack_dir(&dir, storage.clone(), &options, lsns, !args.no_compress)
-                .await
-                .map_err(anyhow::Error::from)?;
-            let detail = if args.no_compress {
-                "base.tar, pg_wal.tar"
-            } else {
-                "base.tar.zst, pg_wal.tar.zst"
-            };
-            (m, format!("{detail}, backup_manifest"))
-        }
-        (other, None) => {
-            return Err(anyhow::anyhow!(
-                "an online {} export found no copy of the server to pack",
-                other.as_str()
-            )
-            .into())
-        }
+        (Packed::Files(_), _) if format == Format::Pgdata => "plain files".to_string(),
+        (Packed::Files(_), true) => "base.tar.zst, pg_wal.tar.zst, backup_manifest".to_string(),
+        (Packed::Files(_), false) => "base.tar, pg_wal.tar, backup_manifest".to_string(),
     };
-    drop(staged);
+    let m = packed.manifest();
     println!(
-        "snapshot {}{} of {}: {} files, {}; stored {} ({detail}) in {}",
-        m.id,
-        m.name
-            .as_deref()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default(),
+        "snapshot {} of {}: {} files, {}; stored {} ({detail}) in {}",
+        printable(&m.summary().label()),
         source,
         m.entries
             .iter()
-            .filter(|e| e.kind == crate::snapshot::EntryKind::File)
+            .filter(|e| e.kind == EntryKind::File)
             .count(),
         format_size(m.total_size),
         format_size(m.stored_size),
@@ -250,85 +231,24 @@ pub async fn import(
     let Some(pgdata) = args.pgdata else {
         return import_into_repo(&args, format, repo_dir, progress).await;
     };
-    let storage = storage::open(&args.snapshot_path)
-        .await
-        .map_err(anyhow::Error::from)?;
-    let (id, size, checked) = match format {
-        Format::Zenith => {
-            let m = native::resolve(storage.as_ref(), &args.snapshot)
-                .await
-                .map_err(anyhow::Error::from)?;
-            let bar = super::progress::bar("import", progress);
-            let r = native::unpack(storage.as_ref(), &m, &pgdata, &bar)
-                .await
-                .map_err(anyhow::Error::from)?;
-            (
-                m.id,
-                m.total_size,
-                format!("{} blocks checked", r.blocks_checked),
-            )
-        }
-        Format::Basebackup => {
-            let (m, r) = basebackup::unpack(storage.as_ref(), &pgdata)
-                .await
-                .map_err(anyhow::Error::from)?;
-            let id = m
-                .as_ref()
-                .map(|m| m.id.clone())
-                .unwrap_or_else(|| "(a pg_basebackup backup)".into());
-            let size = walkdir::WalkDir::new(&pgdata)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum();
-            (id, size, format!("{} files checked", r.blocks_checked))
-        }
-        Format::Pgdata => match pgdata::read_manifest(storage.as_ref())
-            .await
-            .map_err(anyhow::Error::from)?
-        {
-            Some(m) => {
-                check_reference(&m, &args.snapshot, &storage.url())?;
-                let r = pgdata::unpack(storage.as_ref(), &m, &pgdata)
-                    .await
-                    .map_err(anyhow::Error::from)?;
-                (
-                    m.id,
-                    m.total_size,
-                    format!("{} files checked", r.blocks_checked),
-                )
-            }
-            None => match storage::StorageUrl::parse(&args.snapshot_path)
-                .map_err(anyhow::Error::from)?
-            {
-                storage::StorageUrl::Local(dir) => {
-                    let copied = pgdata::copy_plain_dir(&dir, &pgdata)
-                        .await
-                        .map_err(anyhow::Error::from)?;
-                    (
-                        format!("(data directory {})", dir.display()),
-                        copied,
-                        "copied".to_string(),
-                    )
-                }
-                _ => {
-                    return Err(anyhow::anyhow!(
-                        "{} holds no {}: it is not a pgdata snapshot",
-                        storage.url(),
-                        pgdata::MANIFEST_KEY
-                    )
-                    .into())
-                }
-            },
-        },
+    let storage = storage::open(&args.snapshot_path).await?;
+    let bar = super::progress::bar("import", progress);
+    let done = snapshot::unpack(format, storage.as_ref(), &args.snapshot, &pgdata, &bar).await?;
+    let id = match &done.manifest {
+        Some(m) => m.id.clone(),
+        None if format == Format::Basebackup => "(a pg_basebackup backup)".into(),
+        None => format!("(data directory {})", args.snapshot_path),
+    };
+    let checked = match (&done.manifest, format) {
+        (Some(_), Format::Zenith) => format!("{} blocks checked", done.report.blocks_checked),
+        (None, Format::Pgdata) => "copied".to_string(),
+        _ => format!("{} files checked", done.report.blocks_checked),
     };
     crate::compute::hand_to_postgres_user(&pgdata).map_err(anyhow::Error::msg)?;
     println!(
         "restored snapshot {id} into {}: {}, {checked}",
         pgdata.display(),
-        format_size(size)
+        format_size(done.size)
     );
     Ok(())
 }
@@ -341,39 +261,36 @@ async fn export_from_repo(
     repo_dir: Option<std::path::PathBuf>,
     progress: bool,
 ) -> Result<(), CliError> {
-    let repo = crate::local::repo::Repo::existing(repo_dir)?;
-    let ops = crate::local::ops::Ops::direct(repo);
+    let ops = Ops::direct(Repo::existing(repo_dir)?);
     let bar = super::progress::bar("export", progress);
     let done = ops
+        .pageserver
         .export(
             reference,
             &args.snapshot_path,
             format,
+            args.name.as_deref(),
             !args.no_compress,
             bar,
         )
         .await?;
-    let m = &done["snapshot"];
-    let what = if done["already_there"] == true {
+    let what = if done.moved.already_there {
         "already there, nothing sent".to_string()
     } else if format == Format::Zenith {
         format!(
             "sent {} in {} objects, {} objects already there",
-            format_size(done["bytes_sent"].as_u64().unwrap_or(0)),
-            done["objects_sent"],
-            done["objects_skipped"]
+            format_size(done.moved.bytes_sent),
+            done.moved.objects_sent,
+            done.moved.objects_skipped
         )
     } else {
-        format!(
-            "wrote {}",
-            format_size(done["bytes_sent"].as_u64().unwrap_or(0))
-        )
+        format!("wrote {}", format_size(done.moved.bytes_sent))
     };
     println!(
         "exported snapshot {} as {} to {}: {what}",
-        super::snapshot_label(m),
+        printable(&done.snapshot.label()),
         format.as_str(),
-        done["url"].as_str().unwrap_or("")
+        done.url
     );
     Ok(())
 }
@@ -385,10 +302,10 @@ async fn import_into_repo(
     repo_dir: Option<std::path::PathBuf>,
     progress: bool,
 ) -> Result<(), CliError> {
-    let repo = crate::local::repo::Repo::existing(repo_dir)?;
-    let ops = crate::local::ops::Ops::direct(repo);
+    let ops = Ops::direct(Repo::existing(repo_dir)?);
     let bar = super::progress::bar("import", progress);
     let (m, already_there) = ops
+        .pageserver
         .import(
             &args.snapshot_path,
             format,
@@ -397,69 +314,17 @@ async fn import_into_repo(
             bar,
         )
         .await?;
+    let label = printable(&m.summary().label()).into_owned();
     if already_there {
-        println!(
-            "snapshot {}{} is in the repo already; nothing imported",
-            m.id,
-            m.name
-                .as_deref()
-                .map(|n| format!(" ({n})"))
-                .unwrap_or_default()
-        );
+        println!("snapshot {label} is in the repo already; nothing imported");
         return Ok(());
     }
     println!(
-        "imported snapshot {}{}: {} ({} new in the repo)",
-        m.id,
-        m.name
-            .as_deref()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default(),
+        "imported snapshot {label}: {} ({} new in the repo)",
         format_size(m.total_size),
         format_size(m.stored_size)
     );
     Ok(())
-}
-
-fn check_reference(m: &Manifest, reference: &str, url: &str) -> Result<(), CliError> {
-    if reference == "LATEST" || m.id.starts_with(reference) || m.name.as_deref() == Some(reference)
-    {
-        Ok(())
-    } else {
-        Err(
-            anyhow::Error::from(crate::snapshot::SnapshotError::NotFound {
-                reference: reference.into(),
-                url: url.into(),
-            })
-            .into(),
-        )
-    }
-}
-
-/// The snapshots at a destination: its pgdata snapshot, or its zenith-format ones.
-async fn snapshots_at(storage: &dyn storage::Storage) -> Result<Vec<Manifest>, CliError> {
-    match pgdata::read_manifest(storage)
-        .await
-        .map_err(anyhow::Error::from)?
-    {
-        Some(m) => Ok(vec![m]),
-        None => Ok(native::list(storage).await.map_err(anyhow::Error::from)?),
-    }
-}
-
-async fn resolve_any(
-    storage: &dyn storage::Storage,
-    reference: &str,
-) -> Result<Manifest, CliError> {
-    match pgdata::read_manifest(storage)
-        .await
-        .map_err(anyhow::Error::from)?
-    {
-        Some(m) => check_reference(&m, reference, &storage.url()).map(|()| m),
-        None => Ok(native::resolve(storage, reference)
-            .await
-            .map_err(anyhow::Error::from)?),
-    }
 }
 
 pub async fn run(
@@ -468,34 +333,31 @@ pub async fn run(
     progress: bool,
 ) -> Result<(), CliError> {
     let words = |w: &str| CliError::NotImplemented(w.to_string());
-    // Without --storage, the repo's own snapshots.
-    // A storage name of the repo (storage_dest, an attached one), a URL, or the repo.
+    // A storage name of the repo (storage_dest, an attached one), a URL, or (without
+    // --storage) the repo's own snapshots.
     let at = |storage: Option<String>| -> Result<String, CliError> {
-        let repo = crate::local::repo::Repo::locate(repo_dir.clone())?;
+        let repo = Repo::locate(repo_dir.clone())?;
         match storage {
             Some(name) if repo.exists() => {
-                let ops = crate::local::ops::Ops::direct(repo);
-                if ops.is_storage(&name)? {
-                    Ok(ops.storage_url(&name)?)
+                let ops = Ops::direct(repo);
+                if ops.pageserver.is_storage(&name)? {
+                    Ok(ops.pageserver.storage_url(&name)?)
                 } else {
                     Ok(name)
                 }
             }
             Some(url) => Ok(url),
-            None => Ok(crate::local::repo::Repo::existing(repo_dir.clone())?.store_url()),
+            None => Ok(Repo::existing(repo_dir.clone())?.store_url()),
         }
     };
     match cmd {
         SnapshotCommand::List { storage, json } => {
             let url = at(storage)?;
-            let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let all = snapshots_at(storage.as_ref()).await?;
+            let storage = storage::open(&url).await?;
+            let all = snapshot::list(storage.as_ref()).await?;
             if json {
-                let rows: Vec<_> = all.iter().map(summary).collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).context("formatting")?
-                );
+                let rows: Vec<_> = all.iter().map(|m| m.summary()).collect();
+                super::print_json(&rows);
             } else if all.is_empty() {
                 println!("no snapshots in {}", storage.url());
             } else {
@@ -507,8 +369,8 @@ pub async fn run(
                     println!(
                         "{:<20}  {:<20}  {:<16}  {:>10}  {:>10}",
                         m.id,
-                        m.created_at,
-                        m.name.as_deref().unwrap_or("-"),
+                        printable(&m.created_at),
+                        printable(m.name.as_deref().unwrap_or("-")),
                         format_size(m.total_size),
                         format_size(m.stored_size)
                     );
@@ -522,43 +384,30 @@ pub async fn run(
             json,
         } => {
             let url = at(storage)?;
-            let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let m = resolve_any(storage.as_ref(), &snapshot).await?;
+            let storage = storage::open(&url).await?;
+            let m = snapshot::resolve(storage.as_ref(), &snapshot).await?;
             if json {
                 println!("{}", String::from_utf8_lossy(&m.to_json()));
             } else {
-                super::print_fields(&summary(&m));
+                super::print_fields(&m.summary());
             }
             Ok(())
         }
         SnapshotCommand::Verify { snapshot, storage } => {
             let url = at(storage)?;
-            let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let m = resolve_any(storage.as_ref(), &snapshot).await?;
-            if m.format == Format::Pgdata {
-                let r = pgdata::verify(storage.as_ref(), &m)
-                    .await
-                    .map_err(anyhow::Error::from)?;
-                println!(
-                    "snapshot {} is intact: {} files checked",
-                    m.id, r.blocks_checked
-                );
-            } else if m.format == Format::Basebackup {
-                let r = basebackup::verify(storage.as_ref())
-                    .await
-                    .map_err(anyhow::Error::from)?;
-                println!(
-                    "snapshot {} is intact: {} files checked",
-                    m.id, r.blocks_checked
-                );
-            } else {
-                let bar = super::progress::bar("verify", progress);
-                let r = native::verify(storage.as_ref(), &m, &bar)
-                    .await
-                    .map_err(anyhow::Error::from)?;
+            let storage = storage::open(&url).await?;
+            let m = snapshot::resolve(storage.as_ref(), &snapshot).await?;
+            let bar = super::progress::bar("verify", progress);
+            let r = snapshot::verify(storage.as_ref(), &m, &bar).await?;
+            if m.format == Format::Zenith {
                 println!(
                     "snapshot {} is intact: {} blocks in {} packs checked",
                     m.id, r.blocks_checked, r.packs_read
+                );
+            } else {
+                println!(
+                    "snapshot {} is intact: {} files checked",
+                    m.id, r.blocks_checked
                 );
             }
             Ok(())
@@ -571,19 +420,15 @@ pub async fn run(
             max_unused,
         } => {
             let url = at(storage)?;
-            let storage = storage::open(&url).await.map_err(anyhow::Error::from)?;
-            let m = native::resolve(storage.as_ref(), &snapshot)
-                .await
-                .map_err(anyhow::Error::from)?;
-            if let Ok(repo) = crate::local::repo::Repo::existing(repo_dir.clone()) {
+            let storage = storage::open(&url).await?;
+            let m = zenith::resolve(storage.as_ref(), &snapshot).await?;
+            if let Ok(repo) = Repo::existing(repo_dir.clone()) {
                 let store = storage::open(&repo.store_url()).await;
                 if store.is_ok_and(|s| s.url() == storage.url()) {
-                    crate::local::ops::refuse_needed(&repo, &m.id).map_err(anyhow::Error::from)?;
+                    Ops::direct(repo).pageserver.refuse_needed(&m.id)?;
                 }
             }
-            let r = native::delete(storage, &m, grace, max_unused / 100.0)
-                .await
-                .map_err(anyhow::Error::from)?;
+            let r = zenith::delete(storage, &m, grace, max_unused / 100.0).await?;
             println!("deleted snapshot {}", r.deleted);
             match &r.gc.skipped {
                 Some(why) => println!("kept its data for now: {why}"),
@@ -603,10 +448,10 @@ pub async fn run(
             keep_within,
             dry_run,
         } => {
-            let repo = crate::local::repo::Repo::existing(repo_dir)?;
+            let repo = Repo::existing(repo_dir)?;
             let push = repo.config()?.push;
             let configured = push.retention()?;
-            let rule = crate::local::repo::Retention {
+            let rule = Retention {
                 keep_last: keep_last.unwrap_or(push.keep_last),
                 keep_within: keep_within.or(configured.and_then(|r| r.keep_within)),
             };
@@ -616,11 +461,14 @@ pub async fn run(
                 )
                 .into());
             }
-            let ops = crate::local::ops::Ops::direct(repo);
-            let gone = ops.prune(&storage, rule, dry_run, |_| true).await?;
+            let ops = Ops::direct(repo);
+            let gone = ops
+                .pageserver
+                .prune(&storage, rule, dry_run, |_| true)
+                .await?;
             let verb = if dry_run { "would delete" } else { "deleted" };
             for m in &gone {
-                println!("{verb} snapshot {} ({})", m.id, m.created_at);
+                println!("{verb} snapshot {} ({})", m.id, printable(&m.created_at));
             }
             println!(
                 "{} snapshot(s) {verb}; the newest {} unnamed{}, and every named one, stay",
@@ -634,8 +482,4 @@ pub async fn run(
         }
         SnapshotCommand::Diff { .. } => Err(words("snapshot diff")),
     }
-}
-
-fn summary(m: &Manifest) -> serde_json::Value {
-    m.summary()
 }

@@ -4,11 +4,13 @@
 
 use std::io::Write;
 
-use anyhow::Context;
 use clap::Subcommand;
 
 use super::CliError;
+use crate::local::Ops;
+use crate::pageserver::{Repo, STORAGE_DEST};
 use crate::storage::{self, check};
+use crate::util::message::printable;
 use crate::util::size::{format_size, parse_size};
 
 #[derive(Debug, Subcommand)]
@@ -66,61 +68,47 @@ pub async fn run(
     if let StorageCommand::Check(args) = cmd {
         return check_cmd(args).await;
     }
-    let repo = crate::local::repo::Repo::existing(repo_dir)?;
+    let repo = Repo::existing(repo_dir)?;
     let running = crate::local::running(&repo).is_some();
-    let ops = crate::local::ops::Ops::direct(repo);
+    let ps = Ops::direct(repo).pageserver;
     match cmd {
         StorageCommand::Check(_) => unreachable!("handled above"),
         StorageCommand::Attach { name, path } => {
-            ops.attach_storage(&name, &path)?;
+            ps.attach_storage(&name, &path)?;
             println!("attached storage {name}: {path}");
-            if running && name == crate::local::share::STORAGE_DEST {
+            if running && name == STORAGE_DEST {
                 println!("zenith-local pushes there from now on (it reads config.toml again within seconds)");
             }
         }
         StorageCommand::Detach { name } => {
-            ops.detach_storage(&name)?;
+            ps.detach_storage(&name)?;
             println!("detached storage {name} (what it holds is left alone)");
         }
         StorageCommand::List { json } => {
-            let rows = ops.list_storages()?;
+            let rows = ps.list_storages()?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).context("formatting")?
-                );
+                super::print_json(&rows);
             } else if rows.is_empty() {
                 println!("no storages; `zenith storage attach -n NAME --path URL` adds one");
             } else {
                 for r in &rows {
-                    println!(
-                        "{:<16}  {}",
-                        r["name"].as_str().unwrap_or(""),
-                        r["url"].as_str().unwrap_or("")
-                    );
+                    println!("{:<16}  {}", r.name, r.url);
                 }
             }
         }
         StorageCommand::Show { name, json } => {
-            let shown = ops.show_storage(&name).await?;
+            let shown = ps.show_storage(&name).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&shown).context("formatting")?
-                );
+                super::print_json(&shown);
             } else {
-                println!("{name}: {}", shown["url"].as_str().unwrap_or(""));
-                println!(
-                    "{} objects, {}",
-                    shown["objects"],
-                    format_size(shown["bytes"].as_u64().unwrap_or(0))
-                );
-                for m in shown["snapshots"].as_array().into_iter().flatten() {
+                println!("{name}: {}", shown.url);
+                println!("{} objects, {}", shown.objects, format_size(shown.bytes));
+                for m in &shown.snapshots {
                     println!(
                         "  {}  {}  {}",
-                        m["id"].as_str().unwrap_or(""),
-                        m["created_at"].as_str().unwrap_or(""),
-                        m["name"].as_str().unwrap_or("-")
+                        m.id,
+                        printable(&m.created_at),
+                        printable(m.name.as_deref().unwrap_or("-"))
                     );
                 }
             }
@@ -137,15 +125,14 @@ pub async fn push(
     repo_dir: Option<std::path::PathBuf>,
     progress: bool,
 ) -> Result<(), CliError> {
-    let repo = crate::local::repo::Repo::existing(repo_dir)?;
-    let ops = crate::local::ops::Ops::direct(repo);
+    let ps = Ops::direct(Repo::existing(repo_dir)?).pageserver;
     // One argument that names a storage (or is a URL) is the storage: `zenith push team`.
     let (snapshot, storage) = match (snapshot, storage) {
-        (Some(one), None) if ops.is_storage(&one)? => (None, Some(one)),
+        (Some(one), None) if ps.is_storage(&one)? => (None, Some(one)),
         other => other,
     };
     let bar = super::progress::bar("push", progress);
-    let done = ops
+    let done = ps
         .push_from(
             from.as_deref(),
             snapshot.as_deref(),
@@ -153,30 +140,28 @@ pub async fn push(
             bar,
         )
         .await?;
-    let pushed = done["pushed"].as_array().cloned().unwrap_or_default();
-    let url = done["url"].as_str().unwrap_or("");
-    if pushed.is_empty() {
+    let url = &done.url;
+    if done.pushed.is_empty() {
         println!("{url} has every snapshot already; nothing pushed");
         return Ok(());
     }
-    for p in &pushed {
-        let m = &p["snapshot"];
-        let label = super::snapshot_label(m);
-        if p["already_there"] == true {
+    for p in &done.pushed {
+        let label = printable(&p.snapshot.label()).into_owned();
+        if p.moved.already_there {
             println!("snapshot {label}: already in {url}");
         } else {
             println!(
                 "pushed snapshot {label}: {} in {} objects, {} objects already there",
-                format_size(p["bytes_sent"].as_u64().unwrap_or(0)),
-                p["objects_sent"],
-                p["objects_skipped"]
+                format_size(p.moved.bytes_sent),
+                p.moved.objects_sent,
+                p.moved.objects_skipped
             );
         }
     }
     println!(
         "{url}: {} sent in {} objects",
-        format_size(done["bytes_sent"].as_u64().unwrap_or(0)),
-        done["objects_sent"]
+        format_size(done.bytes_sent),
+        done.objects_sent
     );
     Ok(())
 }
@@ -188,26 +173,24 @@ pub async fn pull(
     repo_dir: Option<std::path::PathBuf>,
     progress: bool,
 ) -> Result<(), CliError> {
-    let repo = crate::local::repo::Repo::existing(repo_dir)?;
-    let ops = crate::local::ops::Ops::direct(repo);
+    let ps = Ops::direct(Repo::existing(repo_dir)?).pageserver;
     let bar = super::progress::bar("pull", progress);
-    let done = ops.pull(&source, snapshot.as_deref(), bar).await?;
-    let m = &done["snapshot"];
-    let label = super::snapshot_label(m);
-    if done["already_there"] == true {
+    let done = ps.pull(&source, snapshot.as_deref(), bar).await?;
+    let label = printable(&done.snapshot.label()).into_owned();
+    if done.moved.already_there {
         println!("snapshot {label} is in the repo already; nothing pulled");
     } else {
         println!(
             "pulled snapshot {label} from {}: {} in {} objects, {} objects already here",
-            done["url"].as_str().unwrap_or(""),
-            format_size(done["bytes_sent"].as_u64().unwrap_or(0)),
-            done["objects_sent"],
-            done["objects_skipped"]
+            done.url,
+            format_size(done.moved.bytes_sent),
+            done.moved.objects_sent,
+            done.moved.objects_skipped
         );
     }
     println!(
         "`zenith pg create NAME --snapshot {}` makes a pg of it",
-        m["id"].as_str().unwrap_or("")
+        done.snapshot.id
     );
     Ok(())
 }
@@ -249,7 +232,7 @@ async fn check_cmd(args: CheckArgs) -> Result<(), CliError> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).context("cannot format the report")?
+            serde_json::to_string_pretty(&report).expect("reports serialize")
         );
     } else {
         match (report.upload_mib_per_sec, report.download_mib_per_sec) {

@@ -13,6 +13,7 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 
 use super::account::{is_root, postgres_account, Account};
+use super::error::{Error, Result};
 use super::install::PgInstall;
 
 /// What zenith keeps about a pg besides its data.
@@ -54,7 +55,7 @@ pub struct Node {
 }
 
 /// Whether a pg's server is up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Running,
@@ -91,16 +92,25 @@ impl Node {
         self.dir.join("incomplete")
     }
 
-    pub fn state(&self) -> anyhow::Result<NodeState> {
+    pub fn state(&self) -> Result<NodeState> {
         let path = self.state_path();
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            anyhow::anyhow!("{}: {e}; is pg {} damaged?", path.display(), self.name)
+            Error::Failed(format!(
+                "{}: {e}; is pg {} damaged?",
+                path.display(),
+                self.name
+            ))
         })?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}; is pg {} damaged?", path.display(), self.name))
+        serde_json::from_str(&text).map_err(|e| {
+            Error::Failed(format!(
+                "{}: {e}; is pg {} damaged?",
+                path.display(),
+                self.name
+            ))
+        })
     }
 
-    pub fn save_state(&self, state: &NodeState) -> anyhow::Result<()> {
+    pub fn save_state(&self, state: &NodeState) -> Result<()> {
         write_private(
             &self.state_path(),
             &serde_json::to_vec_pretty(state).expect("serializes"),
@@ -119,7 +129,7 @@ impl Node {
     /// Sets the superuser's password to the pg's own (after a snapshot from another pg
     /// brought a different one), through the local socket; the password travels on stdin,
     /// never in a command line.
-    pub async fn set_password(&self, install: &PgInstall, state: &NodeState) -> anyhow::Result<()> {
+    pub async fn set_password(&self, install: &PgInstall, state: &NodeState) -> Result<()> {
         // Two setters at once (a supervisor and a command) may collide; it is idempotent.
         let mut attempt = 0;
         loop {
@@ -134,7 +144,7 @@ impl Node {
         }
     }
 
-    async fn try_set_password(&self, install: &PgInstall, state: &NodeState) -> anyhow::Result<()> {
+    async fn try_set_password(&self, install: &PgInstall, state: &NodeState) -> Result<()> {
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new(install.bin("psql"))
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
@@ -142,7 +152,8 @@ impl Node {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()?;
+            .spawn()
+            .map_err(|e| Error::io(install.bin("psql").display(), e))?;
         let mut stdin = child.stdin.take().expect("piped");
         stdin
             .write_all(
@@ -152,15 +163,19 @@ impl Node {
                 )
                 .as_bytes(),
             )
-            .await?;
+            .await
+            .map_err(|e| Error::io("psql", e))?;
         drop(stdin);
-        let out = child.wait_with_output().await?;
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| Error::io("psql", e))?;
         if !out.status.success() {
-            anyhow::bail!(
+            return Err(Error::Failed(format!(
                 "cannot set the password of pg {}: {}",
                 self.name,
                 last_line(&out.stderr)
-            );
+            )));
         }
         Ok(())
     }
@@ -175,13 +190,13 @@ impl Node {
 
     /// Creates the data directory with `initdb` (data checksums on, scram-sha-256) and a
     /// fresh password.
-    pub fn init(&self, install: &PgInstall, port: u16) -> anyhow::Result<NodeState> {
+    pub fn init(&self, install: &PgInstall, port: u16) -> Result<NodeState> {
         let data = self.data();
         if std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()) {
-            anyhow::bail!(
+            return Err(Error::Failed(format!(
                 "{} exists and is not a PostgreSQL data directory zenith can use; move it away first, nothing was changed",
                 data.display()
-            );
+            )));
         }
         let account = run_as()?;
         make_dir(&self.dir, account.as_ref())?;
@@ -193,7 +208,8 @@ impl Node {
         let pwfile = self.dir.join(".pwfile");
         write_private(&pwfile, state.password.as_bytes())?;
         if let Some(a) = &account {
-            std::os::unix::fs::chown(&pwfile, Some(a.uid), Some(a.gid))?;
+            std::os::unix::fs::chown(&pwfile, Some(a.uid), Some(a.gid))
+                .map_err(|e| Error::io(pwfile.display(), e))?;
         }
         let out = as_account(
             std::process::Command::new(install.bin("initdb")),
@@ -211,14 +227,14 @@ impl Node {
         .arg(format!("--pwfile={}", pwfile.display()))
         .output();
         let _ = std::fs::remove_file(&pwfile);
-        let out = out.map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("initdb").display()))?;
+        let out = out.map_err(|e| Error::io(install.bin("initdb").display(), e))?;
         if !out.status.success() {
             let _ = std::fs::remove_dir_all(self.data());
-            anyhow::bail!(
+            return Err(Error::Failed(format!(
                 "initdb failed for pg {}: {}",
                 self.name,
                 last_line(&out.stderr)
-            );
+            )));
         }
         self.save_state(&state)?;
         Ok(state)
@@ -241,12 +257,7 @@ impl Node {
 
     /// Runs one SQL text through the local socket as the superuser and returns psql's
     /// unaligned, tuples-only output.
-    pub async fn query(
-        &self,
-        install: &PgInstall,
-        state: &NodeState,
-        sql: &str,
-    ) -> anyhow::Result<String> {
+    pub async fn query(&self, install: &PgInstall, state: &NodeState, sql: &str) -> Result<String> {
         let out = tokio::process::Command::new(install.bin("psql"))
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
             .arg(self.local_connstr(state))
@@ -255,9 +266,13 @@ impl Node {
             .stdin(Stdio::null())
             .output()
             .await
-            .map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("psql").display()))?;
+            .map_err(|e| Error::io(install.bin("psql").display(), e))?;
         if !out.status.success() {
-            anyhow::bail!("pg {}: {}", self.name, last_line(&out.stderr));
+            return Err(Error::Failed(format!(
+                "pg {}: {}",
+                self.name,
+                last_line(&out.stderr)
+            )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
@@ -269,23 +284,26 @@ impl Node {
         install: &PgInstall,
         state: &NodeState,
         settings: &[String],
-    ) -> anyhow::Result<tokio::process::Child> {
+    ) -> Result<tokio::process::Child> {
         let account = run_as()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
-            .open(self.log())?;
+            .open(self.log())
+            .map_err(|e| Error::io(self.log().display(), e))?;
         if let Some(a) = &account {
-            std::os::unix::fs::chown(self.log(), Some(a.uid), Some(a.gid))?;
+            std::os::unix::fs::chown(self.log(), Some(a.uid), Some(a.gid))
+                .map_err(|e| Error::io(self.log().display(), e))?;
         }
         // zenith's own access rules, outside the data directory (a snapshot from elsewhere
         // brings its own): the Unix socket, in the pg's private directory, trusts its
         // account; TCP on 127.0.0.1 needs the password.
         let hba = self.dir.join("pg_hba.conf");
-        std::fs::write(&hba, HBA)?;
+        std::fs::write(&hba, HBA).map_err(|e| Error::io(hba.display(), e))?;
         if let Some(a) = &account {
-            std::os::unix::fs::chown(&hba, Some(a.uid), Some(a.gid))?;
+            std::os::unix::fs::chown(&hba, Some(a.uid), Some(a.gid))
+                .map_err(|e| Error::io(hba.display(), e))?;
         }
         let mut cmd = as_account(
             std::process::Command::new(install.bin("postgres")),
@@ -304,34 +322,40 @@ impl Node {
             cmd.arg("-c").arg(setting);
         }
         cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| Error::io(self.log().display(), e))?,
+            )
             .stderr(log);
         // Its own process group: a Ctrl-C meant for zenith does not reach PostgreSQL,
         // which zenith stops itself.
         cmd.process_group(0);
         let mut child = tokio::process::Command::from(cmd)
             .spawn()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("postgres").display()))?;
+            .map_err(|e| Error::io(install.bin("postgres").display(), e))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
-            if let Some(status) = child.try_wait()? {
-                anyhow::bail!(
+            if let Some(status) = child
+                .try_wait()
+                .map_err(|e| Error::io(format!("pg {}", self.name), e))?
+            {
+                return Err(Error::Failed(format!(
                     "pg {} did not start ({status}): {}; see {}",
                     self.name,
                     last_log_line(&self.log()),
                     self.log().display()
-                );
+                )));
             }
             if child.id().is_some_and(|pid| self.ready(pid as i32)) {
                 return Ok(child);
             }
             if std::time::Instant::now() > deadline {
                 let _ = child.start_kill();
-                anyhow::bail!(
+                return Err(Error::Failed(format!(
                     "pg {} did not become ready in 120 s; see {}",
                     self.name,
                     self.log().display()
-                );
+                )));
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -398,14 +422,17 @@ impl Node {
 
     /// Stops the server (fast: rolls back open transactions; immediate: no shutdown
     /// checkpoint, recovery at next start) and waits until it is gone.
-    pub async fn stop(&self, immediate: bool) -> anyhow::Result<()> {
+    pub async fn stop(&self, immediate: bool) -> Result<()> {
         let Some(pid) = self.signal_stop(immediate) else {
             return Ok(());
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while alive(pid) {
             if std::time::Instant::now() > deadline {
-                anyhow::bail!("pg {} (pid {pid}) did not stop in 120 s", self.name);
+                return Err(Error::Failed(format!(
+                    "pg {} (pid {pid}) did not stop in 120 s",
+                    self.name
+                )));
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -432,14 +459,23 @@ impl Node {
         &self,
         child: &mut tokio::process::Child,
         immediate: bool,
-    ) -> anyhow::Result<()> {
-        if child.try_wait()?.is_some() {
+    ) -> Result<()> {
+        if child
+            .try_wait()
+            .map_err(|e| Error::io(format!("pg {}", self.name), e))?
+            .is_some()
+        {
             return Ok(());
         }
         self.signal_stop(immediate);
         match tokio::time::timeout(std::time::Duration::from_secs(120), child.wait()).await {
-            Ok(status) => status.map(|_| ()).map_err(Into::into),
-            Err(_) => anyhow::bail!("pg {} did not stop in 120 s", self.name),
+            Ok(status) => status
+                .map(|_| ())
+                .map_err(|e| Error::io(format!("pg {}", self.name), e)),
+            Err(_) => Err(Error::Failed(format!(
+                "pg {} did not stop in 120 s",
+                self.name
+            ))),
         }
     }
 }
@@ -476,16 +512,16 @@ pub fn running(pid: i32) -> bool {
 
 /// The account to run PostgreSQL as: the postgres account when zenith is root, else the
 /// current user (`None`).
-pub fn run_as() -> anyhow::Result<Option<Account>> {
+pub fn run_as() -> Result<Option<Account>> {
     if is_root() {
-        Ok(Some(postgres_account().map_err(anyhow::Error::msg)?))
+        Ok(Some(postgres_account().map_err(Error::Failed)?))
     } else {
         Ok(None)
     }
 }
 
 /// A command that runs as PostgreSQL's account (see [`run_as`]).
-pub fn as_postgres(program: &Path) -> anyhow::Result<std::process::Command> {
+pub fn as_postgres(program: &Path) -> Result<std::process::Command> {
     Ok(as_account(
         std::process::Command::new(program),
         run_as()?.as_ref(),
@@ -501,21 +537,21 @@ fn as_account(mut cmd: std::process::Command, account: Option<&Account>) -> std:
 }
 
 /// Creates `dir` (mode 0700) owned by `account` when given.
-pub fn make_dir(dir: &Path, account: Option<&Account>) -> anyhow::Result<()> {
+pub fn make_dir(dir: &Path, account: Option<&Account>) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
     if let Some(a) = account {
         std::os::unix::fs::chown(dir, Some(a.uid), Some(a.gid))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            .map_err(|e| Error::io(dir.display(), e))?;
     }
     Ok(())
 }
 
 /// Writes a file readable by its owner only, atomically.
-pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     let temp = path.with_extension(format!("tmp-{:08x}", fastrand::u32(..)));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -531,7 +567,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
-    result.map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    result.map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))
 }
 
 /// 24 random letters and digits (about 143 bits).

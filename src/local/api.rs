@@ -13,10 +13,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::Serialize;
 
-use super::ops::{Action, OpError, Ops};
+use super::pgs::Ops;
+use crate::models::{Action, ActionReply, ErrorReply, NewPg, NewSnapshot, OpError, StorageInfo};
 
 /// The OpenAPI document, as committed under docs/.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -72,25 +72,29 @@ impl IntoResponse for OpError {
             OpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Conflict(_) => StatusCode::CONFLICT,
-            OpError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            OpError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            OpError::Storage(_)
+            | OpError::Snapshot(_)
+            | OpError::Compute(_)
+            | OpError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message = match &self {
-            OpError::Other(e) => crate::util::message::full(e),
-            other => other.to_string(),
-        };
-        error(status, &message)
+        error(status, &self.full_message())
     }
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
+    (
+        status,
+        Json(ErrorReply {
+            error: message.to_string(),
+        }),
+    )
+        .into_response()
 }
 
 type Reply = Result<Response, OpError>;
 
-fn ok(value: Value) -> Reply {
+fn ok(value: impl Serialize) -> Reply {
     Ok(Json(value).into_response())
 }
 
@@ -144,7 +148,7 @@ where
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || handle.block_on(f(ops)))
         .await
-        .map_err(|e| OpError::Other(anyhow::anyhow!("the operation failed: {e}")))?
+        .map_err(|e| OpError::Failed(format!("the operation failed: {e}")))?
 }
 
 /// [`op`] for a change, admitted by the gate and holding it to the end (even when the
@@ -169,7 +173,7 @@ async fn authorize(State(api): State<Api>, request: Request<Body>, next: Next) -
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if !same(given.as_bytes(), api.token.as_bytes()) {
         return error(
@@ -178,6 +182,15 @@ async fn authorize(State(api): State<Api>, request: Request<Body>, next: Next) -
         );
     }
     next.run(request).await
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header; the scheme is case-insensitive
+/// (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 /// Compares in time that does not depend on where the first difference is.
@@ -195,33 +208,13 @@ async fn status(State(api): State<Api>) -> Reply {
 }
 
 async fn list_pgs(State(api): State<Api>) -> Reply {
-    ok(Value::Array(api.ops.list_pgs()?))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewPg {
-    name: String,
-    #[serde(default)]
-    snapshot: Option<String>,
-    #[serde(default = "yes")]
-    start: bool,
-}
-
-fn yes() -> bool {
-    true
+    ok(api.ops.list_pgs()?)
 }
 
 async fn create_pg(State(api): State<Api>, new: Result<Json<NewPg>, JsonRejection>) -> Reply {
     let new = body(new)?;
     let pg = change(&api, move |ops| async move {
-        ops.create_pg(
-            &new.name,
-            new.snapshot.as_deref(),
-            !new.start,
-            Default::default(),
-        )
-        .await
+        ops.create_pg(&new, Default::default()).await
     })
     .await?;
     Ok((StatusCode::CREATED, Json(pg)).into_response())
@@ -243,22 +236,28 @@ async fn pg_action(
 ) -> Reply {
     let action = body(action)?;
     ok(change(&api, move |ops| async move {
-        ops.act(&name, &action, Default::default()).await
+        Ok(match action {
+            Action::Start {
+                is_replica,
+                primary,
+            } => ActionReply::Pg(ops.start_pg(&name, is_replica, primary.as_deref()).await?),
+            Action::Stop { immediate } => ActionReply::Pg(ops.stop_pg(&name, immediate).await?),
+            Action::Promote => ActionReply::Pg(ops.promote_pg(&name).await?),
+            Action::Checkout { snapshot } => ActionReply::Checkout(Box::new(
+                ops.checkout(&name, &snapshot, Default::default()).await?,
+            )),
+        })
     })
     .await?)
 }
 
 async fn list_snapshots(State(api): State<Api>) -> Reply {
-    let all = op(&api, |ops| async move { ops.list_snapshots().await }).await?;
-    ok(Value::Array(all.iter().map(|m| m.summary()).collect()))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewSnapshot {
-    /// `PG` or `PG@TAG` [default: main].
-    #[serde(default)]
-    name: Option<String>,
+    let all = op(
+        &api,
+        |ops| async move { ops.pageserver.list_snapshots().await },
+    )
+    .await?;
+    ok(all.iter().map(|m| m.summary()).collect::<Vec<_>>())
 }
 
 async fn create_snapshot(
@@ -267,7 +266,8 @@ async fn create_snapshot(
 ) -> Reply {
     let new = body(new)?;
     let m = change(&api, move |ops| async move {
-        ops.create_snapshot(new.name.as_deref(), Default::default())
+        ops.pageserver
+            .create_snapshot(new.name.as_deref(), Default::default())
             .await
     })
     .await?;
@@ -275,61 +275,59 @@ async fn create_snapshot(
 }
 
 async fn show_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
-    let m = op(&api, move |ops| async move { ops.show_snapshot(&id).await }).await?;
+    let m = op(&api, move |ops| async move {
+        ops.pageserver.show_snapshot(&id).await
+    })
+    .await?;
     ok(m.summary())
 }
 
 async fn delete_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
-    let report = change(
-        &api,
-        move |ops| async move { ops.delete_snapshot(&id).await },
-    )
-    .await?;
-    ok(json!({
-        "deleted": report.deleted,
-        "bytes_freed": report.gc.bytes_freed,
-        "collection_skipped": report.gc.skipped,
-    }))
-}
-
-async fn list_storages(State(api): State<Api>) -> Reply {
-    ok(Value::Array(api.ops.list_storages()?))
-}
-
-async fn show_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
-    ok(op(
-        &api,
-        move |ops| async move { ops.show_storage(&name).await },
-    )
+    ok(change(&api, move |ops| async move {
+        ops.pageserver.delete_snapshot(&id).await
+    })
     .await?)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewStorage {
-    name: String,
-    url: String,
+async fn list_storages(State(api): State<Api>) -> Reply {
+    ok(api.ops.pageserver.list_storages()?)
+}
+
+async fn show_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
+    ok(op(&api, move |ops| async move {
+        ops.pageserver.show_storage(&name).await
+    })
+    .await?)
 }
 
 async fn attach_storage(
     State(api): State<Api>,
-    new: Result<Json<NewStorage>, JsonRejection>,
+    new: Result<Json<StorageInfo>, JsonRejection>,
 ) -> Reply {
     let new = body(new)?;
     let _admitted = api.gate.enter().await?;
-    let attached = api.ops.attach_storage(&new.name, &new.url)?;
+    let attached = api.ops.pageserver.attach_storage(&new.name, &new.url)?;
     Ok((StatusCode::CREATED, Json(attached)).into_response())
 }
 
 async fn detach_storage(State(api): State<Api>, Path(name): Path<String>) -> Reply {
     let _admitted = api.gate.enter().await?;
-    api.ops.detach_storage(&name)?;
+    api.ops.pageserver.detach_storage(&name)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
 
     #[test]
     fn tokens_compare_whole() {
@@ -341,7 +339,7 @@ mod tests {
 
     #[test]
     fn the_openapi_document_is_json_and_names_every_route() {
-        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         for path in [
             "/pgs",
             "/pgs/{name}",

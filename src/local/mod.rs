@@ -1,23 +1,31 @@
 //! zenith-local: the process `zenith start` launches. It holds the repo's lock, runs the
 //! main pg and every pg started through its REST API as child processes, restarts each
-//! once if it dies, and stops them all on SIGTERM (fast shutdown), SIGINT (Ctrl-C in the
-//! foreground) or SIGUSR1 (immediate shutdown, for `zenith stop --immediate`).
+//! once if it dies, pushes to storage_dest in the background (the pageserver's pusher),
+//! and stops them all on SIGTERM (fast shutdown), SIGINT (Ctrl-C in the foreground) or
+//! SIGUSR1 (immediate shutdown, for `zenith stop --immediate`).
+//!
+//! The parts: [`supervisor`] (the pgs as child processes), [`pgs`] (what is done with
+//! pgs: create, start, stop, promote, destroy, checkout), [`replica`] (streaming
+//! replicas), [`api`] (the REST API), [`status`], [`lock`] (one zenith-local per repo)
+//! and [`control`] (the one interface the CLI uses, through the API or in-process).
 
 pub mod api;
-mod exchange;
-pub mod ops;
-pub mod pusher;
+pub mod control;
+pub mod lock;
+pub mod pgs;
 pub mod replica;
-pub mod repo;
-pub mod share;
+mod status;
 pub mod supervisor;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compute::node::NodeState;
-use repo::{Repo, RepoLock};
+use crate::models::{OpError, OpResult, PushState};
+use crate::pageserver::{Pageserver, Repo};
+pub use control::Control;
+pub use lock::RepoLock;
+pub use pgs::{init_main, Ops};
 
 /// What zenith-local runs, written to `zenith-local.json` once everything is ready.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,7 +37,7 @@ pub struct LocalState {
     pub pgs: Vec<PgState>,
     /// Background pushes to storage_dest, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub push: Option<pusher::PushState>,
+    pub push: Option<PushState>,
 }
 
 /// One supervised pg.
@@ -44,34 +52,8 @@ pub struct PgState {
     pub failed: Option<String>,
 }
 
-/// The first port from `first` on that nothing listens on at 127.0.0.1.
-pub fn free_port(first: u16) -> anyhow::Result<u16> {
-    free_port_except(first, &[])
-}
-
-/// The first port from `first` on that nothing listens on at 127.0.0.1 and that is not
-/// in `promised` (ports of stopped pgs).
-pub fn free_port_except(first: u16, promised: &[u16]) -> anyhow::Result<u16> {
-    (first..=u16::MAX)
-        .take(1000)
-        .find(|p| !promised.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .ok_or_else(|| {
-            anyhow::anyhow!("no free port among the 1000 from {first}; set pg_port in config.toml")
-        })
-}
-/// Creates the main pg of a new repo.
-pub fn init_main(repo: &Repo, install: &crate::compute::PgInstall) -> anyhow::Result<NodeState> {
-    let config = repo.config()?;
-    // Settings zenith-local reads again later are checked before anything starts.
-    config.push.period()?;
-    config.push.retention()?;
-    config.push.wal_bytes()?;
-    let main = repo.node("main");
-    main.init(install, free_port(config.pg_port)?)
-}
-
 /// Runs zenith-local in this process until it is told to stop.
-pub async fn run(repo: Repo) -> anyhow::Result<()> {
+pub async fn run(repo: Repo) -> OpResult<()> {
     let _lock = RepoLock::take(&repo)?;
     crate::compute::node::write_private(
         &repo.pid_path(),
@@ -81,39 +63,39 @@ pub async fn run(repo: Repo) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(repo.state_path());
     let _ = std::fs::remove_file(repo.pid_path());
     if let Err(e) = &result {
-        tracing::error!("zenith-local stops: {}", crate::util::message::full(e));
+        tracing::error!("zenith-local stops: {}", e.full_message());
     }
     result
 }
 
-async fn supervise(repo: &Repo) -> anyhow::Result<()> {
+async fn supervise(repo: &Repo) -> OpResult<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let install = crate::compute::find_postgres()?;
+    let listen = |kind| signal(kind).map_err(|e| OpError::io("signal handler", e));
+    let mut term = listen(SignalKind::terminate())?;
+    let mut int = listen(SignalKind::interrupt())?;
+    let mut usr1 = listen(SignalKind::user_defined1())?;
+    let install = crate::pageserver::install()?;
     let config = repo.config()?;
     // Settings zenith-local reads again later are checked before anything starts.
-    config.push.period()?;
-    config.push.retention()?;
-    config.push.wal_bytes()?;
+    config.check()?;
     let main = repo.node("main");
     if !main.exists() {
         init_main(repo, &install)?;
     }
     let mut state = main.state()?;
     // The REST API, on the configured port or the next free one.
-    let api_port = free_port(config.api_port)?;
+    let api_port = crate::util::port::free_port(config.api_port).map_err(OpError::Failed)?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", api_port))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{api_port}: {e}"))?;
+        .map_err(|e| OpError::Failed(format!("cannot listen on 127.0.0.1:{api_port}: {e}")))?;
     let token = std::fs::read_to_string(repo.token_path())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", repo.token_path().display()))?;
-    let supervisor = supervisor::Supervisor::new(repo.clone(), install, api_port);
+        .map_err(|e| OpError::io(repo.token_path().display(), e))?;
+    let pageserver = Pageserver::new(repo.clone());
+    let supervisor = supervisor::Supervisor::new(pageserver.clone(), install.clone(), api_port);
     // A server left running by a zenith-local that was killed is restarted as a child.
     supervisor.start(&main, &mut state).await?;
     tracing::info!("pg main ready on port {}", state.port);
-    let ops = ops::Ops::supervised(repo.clone(), Arc::clone(&supervisor));
+    let ops = Ops::supervised(pageserver.clone(), Arc::clone(&supervisor));
     let gate = Arc::new(api::Gate::default());
     let server = tokio::spawn(api::serve(
         listener,
@@ -122,7 +104,12 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     let _server = AbortOnDrop(server);
     // Background pushes, on a blocking thread of their own like the API's operations
     // (see api::op); they follow config.toml as it changes.
-    let pusher = pusher::Pusher::new(ops, Arc::clone(&supervisor));
+    let reported = Arc::clone(&supervisor);
+    let pusher = crate::pageserver::pusher::Pusher::new(
+        pageserver,
+        install,
+        Box::new(move |state| reported.set_push(state)),
+    );
     let (stop_pushes, stopped) = tokio::sync::watch::channel(false);
     let pushes = {
         let (runner, handle) = (Arc::clone(&pusher), tokio::runtime::Handle::current());
@@ -152,8 +139,8 @@ async fn supervise(repo: &Repo) -> anyhow::Result<()> {
     if let (false, Ok(Some(settings))) = (immediate, pusher.settings()) {
         let dest = &settings.storage_dest;
         tracing::info!("pushing to {dest} before stopping");
-        let mut state = supervisor
-            .push_state()
+        let mut state = pusher
+            .state()
             .filter(|s| &s.storage_dest == dest)
             .unwrap_or_default();
         state.storage_dest = dest.clone();

@@ -4,9 +4,10 @@
 
 use sha2::Digest;
 
-use super::repo::Repo;
 use crate::compute::node::{as_postgres, run_as, Node, NodeState};
 use crate::compute::PgInstall;
+use crate::models::{OpError, OpResult};
+use crate::pageserver::Repo;
 
 /// The slot a primary keeps for replica `name`: readable, unique per name, ≤ 63 bytes.
 pub fn slot_name(name: &str) -> String {
@@ -24,7 +25,7 @@ pub fn slot_name(name: &str) -> String {
 
 /// Server settings a pg starts with: for a replica, where its primary is. Its
 /// `standby.signal` is put back if missing (it goes only when the server is promoted).
-pub fn settings(repo: &Repo, node: &Node, state: &NodeState) -> anyhow::Result<Vec<String>> {
+pub fn settings(repo: &Repo, node: &Node, state: &NodeState) -> OpResult<Vec<String>> {
     let Some(primary) = &state.primary else {
         return Ok(Vec::new());
     };
@@ -47,10 +48,11 @@ pub fn settings(repo: &Repo, node: &Node, state: &NodeState) -> anyhow::Result<V
 }
 
 /// An empty file owned by PostgreSQL's account.
-fn write_owned(path: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::write(path, b"").map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+fn write_owned(path: &std::path::Path) -> OpResult<()> {
+    std::fs::write(path, b"").map_err(|e| OpError::io(path.display(), e))?;
     if let Some(a) = run_as()? {
-        std::os::unix::fs::chown(path, Some(a.uid), Some(a.gid))?;
+        std::os::unix::fs::chown(path, Some(a.uid), Some(a.gid))
+            .map_err(|e| OpError::io(path.display(), e))?;
     }
     Ok(())
 }
@@ -109,7 +111,7 @@ pub async fn copy_primary(
     pstate: &NodeState,
     replica: &str,
     target: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> OpResult<()> {
     let slot = slot_name(replica);
     // A slot left by an earlier replica of the same name: it starts anew.
     primary
@@ -143,24 +145,20 @@ pub async fn copy_primary(
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|e| anyhow::anyhow!("{}: {e}", install.bin("pg_basebackup").display()))?;
+        .map_err(|e| OpError::io(install.bin("pg_basebackup").display(), e))?;
     if !out.status.success() {
-        anyhow::bail!(
+        return Err(OpError::Failed(format!(
             "copying pg {} for its replica failed: {}",
             primary.name,
             crate::compute::node::last_line(&out.stderr)
-        );
+        )));
     }
     write_owned(&target.join("standby.signal"))
 }
 
 /// Waits until the replica streams from its primary (a replica that cannot follow is an
 /// error now, not a silent lag).
-pub async fn wait_streaming(
-    install: &PgInstall,
-    node: &Node,
-    state: &NodeState,
-) -> anyhow::Result<()> {
+pub async fn wait_streaming(install: &PgInstall, node: &Node, state: &NodeState) -> OpResult<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let status = node
@@ -171,12 +169,12 @@ pub async fn wait_streaming(
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            anyhow::bail!(
+            return Err(OpError::Failed(format!(
                 "pg {} does not stream from its primary after 60 s: {}; see {}",
                 node.name,
                 crate::compute::node::last_log_line(&node.log()),
                 node.log().display()
-            );
+            )));
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::repo::Repo;
 use super::{LocalState, PgState};
 use crate::compute::node::{last_log_line, Node, NodeState};
 use crate::compute::PgInstall;
+use crate::models::{OpError, OpResult, PushState};
+use crate::pageserver::Pageserver;
 
 /// The pgs one zenith-local runs.
 pub struct Supervisor {
-    repo: Repo,
+    pageserver: Pageserver,
     install: PgInstall,
     api_port: u16,
     started_at: String,
@@ -23,7 +24,7 @@ pub struct Supervisor {
     /// What `zenith status` shows of each supervised pg.
     report: Mutex<BTreeMap<String, PgState>>,
     /// And of background pushes.
-    push: Mutex<Option<super::pusher::PushState>>,
+    push: Mutex<Option<PushState>>,
     /// Set by [`Supervisor::stop_all`]: no pg starts after it.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -35,9 +36,9 @@ struct Watch {
 }
 
 impl Supervisor {
-    pub fn new(repo: Repo, install: PgInstall, api_port: u16) -> Arc<Supervisor> {
+    pub fn new(pageserver: Pageserver, install: PgInstall, api_port: u16) -> Arc<Supervisor> {
         Arc::new(Supervisor {
-            repo,
+            pageserver,
             install,
             api_port,
             started_at: crate::snapshot::now_rfc3339(),
@@ -50,10 +51,13 @@ impl Supervisor {
 
     /// Starts `node` under supervision (nothing happens if it already runs under it); its
     /// port moves to a free one if another program took it, saved in `state`.
-    pub async fn start(self: &Arc<Self>, node: &Node, state: &mut NodeState) -> anyhow::Result<()> {
+    pub async fn start(self: &Arc<Self>, node: &Node, state: &mut NodeState) -> OpResult<()> {
         let mut watched = self.watched.lock().await;
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            anyhow::bail!("zenith-local is stopping; pg {} is not started", node.name);
+            return Err(OpError::Failed(format!(
+                "zenith-local is stopping; pg {} is not started",
+                node.name
+            )));
         }
         if let Some(w) = watched.get(&node.name) {
             if !w.task.is_finished() {
@@ -65,7 +69,7 @@ impl Supervisor {
             tracing::warn!("pg {} runs without zenith-local; restarting it", node.name);
             node.stop(false).await?;
         }
-        let child = launch(&self.repo, &self.install, node, state).await?;
+        let child = launch(&self.pageserver, &self.install, node, state).await?;
         self.record(PgState {
             name: node.name.clone(),
             port: state.port,
@@ -149,7 +153,7 @@ impl Supervisor {
                     if let Ok(saved) = node.state() {
                         state = saved;
                     }
-                    match launch(&self.repo, &self.install, &node, &mut state).await {
+                    match launch(&self.pageserver, &self.install, &node, &mut state).await {
                         Ok(c) => {
                             child = c;
                             pg.port = state.port;
@@ -168,13 +172,13 @@ impl Supervisor {
     }
 
     /// Records the state of background pushes.
-    pub fn set_push(&self, state: Option<super::pusher::PushState>) {
+    pub fn set_push(&self, state: Option<PushState>) {
         *self.push.lock().expect("not poisoned") = state;
         let report = self.report.lock().expect("not poisoned");
         self.save(&report);
     }
 
-    pub fn push_state(&self) -> Option<super::pusher::PushState> {
+    pub fn push_state(&self) -> Option<PushState> {
         self.push.lock().expect("not poisoned").clone()
     }
 
@@ -210,7 +214,7 @@ impl Supervisor {
             push: self.push_state(),
         };
         if let Err(e) = crate::compute::node::write_private(
-            &self.repo.state_path(),
+            &self.pageserver.repo.state_path(),
             &serde_json::to_vec_pretty(&state).expect("serializes"),
         ) {
             tracing::error!("{}", crate::util::message::full(&e));
@@ -222,12 +226,13 @@ impl Supervisor {
 /// pg's snapshot). Its port may be taken before or, in a race, while PostgreSQL binds it
 /// (another program, another repo): it then moves to the next free port, saved.
 pub async fn launch(
-    repo: &Repo,
+    pageserver: &Pageserver,
     install: &PgInstall,
     node: &Node,
     state: &mut NodeState,
-) -> anyhow::Result<tokio::process::Child> {
-    super::ops::refuse_incomplete(node)?;
+) -> OpResult<tokio::process::Child> {
+    crate::pageserver::refuse_incomplete(node)?;
+    let repo = &pageserver.repo;
     let first_port = repo.config()?.pg_port;
     let settings = super::replica::settings(repo, node, state)?;
     if state.primary.is_none() && !state.has_run {
@@ -237,9 +242,12 @@ pub async fn launch(
     let mut attempts = 0;
     let child = loop {
         if std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err() {
-            let promised = super::ops::promised_ports(repo, &node.name);
-            let port =
-                super::free_port_except(first_port.max(state.port.saturating_add(1)), &promised)?;
+            let promised = pageserver.promised_ports(&node.name);
+            let port = crate::util::port::free_port_except(
+                first_port.max(state.port.saturating_add(1)),
+                &promised,
+            )
+            .map_err(OpError::Failed)?;
             tracing::warn!(
                 "port {} is taken; pg {} moves to {port}",
                 state.port,
@@ -254,7 +262,7 @@ pub async fn launch(
                 attempts += 1;
                 let taken = std::net::TcpListener::bind(("127.0.0.1", state.port)).is_err();
                 if !taken || attempts >= 3 {
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }

@@ -23,13 +23,14 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::SyncIoBridge;
 
-use super::datadir::{self, DirEntry};
+use super::datadir::DirEntry;
 use super::error::join_error;
 use super::error::{Result, SnapshotError};
 use super::manifest::{self, Entry, EntryKind, Format, Manifest};
-use super::native::{into_new_dir, survey_for, CheckReport, PackOptions};
 use super::paths::check_relative_path;
-use super::pgdata::{refuse_non_empty, MANIFEST_KEY};
+use super::pgdata::{refuse_non_empty, Written, MANIFEST_KEY};
+use super::survey::{survey_for, CheckReport, PackOptions};
+use super::tree::into_new_dir;
 use crate::storage::{self, Storage};
 use crate::util::crc32c::Crc32c;
 
@@ -126,6 +127,13 @@ async fn write_tar(
     let (produced, uploaded) = tokio::join!(producer, upload);
     let sums = produced.map_err(join_error)?;
     match (sums, uploaded) {
+        // The archiver's pipe broke because the upload stopped reading: the upload's
+        // error (a full disk at the destination, a dead server) is the cause.
+        (Err(SnapshotError::Io { source, .. }), Err(e))
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Err(e.into())
+        }
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(e.into()),
         (Ok(sums), Ok(stored)) => Ok((sums, stored)),
@@ -213,6 +221,25 @@ pub async fn pack_dir(
     compress: bool,
 ) -> Result<Manifest> {
     refuse_non_empty(storage.as_ref()).await?;
+    let keys = ["base", "pg_wal"]
+        .into_iter()
+        .map(|b| tar_key(b, compress))
+        .chain(["backup_manifest".to_string()])
+        .collect();
+    let written = Written::begin(storage.as_ref(), keys);
+    let result = write_backup(dir, Arc::clone(&storage), options, lsns, compress).await;
+    written.settle(&result).await;
+    result
+}
+
+/// The basebackup export proper, into an empty destination.
+async fn write_backup(
+    dir: &Path,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+    lsns: Option<(String, String)>,
+    compress: bool,
+) -> Result<Manifest> {
     let (mut origin, walked) = survey_for(dir, Format::Basebackup, options, lsns).await?;
     let walked: Vec<DirEntry> = walked
         .into_iter()
@@ -247,8 +274,8 @@ pub async fn pack_dir(
     // A stopped directory's WAL range is its last checkpoint.
     let range = origin.lsns.clone().unwrap_or_else(|| {
         (
-            datadir::format_lsn(origin.control.redo_lsn),
-            datadir::format_lsn(origin.control.checkpoint_lsn),
+            crate::compute::wal::format_lsn(origin.control.redo_lsn),
+            crate::compute::wal::format_lsn(origin.control.checkpoint_lsn),
         )
     });
     origin.lsns = Some(range.clone());
@@ -432,7 +459,14 @@ async fn extract(
                         .create_new(true)
                         .mode(mode)
                         .open(&path)
-                        .map_err(|e| SnapshotError::io(&path, "create", e))?;
+                        .map_err(|e| match e.kind() {
+                            // Also across the two archives: pg_wal.tar cannot bring a file
+                            // base.tar had.
+                            std::io::ErrorKind::AlreadyExists => {
+                                corrupt(format!("it has a duplicate entry {rel}"))
+                            }
+                            _ => SnapshotError::io(&path, "create", e),
+                        })?;
                     let (mut sha, mut crc) = (Sha256::new(), Crc32c::default());
                     let mut buf = vec![0u8; 1 << 20];
                     let mut total = 0u64;
@@ -575,10 +609,11 @@ pub async fn verify(storage: &dyn Storage) -> Result<CheckReport> {
     let base = std::env::var_os("ZENITH_STAGING_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let scratch = base.join(format!("zenith-verify-{:016x}", fastrand::u64(..)));
-    let result = unpack(storage, &scratch).await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    result.map(|(_, report)| report)
+    crate::util::tempdir::sweep(&base, "zenith-verify");
+    let scratch = crate::util::tempdir::TempDir::new_in(&base, "zenith-verify")
+        .map_err(|e| SnapshotError::io(&base, "create", e))?;
+    let (_, report) = unpack(storage, &scratch.path().join("data")).await?;
+    Ok(report)
 }
 
 #[cfg(test)]

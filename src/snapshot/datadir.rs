@@ -96,11 +96,6 @@ impl ControlInfo {
     }
 }
 
-/// Formats an LSN the way PostgreSQL prints it.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
-
 /// Reads the fields zenith needs from `global/pg_control` (layout of PostgreSQL 9.6 to 17:
 /// system identifier at 0, state at 16, checkpoint at 32, redo at 40, timeline at 48;
 /// little-endian on the platforms zenith supports).
@@ -367,12 +362,6 @@ mod tests {
                 "pg_wal/00000002.history"
             ]
         );
-    }
-
-    #[test]
-    fn lsns_print_like_postgresql() {
-        assert_eq!(format_lsn(0x0000_0001_0000_0028), "1/28");
-        assert_eq!(format_lsn(0x16B_3748), "0/16B3748");
     }
 
     #[test]

@@ -113,6 +113,36 @@ pub struct Manifest {
     pub stored_size: u64,
 }
 
+/// What listings, the REST API and `snapshot show` say of a snapshot: the manifest without
+/// its file list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    pub id: String,
+    pub name: Option<String>,
+    pub pg: Option<String>,
+    pub format: Format,
+    pub created_at: String,
+    pub pg_version: String,
+    /// A string: JSON numbers lose precision past 2^53.
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub files: u64,
+    pub total_size: u64,
+    pub stored_size: u64,
+}
+
+impl SnapshotSummary {
+    /// `ID (NAME)`, for messages.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(n) => format!("{} ({n})", self.id),
+            None => self.id.clone(),
+        }
+    }
+}
+
 /// Who a snapshot is and where it came from, as the packer knows it before the files.
 #[derive(Debug, Clone)]
 pub struct Origin {
@@ -149,7 +179,7 @@ impl Entry {
 impl Manifest {
     /// A new manifest (fresh id, creation time now) for `entries`.
     pub fn new(origin: Origin, entries: Vec<Entry>, stored_size: u64) -> Manifest {
-        let checkpoint = super::datadir::format_lsn(origin.control.checkpoint_lsn);
+        let checkpoint = crate::compute::wal::format_lsn(origin.control.checkpoint_lsn);
         let (start_lsn, stop_lsn) = origin
             .lsns
             .unwrap_or_else(|| (checkpoint.clone(), checkpoint));
@@ -257,22 +287,26 @@ impl Manifest {
     }
 
     /// What listings show of a snapshot (everything but the file list).
-    pub fn summary(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "name": self.name,
-            "pg": self.pg,
-            "format": self.format.as_str(),
-            "created_at": self.created_at,
-            "pg_version": self.pg_version,
-            "system_identifier": self.system_identifier.to_string(),
-            "timeline": self.timeline,
-            "start_lsn": self.start_lsn,
-            "stop_lsn": self.stop_lsn,
-            "files": self.entries.iter().filter(|e| e.kind == EntryKind::File).count(),
-            "total_size": self.total_size,
-            "stored_size": self.stored_size,
-        })
+    pub fn summary(&self) -> SnapshotSummary {
+        SnapshotSummary {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            pg: self.pg.clone(),
+            format: self.format,
+            created_at: self.created_at.clone(),
+            pg_version: self.pg_version.clone(),
+            system_identifier: self.system_identifier.to_string(),
+            timeline: self.timeline,
+            start_lsn: self.start_lsn.clone(),
+            stop_lsn: self.stop_lsn.clone(),
+            files: self
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::File)
+                .count() as u64,
+            total_size: self.total_size,
+            stored_size: self.stored_size,
+        }
     }
 
     /// The manifest as pretty JSON.

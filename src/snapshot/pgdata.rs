@@ -19,7 +19,8 @@ use super::datadir::{self, DirEntry};
 use super::error::join_error;
 use super::error::{Result, SnapshotError};
 use super::manifest::{self, Entry, EntryKind, Format, Manifest};
-use super::native::{into_new_dir, prepare_tree, survey_for, sync_tree, CheckReport, PackOptions};
+use super::survey::{survey_for, CheckReport, PackOptions};
+use super::tree::{into_new_dir, prepare_tree, sync_tree};
 use crate::storage::{self, Storage, StorageUrl};
 
 /// The manifest's key; PostgreSQL ignores unknown files in its data directory.
@@ -60,6 +61,24 @@ pub async fn pack_dir(
 ) -> Result<Manifest> {
     refuse_non_empty(storage.as_ref()).await?;
     let (origin, walked) = survey_for(dir, Format::Pgdata, options, lsns).await?;
+    let keys: Vec<String> = walked
+        .iter()
+        .filter(|e| !e.is_dir)
+        .map(|e| e.rel.clone())
+        .collect();
+    let written = Written::begin(storage.as_ref(), keys);
+    let result = write_files(Arc::clone(&storage), origin, &walked, options).await;
+    written.settle(&result).await;
+    result
+}
+
+/// The pgdata export proper, into an empty destination.
+async fn write_files(
+    storage: Arc<dyn Storage>,
+    origin: manifest::Origin,
+    walked: &[DirEntry],
+    options: &PackOptions,
+) -> Result<Manifest> {
     let progress = &options.progress;
     let uploads: Vec<Result<Entry>> = futures::stream::iter(walked.iter())
         .map(|item| {
@@ -84,6 +103,68 @@ pub async fn pack_dir(
         .put(MANIFEST_KEY, Bytes::from(manifest.to_json()))
         .await?;
     Ok(manifest)
+}
+
+/// What a pgdata or basebackup export writes into its (empty) destination, so that a
+/// failed one (a full disk, a dead server) is taken back and leaves the destination as it
+/// was, its space free again.
+pub(crate) struct Written<'a> {
+    storage: &'a dyn Storage,
+    keys: Vec<String>,
+    /// A local destination, and whether its directory existed before.
+    local: Option<(PathBuf, bool)>,
+}
+
+impl<'a> Written<'a> {
+    /// Before writing `keys` (the manifest's key is added) to `storage`.
+    pub(crate) fn begin(storage: &'a dyn Storage, mut keys: Vec<String>) -> Written<'a> {
+        keys.push(MANIFEST_KEY.to_string());
+        let local = match StorageUrl::parse(&storage.url()) {
+            Ok(StorageUrl::Local(root)) => {
+                let existed = root.exists();
+                Some((root, existed))
+            }
+            _ => None,
+        };
+        Written {
+            storage,
+            keys,
+            local,
+        }
+    }
+
+    /// After the export: on failure, removes what it wrote (best effort, logged).
+    pub(crate) async fn settle<T>(self, result: &Result<T>) {
+        if result.is_ok() {
+            return;
+        }
+        for key in &self.keys {
+            if let Err(e) = self.storage.delete(key).await {
+                tracing::warn!("could not remove {key} of a failed export: {e}");
+            }
+        }
+        match self.local {
+            Some((root, false)) => {
+                let _ = std::fs::remove_dir_all(&root);
+            }
+            // Directories the export created, now empty (deepest first; a directory
+            // with anything in it stays).
+            Some((root, true)) => {
+                let mut dirs: Vec<PathBuf> = walkdir::WalkDir::new(&root)
+                    .min_depth(1)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.file_type().is_dir())
+                    .map(|e| e.into_path())
+                    .collect();
+                dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+                for d in dirs {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+            None => {}
+        }
+    }
 }
 
 /// A pgdata or basebackup destination holds one snapshot: writing into one that holds

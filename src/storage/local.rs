@@ -3,8 +3,9 @@
 //! Every write goes to a unique temporary file in the target's directory (opened with
 //! `create_new`), is fsynced, renamed over the final name and followed by an fsync of the
 //! directory, so a crash leaves either the old object or the new one, never a torn file.
-//! Temporary files carry [`TEMP_MARKER`] in their name and are invisible to `list`; a crash
-//! can leave one behind, which is harmless and never mistaken for an object.
+//! Temporary files carry [`TEMP_MARKER`], this machine's name and the writer's pid in their
+//! name and are invisible to `list`; a crash can leave one behind, which is never mistaken
+//! for an object and which [`Storage::remove_abandoned`] removes once its writer is gone.
 //!
 //! Blocking file work runs on tokio's blocking pool, never on the async workers.
 
@@ -20,6 +21,7 @@ use tokio_util::io::SyncIoBridge;
 
 use super::error::{Error, Result};
 use super::{validate_key, validate_prefix, ByteReader, ObjectMeta, Storage, TEMP_MARKER};
+use crate::util::tempdir::{abandoned, temp_name};
 
 /// Copy buffer for streamed puts: large enough that syscalls are not the bottleneck.
 const COPY_BUF: usize = 1 << 20;
@@ -170,6 +172,14 @@ impl Storage for LocalStorage {
         blocking(move || list_dir(&root, &prefix)).await
     }
 
+    async fn remove_abandoned(&self) {
+        let root = self.root.clone();
+        let removed = tokio::task::spawn_blocking(move || remove_abandoned_temps(&root)).await;
+        if let Ok(n @ 1..) = removed {
+            tracing::info!("removed {n} temporary files left by writers that were killed");
+        }
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path_of(key)?;
         let root = self.root.clone();
@@ -199,6 +209,26 @@ impl Storage for LocalStorage {
         })
         .await
     }
+}
+
+/// Removes the temporary files under `root` whose writers are gone; returns how many.
+fn remove_abandoned_temps(root: &Path) -> usize {
+    let mut removed = 0;
+    for entry in walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy();
+        if !entry.file_type().is_file() || !name.contains(TEMP_MARKER) {
+            continue;
+        }
+        let modified = entry.metadata().ok().and_then(|m| m.modified().ok());
+        if abandoned(&name, modified) && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// The directory a file at `path` goes into; a bare file name's is the current directory.
@@ -290,7 +320,7 @@ fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) ->
         ));
     };
     let name = name.to_string_lossy();
-    let temp = dir.join(format!(".{name}{TEMP_MARKER}{:016x}", fastrand::u64(..)));
+    let temp = dir.join(temp_name(&name));
     let mut file = create_temp(dir, &temp)?;
     let result = write(&mut file)
         .and_then(|()| file.sync_all())
@@ -505,6 +535,31 @@ mod tests {
         storage.delete("a/b").await.unwrap();
         storage.delete("d").await.unwrap();
         assert_eq!(&storage.get_bytes("d/e").await.unwrap()[..], b"y");
+    }
+
+    #[tokio::test]
+    async fn temporary_files_of_dead_writers_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().to_path_buf()).unwrap();
+        storage
+            .put("packs/a", Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        let packs = dir.path().join("packs");
+        let mine = packs.join(temp_name("c"));
+        let dead = packs
+            .join(temp_name("b").replace(&format!(".{}.", std::process::id()), ".2147483646."));
+        let elsewhere = packs.join(format!(
+            ".d{TEMP_MARKER}other-host.2147483646.0000000000000001"
+        ));
+        for f in [&dead, &mine, &elsewhere] {
+            fs::write(f, b"partial").unwrap();
+        }
+        storage.remove_abandoned().await;
+        assert!(!dead.exists());
+        assert!(mine.exists());
+        assert!(elsewhere.exists(), "another machine's writer may still run");
+        assert_eq!(storage.list("").await.unwrap().len(), 1);
     }
 
     #[test]

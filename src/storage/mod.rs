@@ -143,6 +143,11 @@ pub trait Storage: Send + Sync + Debug {
         Ok(Bytes::from(buf))
     }
 
+    /// Removes what writers killed mid-way left behind (the local backend's temporary
+    /// files), best effort: failures are logged, never returned. A backend with nothing
+    /// to collect (S3 shows no partial object) does nothing.
+    async fn remove_abandoned(&self) {}
+
     /// Whether `key` exists.
     async fn exists(&self, key: &str) -> Result<bool> {
         match self.head(key).await {
@@ -166,7 +171,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
 }
 
 /// The marker in the names of the local backend's temporary files; keys may not contain it.
-pub(crate) const TEMP_MARKER: &str = ".zenith-tmp-";
+pub(crate) use crate::util::tempdir::TEMP_MARKER;
 
 /// Checks that `key` is a valid object key (see [`Storage`]).
 pub fn validate_key(key: &str) -> Result<()> {

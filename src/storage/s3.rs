@@ -28,7 +28,7 @@ use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
     StalledStreamProtectionConfig,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
 use aws_sdk_s3::Client;
@@ -279,7 +279,7 @@ impl S3Storage {
                     "none in the environment, the AWS profile or an instance role".to_string()
                 }
                 // A broken profile or credential process: its own message says what is wrong.
-                other => one_line(&DisplayErrorContext(other).to_string()),
+                other => one_line(&crate::util::message::full(other)),
             };
             return Err(Error::NoCredentials { url, detail });
         }
@@ -422,7 +422,7 @@ impl Inner {
                     url: url.clone(),
                     detail: format!(
                         "the response body broke off: {}",
-                        one_line(&DisplayErrorContext(&e).to_string())
+                        one_line(&crate::util::message::full(&e))
                     ),
                     attempts: 1,
                 })?;
@@ -862,7 +862,8 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let url = url.to_string();
-    let detail = || one_line(&DisplayErrorContext(&err).to_string());
+    // The error and its causes, each said once; not the SDK's debug dump of the error.
+    let detail = || one_line(&crate::util::message::full(&err));
     match &err {
         SdkError::TimeoutError(_) | SdkError::ResponseError(_) => Error::Unavailable {
             url,

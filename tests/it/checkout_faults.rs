@@ -89,12 +89,12 @@ fn a_checkout_killed_halfway_leaves_a_pg_that_says_so_and_comes_back() {
 }
 
 /// A tmpfs of `mib` MiB at `dir`, unmounted when dropped.
-struct SmallDisk {
-    dir: std::path::PathBuf,
+pub(crate) struct SmallDisk {
+    pub(crate) dir: std::path::PathBuf,
 }
 
 impl SmallDisk {
-    fn mount(dir: &Path, mib: u32) -> Option<SmallDisk> {
+    pub(crate) fn mount(dir: &Path, mib: u32) -> Option<SmallDisk> {
         std::fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
@@ -119,7 +119,7 @@ impl SmallDisk {
         }
     }
 
-    fn free_bytes(&self) -> u64 {
+    pub(crate) fn free_bytes(&self) -> u64 {
         let path = std::ffi::CString::new(self.dir.to_string_lossy().as_bytes()).unwrap();
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);

@@ -402,7 +402,7 @@ fn snapshots_checkout_and_branches() {
 }
 
 /// One HTTP/1.1 request to zenith-local's API; returns the status and the JSON body.
-fn http(
+pub(crate) fn http(
     port: u16,
     method: &str,
     path: &str,

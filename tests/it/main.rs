@@ -6,6 +6,7 @@ mod support;
 
 mod checkout_faults;
 mod cli;
+mod defects;
 mod local;
 mod postgres;
 mod share;

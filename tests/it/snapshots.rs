@@ -1191,7 +1191,7 @@ fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_over_a_newer_state_writes_the_same_tree_as_a_fresh_one() {
-    use zenith::snapshot::native;
+    use zenith::snapshot::zenith as native;
     let Some(mut pg) = PgCluster::init() else {
         return;
     };

@@ -11,8 +11,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-use super::native::{self, Hash};
-use super::{Manifest, Result, SnapshotError};
+use super::catalog::{manifest_key, resolve};
+use super::index::{load_block_hashes, pack_sizes, MAX_INDEX_BYTES};
+use super::lists::{fetch_lists, list_key, patch_key, MAX_LIST_BYTES};
+use super::lock::with_export_lock;
+use super::packer::MAX_PACK_BYTES;
+use super::{BlockSet, Hash, TRANSFER_CONCURRENCY};
+use crate::snapshot::error::{Result, SnapshotError};
+use crate::snapshot::manifest::Manifest;
 use crate::storage::Storage;
 use crate::util::progress::ProgressHandle;
 
@@ -41,27 +47,23 @@ pub async fn transfer(
     if let Some(n) = name {
         m.name = Some(n.to_string());
     }
-    let key = native::manifest_key(&m.id);
+    let key = manifest_key(&m.id);
     if target.exists(&key).await? {
         return Ok(TransferReport {
-            manifest: Some(native::resolve(target.as_ref(), &m.id).await?),
+            manifest: Some(resolve(target.as_ref(), &m.id).await?),
             already_there: true,
             ..Default::default()
         });
     }
     // A concurrent `snapshot delete` on the target must not collect what this run
-    // decides not to send because it is there.
-    let lock = native::take_export_lock(target).await?;
-    // The manifest goes under the lock too: until it is there, a collection on the target
-    // could take objects this run relied on.
-    let result = async {
+    // decides not to send because it is there. The manifest goes under the lock too: until
+    // it is there, a collection on the target could take objects this run relied on.
+    let mut report = with_export_lock(target, async {
         let report = send(source, target, &m, progress).await?;
         target.put(&key, Bytes::from(m.to_json())).await?;
-        Ok::<_, SnapshotError>(report)
-    }
-    .await;
-    lock.release().await;
-    let mut report = result?;
+        Ok(report)
+    })
+    .await?;
     report.manifest = Some(m);
     Ok(report)
 }
@@ -76,7 +78,7 @@ async fn send(
     let bytes = AtomicU64::new(0);
     let mut skipped = 0u64;
     // The block lists (full, or patches with the full lists they are based on).
-    let lists = native::fetch_lists(source, std::slice::from_ref(m)).await?;
+    let lists = fetch_lists(source, std::slice::from_ref(m)).await?;
     let there: HashSet<String> = target
         .list("lists/")
         .await?
@@ -86,11 +88,11 @@ async fn send(
     let mut list_keys = Vec::new();
     for (name, (_, base)) in &lists {
         let mut wanted = vec![match base {
-            Some(_) => native::patch_key(name),
-            None => native::list_key(name),
+            Some(_) => patch_key(name),
+            None => list_key(name),
         }];
         if let Some(b) = base {
-            wanted.push(native::list_key(b));
+            wanted.push(list_key(b));
         }
         for key in wanted {
             if there.contains(&key) || list_keys.contains(&key) {
@@ -101,8 +103,8 @@ async fn send(
         }
     }
     // The packs holding blocks the target has in none of its packs.
-    let have = native::load_block_hashes(target.as_ref()).await?;
-    let mut needed = native::BlockSet::default();
+    let have = load_block_hashes(target.as_ref()).await?;
+    let mut needed = BlockSet::default();
     for (list, _) in lists.values() {
         needed.extend(list.iter().filter(|h| !have.contains(*h)));
     }
@@ -114,7 +116,7 @@ async fn send(
         .into_iter()
         .map(|o| (o.key.trim_start_matches("packs/").to_string(), o.size))
         .collect();
-    let all_packs = native::pack_sizes(source).await?;
+    let all_packs = pack_sizes(source).await?;
     // Every block the target lacks must be in a pack the source has: a snapshot that
     // cannot be restored is never sent.
     let available: HashSet<&Hash> = all_packs.iter().flat_map(|(_, e, _)| e.iter()).collect();
@@ -167,19 +169,19 @@ async fn send(
         .map(|(id, _, there)| async move {
             if !there {
                 let key = format!("packs/{id}");
-                let n = copy(key, native::MAX_PACK_BYTES, Some(id.clone())).await?;
+                let n = copy(key, MAX_PACK_BYTES, Some(id.clone())).await?;
                 progress.add(n);
             }
-            copy(format!("index/{id}.idx"), native::MAX_INDEX_BYTES, None).await?;
+            copy(format!("index/{id}.idx"), MAX_INDEX_BYTES, None).await?;
             Ok(())
         })
-        .buffer_unordered(native::TRANSFER_CONCURRENCY)
+        .buffer_unordered(TRANSFER_CONCURRENCY)
         .collect()
         .await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
     let results: Vec<Result<u64>> = futures::stream::iter(list_keys)
-        .map(|key| copy(key, native::MAX_LIST_BYTES, None))
-        .buffer_unordered(native::TRANSFER_CONCURRENCY * 4)
+        .map(|key| copy(key, MAX_LIST_BYTES, None))
+        .buffer_unordered(TRANSFER_CONCURRENCY * 4)
         .collect()
         .await;
     results.into_iter().collect::<Result<Vec<u64>>>()?;

@@ -5,11 +5,14 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
-
-use super::ops::{check_name, open, store, OpError, OpResult, Ops};
-use super::repo::Retention;
-use crate::snapshot::{datadir, native, transfer, Manifest};
+use super::config::Retention;
+use super::names::check_name;
+use super::store::open;
+use super::Pageserver;
+use crate::models::{
+    Moved, OpError, OpResult, PullReport, PushReport, PushedSnapshot, StorageDetail, StorageInfo,
+};
+use crate::snapshot::{datadir, zenith, Manifest};
 use crate::util::progress::ProgressHandle;
 
 /// The name `storage_dest` goes by wherever a storage name is accepted.
@@ -19,7 +22,7 @@ fn looks_like_url(text: &str) -> bool {
     text.contains("://") || text.starts_with('/') || text.starts_with('.')
 }
 
-impl Ops {
+impl Pageserver {
     /// A storage name (`storage_dest` or one attached) or a URL, as a URL.
     pub fn storage_url(&self, name_or_url: &str) -> OpResult<String> {
         let config = self.repo.config()?;
@@ -52,24 +55,25 @@ impl Ops {
     }
 
     /// The named storages, storage_dest first when set.
-    pub fn list_storages(&self) -> OpResult<Vec<Value>> {
+    pub fn list_storages(&self) -> OpResult<Vec<StorageInfo>> {
         let config = self.repo.config()?;
-        let mut out: Vec<Value> = config
+        let mut out: Vec<StorageInfo> = config
             .storage_dest
             .iter()
-            .map(|url| json!({ "name": STORAGE_DEST, "url": url }))
+            .map(|url| StorageInfo {
+                name: STORAGE_DEST.into(),
+                url: url.clone(),
+            })
             .collect();
-        out.extend(
-            config
-                .storages
-                .iter()
-                .map(|(name, url)| json!({ "name": name, "url": url })),
-        );
+        out.extend(config.storages.iter().map(|(name, url)| StorageInfo {
+            name: name.clone(),
+            url: url.clone(),
+        }));
         Ok(out)
     }
 
     /// One storage: its URL, the snapshots there and the space they use.
-    pub async fn show_storage(&self, name: &str) -> OpResult<Value> {
+    pub async fn show_storage(&self, name: &str) -> OpResult<StorageDetail> {
         if looks_like_url(name) {
             return Err(OpError::BadRequest(format!(
                 "{name:?} is a URL; `zenith snapshot list --storage URL` lists its snapshots"
@@ -77,20 +81,20 @@ impl Ops {
         }
         let url = self.storage_url(name)?;
         let storage = open(&url).await?;
-        let snapshots = native::list(storage.as_ref()).await?;
-        let objects = storage.list("").await.map_err(anyhow::Error::from)?;
-        Ok(json!({
-            "name": name,
-            "url": url,
-            "snapshots": snapshots.iter().map(Manifest::summary).collect::<Vec<_>>(),
-            "objects": objects.len(),
-            "bytes": objects.iter().map(|o| o.size).sum::<u64>(),
-        }))
+        let snapshots = zenith::list(storage.as_ref()).await?;
+        let objects = storage.list("").await?;
+        Ok(StorageDetail {
+            name: name.to_string(),
+            url,
+            snapshots: snapshots.iter().map(Manifest::summary).collect(),
+            objects: objects.len() as u64,
+            bytes: objects.iter().map(|o| o.size).sum(),
+        })
     }
 
     /// Names a storage URL, like a git remote (`storage_dest` sets the repo's
     /// destination). The URL is checked, not contacted.
-    pub fn attach_storage(&self, name: &str, url: &str) -> OpResult<Value> {
+    pub fn attach_storage(&self, name: &str, url: &str) -> OpResult<StorageInfo> {
         check_name(name)?;
         crate::storage::StorageUrl::parse(url).map_err(|e| OpError::BadRequest(e.to_string()))?;
         let mut config = self.repo.config()?;
@@ -110,7 +114,10 @@ impl Ops {
             config.storages.insert(name.to_string(), url.to_string());
         }
         self.repo.save_config(&config)?;
-        Ok(json!({ "name": name, "url": url }))
+        Ok(StorageInfo {
+            name: name.to_string(),
+            url: url.to_string(),
+        })
     }
 
     /// Forgets a named storage; what it holds is left alone.
@@ -144,23 +151,23 @@ impl Ops {
         reference: Option<&str>,
         dest: Option<&str>,
         progress: ProgressHandle,
-    ) -> OpResult<Value> {
+    ) -> OpResult<PushReport> {
         self.push_from(None, reference, dest, progress).await
     }
 
-    /// [`Ops::push`] from another storage (`from`, a name or URL) instead of the repo.
+    /// [`Pageserver::push`] from another storage (`from`, a name or URL) instead of the repo.
     pub async fn push_from(
         &self,
         from: Option<&str>,
         reference: Option<&str>,
         dest: Option<&str>,
         progress: ProgressHandle,
-    ) -> OpResult<Value> {
+    ) -> OpResult<PushReport> {
         self.push_except(from, reference, dest, &HashSet::new(), progress)
             .await
     }
 
-    /// [`Ops::push_from`], leaving out the snapshots in `except` (retention's choice).
+    /// [`Pageserver::push_from`], leaving out the snapshots in `except` (retention's choice).
     pub async fn push_except(
         &self,
         from: Option<&str>,
@@ -168,7 +175,7 @@ impl Ops {
         dest: Option<&str>,
         except: &HashSet<String>,
         progress: ProgressHandle,
-    ) -> OpResult<Value> {
+    ) -> OpResult<PushReport> {
         let label = dest.unwrap_or(STORAGE_DEST);
         let url = self.storage_url(label)?;
         let source = match from {
@@ -187,11 +194,11 @@ impl Ops {
             Some(d) => open(&d).await?.url() == target.url(),
             None => false,
         };
-        let there = native::list(target.as_ref()).await?;
+        let there = zenith::list(target.as_ref()).await?;
         let there_ids: HashSet<&str> = there.iter().map(|m| m.id.as_str()).collect();
         let mut picked = match reference {
-            Some(r) => vec![native::resolve(store.as_ref(), r).await?],
-            None => native::list(store.as_ref())
+            Some(r) => vec![zenith::resolve(store.as_ref(), r).await?],
+            None => zenith::list(store.as_ref())
                 .await?
                 .into_iter()
                 .filter(|m| !there_ids.contains(m.id.as_str()) && !except.contains(&m.id))
@@ -220,24 +227,21 @@ impl Ops {
         let mut pushed = Vec::new();
         let (mut bytes, mut objects) = (0u64, 0u64);
         for m in &picked {
-            let r = transfer::transfer(store.as_ref(), &target, m, None, &progress).await?;
+            let r = zenith::transfer(store.as_ref(), &target, m, None, &progress).await?;
             bytes += r.bytes_sent;
             objects += r.objects_sent;
-            pushed.push(json!({
-                "snapshot": m.summary(),
-                "bytes_sent": r.bytes_sent,
-                "objects_sent": r.objects_sent,
-                "objects_skipped": r.objects_skipped,
-                "already_there": r.already_there,
-            }));
+            pushed.push(PushedSnapshot {
+                snapshot: m.summary(),
+                moved: Moved::from(&r),
+            });
         }
-        Ok(json!({
-            "storage": label,
-            "url": target.url(),
-            "pushed": pushed,
-            "bytes_sent": bytes,
-            "objects_sent": objects,
-        }))
+        Ok(PushReport {
+            storage: label.to_string(),
+            url: target.url(),
+            pushed,
+            bytes_sent: bytes,
+            objects_sent: objects,
+        })
     }
 
     /// Pulls one snapshot (default LATEST) of a storage into the repo; no pg changes.
@@ -246,20 +250,17 @@ impl Ops {
         source: &str,
         reference: Option<&str>,
         progress: ProgressHandle,
-    ) -> OpResult<Value> {
+    ) -> OpResult<PullReport> {
         let url = self.storage_url(source)?;
         let from = open(&url).await?;
-        let m = native::resolve(from.as_ref(), reference.unwrap_or("LATEST")).await?;
-        let store = store(&self.repo).await?;
-        let r = transfer::transfer(from.as_ref(), &store, &m, None, &progress).await?;
-        Ok(json!({
-            "snapshot": m.summary(),
-            "url": from.url(),
-            "bytes_sent": r.bytes_sent,
-            "objects_sent": r.objects_sent,
-            "objects_skipped": r.objects_skipped,
-            "already_there": r.already_there,
-        }))
+        let m = zenith::resolve(from.as_ref(), reference.unwrap_or("LATEST")).await?;
+        let store = self.store().await?;
+        let r = zenith::transfer(from.as_ref(), &store, &m, None, &progress).await?;
+        Ok(PullReport {
+            snapshot: m.summary(),
+            url: from.url(),
+            moved: Moved::from(&r),
+        })
     }
 
     /// Retention on a storage: unnamed snapshots `rule` does not keep go, named ones stay
@@ -273,7 +274,7 @@ impl Ops {
     ) -> OpResult<Vec<Manifest>> {
         let url = self.storage_url(storage)?;
         let target = open(&url).await?;
-        let listed: Vec<Manifest> = native::list(target.as_ref())
+        let listed: Vec<Manifest> = zenith::list(target.as_ref())
             .await?
             .into_iter()
             .filter(|m| eligible(m))
@@ -285,7 +286,7 @@ impl Ops {
             .collect();
         if !dry_run {
             for m in &doomed {
-                native::delete(
+                zenith::delete(
                     Arc::clone(&target),
                     m,
                     std::time::Duration::from_secs(3600),
@@ -298,7 +299,7 @@ impl Ops {
     }
 }
 
-impl Ops {
+impl Pageserver {
     /// Brings the main pg back from the newest snapshot in storage_dest (a crash, or a new
     /// machine given the old config.toml); `None` when storage_dest is unset or empty.
     pub async fn restore_main(&self, progress: ProgressHandle) -> OpResult<Option<Manifest>> {
@@ -306,7 +307,7 @@ impl Ops {
             return Ok(None);
         };
         let from = open(&url).await?;
-        let all = native::list(from.as_ref()).await?;
+        let all = zenith::list(from.as_ref()).await?;
         // The newest of the main pg; a storage_dest filled only by hand: its newest.
         let Some(m) = all
             .iter()
@@ -317,8 +318,8 @@ impl Ops {
         else {
             return Ok(None);
         };
-        let store = store(&self.repo).await?;
-        transfer::transfer(from.as_ref(), &store, &m, None, &progress).await?;
+        let store = self.store().await?;
+        zenith::transfer(from.as_ref(), &store, &m, None, &progress).await?;
         self.main_from_snapshot(&m).await?;
         Ok(Some(m))
     }

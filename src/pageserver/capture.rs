@@ -1,4 +1,4 @@
-//! Online snapshots read straight from a running server's data directory.
+//! Online capture: snapshots of a running server, without stopping it.
 //!
 //! When the server runs on this machine and its data directory is readable, zenith does
 //! what `pg_basebackup` does inside the server, without copying the data twice: in one
@@ -13,13 +13,25 @@
 //! The session is a `psql` child process, so every way libpq authenticates (passwords in
 //! the URI, `PGPASSFILE`, certificates, peer) works exactly as for `psql`.
 
+//!
+//! When the data directory is not readable here (another machine, a standby), and for the
+//! `pgdata` and `basebackup` formats, stock `pg_basebackup` copies the server into a
+//! staging directory first ([`online_copy`]).
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::datadir;
-use super::error::{Result, SnapshotError};
+use crate::compute::connstr::{redact_password, split_password};
+use crate::compute::wal::{parse_lsn, segment_range};
+use crate::compute::PgInstall;
+use crate::snapshot::datadir::{self, DirEntry};
+use crate::snapshot::zenith::{self, with_export_lock, PackReport, PackRun};
+use crate::snapshot::{join_error, Format, Origin, PackOptions, Result, SnapshotError};
+use crate::storage::Storage;
+use crate::util::tempdir::TempDir;
 
 /// Separates fields in the session's output (a byte no path or LSN contains).
 const FIELD_SEPARATOR: char = '\u{1f}';
@@ -55,9 +67,9 @@ pub struct Session {
 
 impl Session {
     /// Connects with `psql` to `connstr`.
-    pub async fn open(install: &crate::compute::PgInstall, connstr: &str) -> Result<Session> {
-        let what = super::native::redact_password(connstr);
-        let (dbname, password) = super::native::split_password(connstr);
+    pub async fn open(install: &PgInstall, connstr: &str) -> Result<Session> {
+        let what = redact_password(connstr);
+        let (dbname, password) = split_password(connstr);
         let mut cmd = tokio::process::Command::new(install.bin("psql"));
         if let Some(pw) = password {
             cmd.env("PGPASSWORD", pw);
@@ -220,39 +232,6 @@ pub fn local_data_directory(info: &ServerInfo) -> Option<&Path> {
     (control.system_identifier == info.system_identifier).then_some(info.data_directory.as_path())
 }
 
-/// An LSN as PostgreSQL prints it (`16/B374D848`).
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.split_once('/')?;
-    if hi.is_empty() || lo.is_empty() || hi.len() > 8 || lo.len() > 8 {
-        return None;
-    }
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
-
-/// WAL file names from `first` to `last` inclusive (same timeline).
-fn segment_range(first: &str, last: &str, segment_size: u64) -> Option<Vec<String>> {
-    let per = (segment_size > 0).then(|| 0x1_0000_0000 / segment_size)?;
-    let parse = |name: &str| -> Option<(u32, u64)> {
-        if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let tli = u32::from_str_radix(&name[..8], 16).ok()?;
-        let log = u64::from_str_radix(&name[8..16], 16).ok()?;
-        let seg = u64::from_str_radix(&name[16..], 16).ok()?;
-        Some((tli, log * per + seg))
-    };
-    let (tli, from) = parse(first)?;
-    let (tli2, to) = parse(last)?;
-    if tli != tli2 || to < from || to - from > 1_000_000 {
-        return None;
-    }
-    Some(
-        (from..=to)
-            .map(|n| format!("{tli:08X}{:08X}{:08X}", n / per, n % per))
-            .collect(),
-    )
-}
-
 /// What an online read leaves out of the data directory, as PostgreSQL's own base backup
 /// does: WAL (taken separately), runtime state recreated at start, temporary files, and
 /// the main forks of unlogged relations (only their init fork is kept).
@@ -308,45 +287,216 @@ pub fn unlogged_relations(entries: &[datadir::DirEntry]) -> std::collections::Ha
         .collect()
 }
 
+/// A consistent copy of a running server in a staging directory, removed when dropped.
+pub struct OnlineCopy {
+    _staging: TempDir,
+    /// The copied data directory (with the WAL needed to make it consistent).
+    pub data: PathBuf,
+    /// Start and stop LSN of the copy.
+    pub lsns: (String, String),
+}
+
+/// Where staging copies go: `ZENITH_STAGING_DIR`, else the system's temporary directory.
+/// Copies that killed runs left there are removed first.
+fn staging_dir() -> PathBuf {
+    let base = std::env::var_os("ZENITH_STAGING_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    crate::util::tempdir::sweep(&base, STAGING);
+    base
+}
+
+const STAGING: &str = "zenith-staging";
+
+/// Copies a running server with stock `pg_basebackup` (plain format, WAL streamed) into a
+/// staging directory under `ZENITH_STAGING_DIR`, else the system's temporary directory.
+pub async fn online_copy(install: &PgInstall, connstr: &str) -> Result<OnlineCopy> {
+    let base = staging_dir();
+    let staging =
+        TempDir::new_in(&base, STAGING).map_err(|e| SnapshotError::io(&base, "create", e))?;
+    let mut copy = OnlineCopy {
+        data: staging.path().join("data"),
+        _staging: staging,
+        lsns: (String::new(), String::new()),
+    };
+    let (dbname, password) = split_password(connstr);
+    let mut cmd = tokio::process::Command::new(install.bin("pg_basebackup"));
+    if let Some(pw) = password {
+        cmd.env("PGPASSWORD", pw);
+    }
+    let out = cmd
+        .arg("--dbname")
+        .arg(dbname)
+        .arg("--pgdata")
+        .arg(&copy.data)
+        .args([
+            "--format=plain",
+            "--wal-method=stream",
+            "--checkpoint=fast",
+            "--no-sync",
+            "--no-password",
+        ])
+        .env("PGAPPNAME", "zenith")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| SnapshotError::io(install.bin("pg_basebackup"), "run", e))?;
+    if !out.status.success() {
+        let last = crate::compute::node::last_line(&out.stderr);
+        return Err(SnapshotError::Refused {
+            reason: format!(
+                "the online snapshot of {} failed: {last}; check the connection string, and that the server accepts replication connections (pg_hba.conf, max_wal_senders)",
+                redact_password(connstr)
+            ),
+        });
+    }
+    copy.lsns = backup_lsns(&copy.data)?;
+    Ok(copy)
+}
+
+/// Start and stop LSN of a base backup, from its `backup_manifest` (WAL-Ranges).
+pub(crate) fn backup_lsns(data: &Path) -> Result<(String, String)> {
+    let path = data.join("backup_manifest");
+    let text = std::fs::read_to_string(&path).map_err(|e| SnapshotError::io(&path, "read", e))?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| SnapshotError::Corrupt {
+            object: path.display().to_string(),
+            what: e.to_string(),
+        })?;
+    let range = &manifest["WAL-Ranges"][0];
+    match (range["Start-LSN"].as_str(), range["End-LSN"].as_str()) {
+        (Some(start), Some(end)) => Ok((start.to_string(), end.to_string())),
+        _ => Err(SnapshotError::Corrupt {
+            object: path.display().to_string(),
+            what: "no WAL-Ranges".into(),
+        }),
+    }
+}
+
+/// Snapshots a running server without stopping it. When the server's data directory is on
+/// this machine, files are read in place between `pg_backup_start` and `pg_backup_stop`
+/// (see the module's description); otherwise stock `pg_basebackup` copies the server to a staging
+/// directory first.
+pub async fn pack_online(
+    install: &PgInstall,
+    connstr: &str,
+    storage: Arc<dyn Storage>,
+    options: &PackOptions,
+) -> Result<PackReport> {
+    let mut session = Session::open(install, connstr).await?;
+    let info = session.server_info().await?;
+    let local = local_data_directory(&info).map(Path::to_path_buf);
+    let why_not = match local {
+        None => Some("its data directory is not readable here".to_string()),
+        Some(_) => session.backup_start().await.err().map(|e| e.to_string()),
+    };
+    let (Some(dir), None) = (local, &why_not) else {
+        session.close().await;
+        tracing::info!(
+            "reading the server in place is not possible ({}): copying it with pg_basebackup",
+            why_not.unwrap_or_default()
+        );
+        let copy = online_copy(install, connstr).await?;
+        return zenith::pack_dir(&copy.data, storage, options, Some(copy.lsns.clone())).await;
+    };
+    // The backup is running from here on; ending the session (also by an error) aborts it.
+    let result = with_export_lock(&storage, async {
+        let started = std::time::Instant::now();
+        let run = PackRun::prepare(Arc::clone(&storage), info.system_identifier, options).await?;
+        tracing::debug!("destination surveyed in {:?}", started.elapsed());
+        let pg_version = datadir::read_pg_version(&dir)?;
+        let control = datadir::read_control(&dir)?;
+        let walk_dir = dir.clone();
+        let walked = tokio::task::spawn_blocking(move || datadir::walk_live(&walk_dir))
+            .await
+            .map_err(join_error)??;
+        let unlogged = unlogged_relations(&walked);
+        let walked: Vec<DirEntry> = walked
+            .into_iter()
+            .filter(|e| !excluded(&e.rel, &unlogged))
+            .collect();
+        let walked_size: u64 = walked.iter().map(|e| e.size).sum();
+        options.progress.set_total(walked_size);
+        let (mut entries, run) = run.pack(walked, true).await?;
+        tracing::debug!("data files packed after {:?}", started.elapsed());
+        let end = session.backup_stop(&info).await?;
+        session.close().await;
+        tracing::debug!(
+            "backup stopped after {:?}: {} WAL segments",
+            started.elapsed(),
+            end.segments.len()
+        );
+        // The WAL from start to stop, and the label that tells recovery where to begin.
+        let work = TempDir::new("zenith-label")
+            .map_err(|e| SnapshotError::io(std::env::temp_dir(), "create", e))?;
+        let tail = wal_tail(&dir, &end, info.wal_segment_size, work.path())?;
+        let tail_size: u64 = tail.iter().map(|e| e.size).sum();
+        options.progress.set_total(walked_size + tail_size);
+        let (more, run) = run.pack(tail, false).await?;
+        entries.extend(more);
+        let origin = Origin {
+            format: Format::Zenith,
+            name: options.name.clone(),
+            parent: options.parent.clone(),
+            pg: options.pg.clone(),
+            pg_version,
+            control,
+            lsns: Some((end.start_lsn, end.stop_lsn)),
+        };
+        let report = run.finish(origin, entries).await;
+        tracing::debug!("snapshot stored after {:?}", started.elapsed());
+        report
+    })
+    .await;
+    options.progress.finish();
+    result
+}
+
+/// PostgreSQL's WAL page size.
+const WAL_PAGE: u64 = 8192;
+
+/// The files an online snapshot adds after `pg_backup_stop`: `backup_label`, and the WAL
+/// segments from start to stop. The first and last segments are copied into `work` with
+/// what recovery never reads zeroed (the pages before the start position, everything after
+/// the stop position): it is stale WAL that would only cost space.
+fn wal_tail(dir: &Path, end: &BackupEnd, segment_size: u64, work: &Path) -> Result<Vec<DirEntry>> {
+    let label_path = work.join("backup_label");
+    std::fs::write(&label_path, &end.label)
+        .map_err(|e| SnapshotError::io(&label_path, "write", e))?;
+    let mut tail = vec![DirEntry::file("backup_label", &label_path, 0o600)?];
+    let start = parse_lsn(&end.start_lsn);
+    let stop = parse_lsn(&end.stop_lsn);
+    for (i, segment) in end.segments.iter().enumerate() {
+        let mut abs = dir.join("pg_wal").join(segment);
+        let (first, last) = (i == 0, i + 1 == end.segments.len());
+        if let (true, Some(start), Some(stop)) = (first || last, start, stop) {
+            let mut bytes = std::fs::read(&abs).map_err(|e| SnapshotError::io(&abs, "read", e))?;
+            if last {
+                let keep = (stop % segment_size) as usize;
+                if keep > 0 && keep < bytes.len() {
+                    bytes[keep..].fill(0);
+                }
+            }
+            if first {
+                // Pages before the one holding the start position are never read; the
+                // segment's first page stays (recovery checks its header).
+                let page = ((start % segment_size) / WAL_PAGE) as usize * WAL_PAGE as usize;
+                if page > WAL_PAGE as usize && page <= bytes.len() {
+                    bytes[WAL_PAGE as usize..page].fill(0);
+                }
+            }
+            let copy = work.join(segment);
+            std::fs::write(&copy, &bytes).map_err(|e| SnapshotError::io(&copy, "write", e))?;
+            abs = copy;
+        }
+        tail.push(DirEntry::file(&format!("pg_wal/{segment}"), &abs, 0o600)?);
+    }
+    Ok(tail)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lsns_parse_like_postgresql_prints_them() {
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(parse_lsn("0/0"), Some(0));
-        for bad in [
-            "",
-            "1",
-            "/1",
-            "1/",
-            "x/1",
-            "1/2/3",
-            "123456789/0",
-            "1'; drop/1",
-        ] {
-            assert_eq!(parse_lsn(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn wal_segments_between_two_positions() {
-        let size = 16 << 20;
-        assert_eq!(
-            segment_range("0000000100000000000000FE", "000000010000000100000001", size).unwrap(),
-            vec![
-                "0000000100000000000000FE",
-                "0000000100000000000000FF",
-                "000000010000000100000000",
-                "000000010000000100000001"
-            ]
-        );
-        assert!(
-            segment_range("000000010000000000000002", "000000020000000000000003", size).is_none()
-        );
-        assert!(segment_range("../etc", "000000010000000000000003", size).is_none());
-    }
 
     #[test]
     fn runtime_state_and_unlogged_relations_are_left_out() {

@@ -5,39 +5,16 @@
 //! set or changed while zenith-local runs takes effect. A failed push is retried with
 //! backoff and reported in `zenith status`; it never stops a database.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
-use super::ops::{OpResult, Ops};
-use super::repo::Retention;
+use super::config::Retention;
 use super::share::{doomed, of_main};
-use super::supervisor::Supervisor;
+use super::Pageserver;
 use crate::compute::node::Status;
-
-/// What `zenith status` shows of background pushes.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PushState {
-    pub storage_dest: String,
-    pub interval_secs: u64,
-    /// WAL written by the main pg that brings a push forward.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wal_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_pushed: Option<String>,
-    /// When the last push succeeded, seconds since the epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_pushed_unix: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// Failed attempts in a row.
-    #[serde(default)]
-    pub failures: u32,
-    /// When the next attempt is due, seconds since the epoch.
-    #[serde(default)]
-    pub next_unix: u64,
-}
+use crate::compute::PgInstall;
+use crate::models::{OpResult, PushState};
+use crate::snapshot::zenith;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -46,8 +23,13 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Longest wait after a failure before the next attempt (never longer than the interval).
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Waits after failed pushes: about 10 s after the first, doubling to at most 5 minutes
+/// (never longer than the interval), with jitter (the shared backoff policy).
+const BACKOFF: crate::util::backoff::RetryPolicy = crate::util::backoff::RetryPolicy {
+    max_attempts: u32::MAX,
+    base_delay: Duration::from_secs(10),
+    max_delay: Duration::from_secs(300),
+};
 
 /// How often the pusher reads config.toml again and looks at the main pg's WAL.
 const TICK: Duration = Duration::from_secs(5);
@@ -62,10 +44,17 @@ pub struct Settings {
     pub wal_bytes: Option<u64>,
 }
 
+/// Where the pusher reports its state (zenith-local's status file).
+pub type Report = Box<dyn Fn(Option<PushState>) + Send + Sync>;
+
 /// One zenith-local's pusher.
 pub struct Pusher {
-    ops: Ops,
-    supervisor: Arc<Supervisor>,
+    pageserver: Pageserver,
+    /// The installation the main pg runs with.
+    install: PgInstall,
+    report: Report,
+    /// The state last reported.
+    state: Mutex<Option<PushState>>,
     /// The main pg's row change counters after the last snapshot: unchanged means
     /// nothing to take.
     last_changes: tokio::sync::Mutex<Option<String>>,
@@ -74,10 +63,12 @@ pub struct Pusher {
 }
 
 impl Pusher {
-    pub fn new(ops: Ops, supervisor: Arc<Supervisor>) -> Arc<Pusher> {
+    pub fn new(pageserver: Pageserver, install: PgInstall, report: Report) -> Arc<Pusher> {
         Arc::new(Pusher {
-            ops,
-            supervisor,
+            pageserver,
+            install,
+            report,
+            state: Mutex::new(None),
             last_changes: Default::default(),
             last_lsn: Default::default(),
         })
@@ -85,8 +76,8 @@ impl Pusher {
 
     /// Background pushes as config.toml has them now: `None` without a storage_dest or
     /// with an interval of 0.
-    pub fn settings(&self) -> anyhow::Result<Option<Settings>> {
-        let config = self.ops.repo.config()?;
+    pub fn settings(&self) -> OpResult<Option<Settings>> {
+        let config = self.pageserver.repo.config()?;
         let (Some(storage_dest), Some(period)) = (config.storage_dest, config.push.period()?)
         else {
             return Ok(None);
@@ -97,6 +88,16 @@ impl Pusher {
             retention: config.push.retention()?,
             wal_bytes: config.push.wal_bytes()?,
         }))
+    }
+
+    /// The state last reported: what the last push at `zenith stop` continues from.
+    pub fn state(&self) -> Option<PushState> {
+        self.state.lock().expect("not poisoned").clone()
+    }
+
+    fn set_state(&self, state: Option<PushState>) {
+        *self.state.lock().expect("not poisoned") = state.clone();
+        (self.report)(state);
     }
 
     /// Pushes on schedule, or early after `[push] wal` of WAL, until `stop` turns true
@@ -116,7 +117,7 @@ impl Pusher {
             let settings = match self.settings() {
                 Ok(s) => s,
                 Err(e) => {
-                    let e = crate::util::message::full(&e);
+                    let e = e.full_message();
                     if bad_config.as_ref() != Some(&e) {
                         tracing::error!("background pushes: {e}");
                         bad_config = Some(e);
@@ -128,7 +129,7 @@ impl Pusher {
             let Some(settings) = settings else {
                 if state.take().is_some() {
                     tracing::info!("background pushes are off");
-                    self.supervisor.set_push(None);
+                    self.set_state(None);
                 }
                 continue;
             };
@@ -154,7 +155,7 @@ impl Pusher {
             }
             st.interval_secs = settings.period.as_secs();
             st.wal_bytes = settings.wal_bytes;
-            self.supervisor.set_push(Some(st.clone()));
+            self.set_state(Some(st.clone()));
             let due = unix_now() >= st.next_unix;
             // WAL brings a push forward, not a retry after a failure.
             let early = !due && st.failures == 0 && self.wal_due(settings.wal_bytes).await;
@@ -190,16 +191,13 @@ impl Pusher {
 
     /// The main pg's WAL position in bytes, when it runs as a primary.
     async fn main_lsn(&self) -> Option<u64> {
-        let main = self.ops.repo.node("main");
+        let main = self.pageserver.repo.node("main");
         if main.status() != Status::Running {
             return None;
         }
         let state = main.state().ok()?;
         let sql = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint";
-        let out = main
-            .query(self.supervisor.install(), &state, sql)
-            .await
-            .ok()?;
+        let out = main.query(&self.install, &state, sql).await.ok()?;
         out.trim().parse().ok()
     }
 
@@ -218,32 +216,27 @@ impl Pusher {
                 settings.period
             }
             Err(e) => {
-                let message = match &e {
-                    super::ops::OpError::Other(e) => crate::util::message::full(e),
-                    other => other.to_string(),
-                };
+                let message = e.full_message();
                 tracing::warn!(
                     "background push to {} failed: {message}",
                     state.storage_dest
                 );
                 state.last_error = Some(message);
                 state.failures += 1;
-                let backoff = Duration::from_secs(5u64.saturating_mul(1 << state.failures.min(10)));
-                backoff.min(MAX_BACKOFF).min(settings.period)
+                BACKOFF.delay(state.failures).min(settings.period)
             }
         };
         state.next_unix = unix_now() + wait.as_secs();
-        self.supervisor.set_push(Some(state.clone()));
+        self.set_state(Some(state.clone()));
     }
 
     /// Snapshots the main pg if its WAL moved since the last one, pushes whatever
     /// storage_dest lacks, applies retention; the newest snapshot storage_dest now holds.
     async fn push_once(&self, settings: &Settings, force: bool) -> OpResult<Option<String>> {
-        use crate::snapshot::native;
-        let main = self.ops.repo.node("main");
+        let main = self.pageserver.repo.node("main");
         if main.status() == Status::Running {
             let state = main.state()?;
-            let install = self.supervisor.install();
+            let install = &self.install;
             // Rows written, updated or deleted anywhere: a snapshot's own WAL (its
             // checkpoint, the backup records) changes none of these.
             let changes_sql = "SELECT sum(tup_inserted + tup_updated + tup_deleted)::text \
@@ -252,47 +245,46 @@ impl Pusher {
             let mut last = self.last_changes.lock().await;
             if force || now.is_none() || *last != now {
                 let lsn = self.main_lsn().await;
-                let m = self.ops.create_snapshot(None, Default::default()).await?;
+                let m = self
+                    .pageserver
+                    .create_snapshot(None, Default::default())
+                    .await?;
                 tracing::info!("background snapshot {} of pg main", m.id);
                 *last = main.query(install, &state, changes_sql).await.ok();
                 *self.last_lsn.lock().await = lsn;
             }
         }
         let url = &settings.storage_dest;
-        let dest = crate::storage::open(url)
-            .await
-            .map_err(anyhow::Error::from)?;
-        let store = crate::storage::open(&self.ops.repo.store_url())
-            .await
-            .map_err(anyhow::Error::from)?;
+        let dest = crate::storage::open(url).await?;
+        let store = self.pageserver.store().await?;
         // Retention decides over the repo's and storage_dest's snapshots of main together,
         // so a snapshot it drops is neither pushed nor kept on either side.
-        let mut both: Vec<_> = native::list(store.as_ref()).await?;
-        both.extend(native::list(dest.as_ref()).await?);
+        let mut both: Vec<_> = zenith::list(store.as_ref()).await?;
+        both.extend(zenith::list(dest.as_ref()).await?);
         both.retain(of_main);
         let doomed = match settings.retention {
             Some(rule) => doomed(&both, rule),
             None => Default::default(),
         };
         let pushed = self
-            .ops
+            .pageserver
             .push_except(None, None, Some(url), &doomed, Default::default())
             .await?;
-        let sent = pushed["pushed"].as_array().map(Vec::len).unwrap_or(0);
+        let sent = pushed.pushed.len();
         if sent > 0 {
             tracing::info!(
                 "pushed {sent} snapshot(s) to storage_dest: {} bytes in {} objects",
-                pushed["bytes_sent"],
-                pushed["objects_sent"]
+                pushed.bytes_sent,
+                pushed.objects_sent
             );
         }
         if let Some(rule) = settings.retention {
             for (storage, label) in [
                 (url.as_str(), "storage_dest"),
-                (&self.ops.repo.store_url(), "the repo"),
+                (&self.pageserver.repo.store_url(), "the repo"),
             ] {
                 let gone = self
-                    .ops
+                    .pageserver
                     .prune(storage, rule, false, |m| doomed.contains(&m.id))
                     .await?;
                 for m in gone {

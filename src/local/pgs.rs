@@ -1,0 +1,366 @@
+//! The pgs zenith-local runs: create (empty or from a snapshot), start (also as a
+//! streaming replica), stop, promote, destroy, and roll back with `pg checkout`. One
+//! implementation for zenith-local, which supervises every pg it starts, and for a
+//! command run while zenith-local is down, whose pgs run on unsupervised. What happens to
+//! a pg's data (snapshots, restores, the checkout swap) is the pageserver's.
+
+use std::sync::Arc;
+
+use super::replica;
+use super::supervisor::Supervisor;
+use crate::compute::node::{Node, NodeState, Status};
+use crate::compute::PgInstall;
+use crate::models::{CheckoutReport, NewPg, OpError, OpResult, PgInfo, Role};
+use crate::pageserver::{check_name, refuse_incomplete, swap_data, Pageserver, Repo};
+use crate::util::progress::ProgressHandle;
+
+use crate::pageserver::install;
+
+/// How the operations run: in zenith-local, which supervises the pgs it starts, or in a
+/// command run while zenith-local is down.
+#[derive(Clone)]
+pub struct Ops {
+    pub pageserver: Pageserver,
+    supervisor: Option<Arc<Supervisor>>,
+}
+
+/// A pg as `pg show --json` and `GET /pgs/NAME` describe it.
+pub fn describe(node: &Node, state: &NodeState) -> PgInfo {
+    PgInfo {
+        name: node.name.clone(),
+        status: node.status(),
+        port: state.port,
+        connstr: node.connstr(state),
+        role: if state.primary.is_some() {
+            Role::Replica
+        } else {
+            Role::Primary
+        },
+        primary: state.primary.clone(),
+        data_directory: node.data(),
+        log: node.log(),
+    }
+}
+
+/// The main pg of a new repo: a new cluster.
+pub fn init_main(repo: &Repo, install: &PgInstall) -> OpResult<NodeState> {
+    let config = repo.config()?;
+    // Settings zenith-local reads again later are checked before anything starts.
+    config.check()?;
+    let main = repo.node("main");
+    let port = crate::util::port::free_port(config.pg_port).map_err(OpError::Failed)?;
+    Ok(main.init(install, port)?)
+}
+
+impl Ops {
+    /// Operations in zenith-local, which supervises every pg they start.
+    pub fn supervised(pageserver: Pageserver, supervisor: Arc<Supervisor>) -> Ops {
+        Ops {
+            pageserver,
+            supervisor: Some(supervisor),
+        }
+    }
+
+    /// Operations in a command while zenith-local is down.
+    pub fn direct(repo: Repo) -> Ops {
+        Ops {
+            pageserver: Pageserver::new(repo),
+            supervisor: None,
+        }
+    }
+
+    pub fn repo(&self) -> &Repo {
+        &self.pageserver.repo
+    }
+
+    /// Starts a pg: under zenith-local's supervision, or left running on its own, reaped
+    /// by a background task while this process lives and by init after.
+    async fn run_node(&self, node: &Node, state: &mut NodeState) -> OpResult<()> {
+        refuse_incomplete(node)?;
+        match &self.supervisor {
+            Some(s) => s.start(node, state).await,
+            None => {
+                if node.status() == Status::Running {
+                    return Ok(());
+                }
+                let mut child =
+                    super::supervisor::launch(&self.pageserver, &install()?, node, state).await?;
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn halt_node(&self, node: &Node, immediate: bool) -> OpResult<()> {
+        if let Some(s) = &self.supervisor {
+            if s.stop(&node.name, immediate).await {
+                return Ok(());
+            }
+        }
+        Ok(node.stop(immediate).await?)
+    }
+
+    pub fn list_pgs(&self) -> OpResult<Vec<PgInfo>> {
+        let mut rows = Vec::new();
+        for node in self.repo().nodes().into_iter().filter(|n| n.exists()) {
+            let state = node.state()?;
+            rows.push(describe(&node, &state));
+        }
+        Ok(rows)
+    }
+
+    pub fn show_pg(&self, name: &str) -> OpResult<PgInfo> {
+        let (node, state) = self.pageserver.existing(name)?;
+        Ok(describe(&node, &state))
+    }
+
+    /// Creates a pg, empty or from a snapshot of the repo; started unless asked not to.
+    pub async fn create_pg(&self, new: &NewPg, progress: ProgressHandle) -> OpResult<PgInfo> {
+        let name = new.name.as_str();
+        check_name(name)?;
+        let _held = self.pageserver.hold(name).await;
+        let node = self.repo().node(name);
+        if node.dir.exists() {
+            return Err(OpError::Conflict(format!(
+                "pg {name:?} already exists; nothing was changed (`zenith pg destroy {name}` removes it)"
+            )));
+        }
+        let install = install()?;
+        let port = self.pageserver.new_port()?;
+        let filled = match &new.snapshot {
+            Some(reference) => {
+                self.pageserver
+                    .pg_from_snapshot(&node, port, reference, progress)
+                    .await
+            }
+            None => node.init(&install, port).map_err(OpError::from),
+        };
+        let mut state = match filled {
+            Ok(state) => state,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&node.dir);
+                return Err(e);
+            }
+        };
+        if new.start {
+            self.run_node(&node, &mut state).await?;
+        }
+        Ok(describe(&node, &state))
+    }
+
+    /// `pg start`: as a primary, or (`replica`) as a streaming replica of `primary`
+    /// (default main).
+    pub async fn start_pg(
+        &self,
+        name: &str,
+        replica: bool,
+        primary: Option<&str>,
+    ) -> OpResult<PgInfo> {
+        let _held = self.pageserver.hold(name).await;
+        if replica {
+            return self.start_replica(name, primary.unwrap_or("main")).await;
+        }
+        let (node, mut state) = self.pageserver.existing(name)?;
+        if state.primary.is_some() {
+            return Err(OpError::Conflict(format!(
+                "pg {name} is a replica; `zenith pg start {name} --replica` starts it, `zenith pg promote {name}` makes it a primary"
+            )));
+        }
+        self.run_node(&node, &mut state).await?;
+        Ok(describe(&node, &state))
+    }
+
+    /// `pg stop`.
+    pub async fn stop_pg(&self, name: &str, immediate: bool) -> OpResult<PgInfo> {
+        let _held = self.pageserver.hold(name).await;
+        let (node, state) = self.pageserver.existing(name)?;
+        self.halt_node(&node, immediate).await?;
+        Ok(describe(&node, &state))
+    }
+
+    /// Starts `name` as a streaming replica of `primary`. A pg that is not its replica
+    /// yet gets a fresh copy of the primary's data; what it held is kept first as
+    /// snapshot `NAME@HEAD{n}`, unless it never ran (its data is then still the snapshot
+    /// it was created from).
+    async fn start_replica(&self, name: &str, primary: &str) -> OpResult<PgInfo> {
+        let (node, mut state) = self.pageserver.existing(name)?;
+        if name == primary {
+            return Err(OpError::BadRequest(format!(
+                "pg {name} cannot follow itself"
+            )));
+        }
+        let (pnode, pstate) = self.pageserver.existing(primary)?;
+        if state.primary.as_deref() == Some(primary) {
+            self.run_node(&node, &mut state).await?;
+            return Ok(describe(&node, &state));
+        }
+        if let Some(other) = &state.primary {
+            return Err(OpError::Conflict(format!(
+                "pg {name} follows pg {other}; `zenith pg promote {name}` first"
+            )));
+        }
+        if pstate.primary.is_some() {
+            return Err(OpError::BadRequest(format!(
+                "pg {primary} is itself a replica; follow a primary instead"
+            )));
+        }
+        refuse_followers(self.repo(), name, "")?;
+        if pnode.status() != Status::Running {
+            return Err(OpError::Conflict(format!(
+                "pg {primary} is not running; `zenith pg start {primary}` first"
+            )));
+        }
+        if name == "main" {
+            return Err(OpError::BadRequest(
+                "pg main is the repo's own pg and stays a primary; create a new pg for the replica"
+                    .into(),
+            ));
+        }
+        let install = install()?;
+        self.halt_node(&node, false).await?;
+        if state.has_run {
+            let kept = self
+                .pageserver
+                .keep_head(&node, &state, Default::default())
+                .await?;
+            tracing::info!("pg {name}: kept its data as snapshot {}", kept.id);
+        }
+        let fresh = node.dir.join("data.replica");
+        let _ = std::fs::remove_dir_all(&fresh);
+        if let Err(e) = replica::copy_primary(&install, &pnode, &pstate, name, &fresh).await {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(e);
+        }
+        swap_data(&node, &fresh)?;
+        state.primary = Some(primary.to_string());
+        // The copy carries the primary's roles and passwords; a replica is read-only.
+        state.password = pstate.password.clone();
+        state.has_run = false;
+        node.save_state(&state)?;
+        self.run_node(&node, &mut state).await?;
+        replica::wait_streaming(&install, &node, &state).await?;
+        Ok(describe(&node, &state))
+    }
+
+    /// Makes a running replica a primary of its own (a new timeline); its primary drops
+    /// the slot it kept for it.
+    pub async fn promote_pg(&self, name: &str) -> OpResult<PgInfo> {
+        let _held = self.pageserver.hold(name).await;
+        let (node, mut state) = self.pageserver.existing(name)?;
+        let Some(primary) = state.primary.clone() else {
+            return Err(OpError::BadRequest(format!(
+                "pg {name} is not a replica; there is nothing to promote"
+            )));
+        };
+        if node.status() != Status::Running {
+            return Err(OpError::Conflict(format!(
+                "pg {name} is not running; `zenith pg start {name} --replica` first"
+            )));
+        }
+        let install = install()?;
+        let done = node
+            .query(&install, &state, "SELECT pg_promote(true, 120)")
+            .await?;
+        if done != "t" {
+            return Err(OpError::Failed(format!(
+                "pg {name} did not finish its promotion in 120 s; see {}",
+                node.log().display()
+            )));
+        }
+        state.primary = None;
+        state.has_run = true;
+        node.save_state(&state)?;
+        node.set_password(&install, &state).await?;
+        let pnode = self.repo().node(&primary);
+        if let Ok(pstate) = pnode.state() {
+            if pnode.status() == Status::Running {
+                replica::prune_slots(self.repo(), &install, &pnode, &pstate).await;
+            }
+        }
+        Ok(describe(&node, &state))
+    }
+
+    pub async fn destroy_pg(&self, name: &str) -> OpResult<()> {
+        let _held = self.pageserver.hold(name).await;
+        let (node, state) = self.pageserver.existing(name)?;
+        if name == "main" {
+            return Err(OpError::Conflict(
+                "pg main is the repo's own pg and is not destroyed; its snapshots stay in the repo"
+                    .into(),
+            ));
+        }
+        refuse_followers(self.repo(), name, "")?;
+        self.halt_node(&node, true).await?;
+        std::fs::remove_dir_all(&node.dir).map_err(|e| OpError::io(node.dir.display(), e))?;
+        if let Some(primary) = &state.primary {
+            let pnode = self.repo().node(primary);
+            if let (Ok(pstate), Status::Running) = (pnode.state(), pnode.status()) {
+                replica::prune_slots(self.repo(), &install()?, &pnode, &pstate).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// `pg checkout NAME REF`: keeps NAME's state as `NAME@HEAD{n}`, then replaces its
+    /// data with REF and starts it again if it ran. Nothing is lost: the old state is a
+    /// snapshot before anything is replaced, and an unknown REF changes nothing.
+    pub async fn checkout(
+        &self,
+        name: &str,
+        reference: &str,
+        progress: ProgressHandle,
+    ) -> OpResult<CheckoutReport> {
+        let _held = self.pageserver.hold(name).await;
+        let (node, mut state) = self.pageserver.existing(name)?;
+        if state.primary.is_some() {
+            return Err(OpError::Conflict(format!(
+                "pg {name} is a replica and follows its primary; `zenith pg promote {name}` first"
+            )));
+        }
+        refuse_followers(self.repo(), name, ", which cannot follow a rollback")?;
+        let target = self.pageserver.show_snapshot(reference).await?;
+        let was_running = node.status() == Status::Running;
+        self.halt_node(&node, false).await?;
+        let result = self
+            .pageserver
+            .checkout_stopped(&node, &state, &target, progress)
+            .await;
+        // Failed or not, a pg that ran runs again (on its old data if nothing changed); a
+        // failure to restart does not hide why the checkout failed.
+        if was_running {
+            let restarted = self.run_node(&node, &mut state).await;
+            if let (Err(e), Err(again)) = (&result, &restarted) {
+                tracing::error!(
+                    "pg {name} did not start again after a failed checkout: {}",
+                    again.full_message()
+                );
+                return Err(OpError::Failed(format!(
+                    "{}; pg {name} did not start again: {}",
+                    e.full_message(),
+                    again.full_message()
+                )));
+            }
+            restarted?;
+        }
+        let kept = result?;
+        Ok(CheckoutReport {
+            kept: kept.summary(),
+            target: target.summary(),
+            pg: was_running.then(|| describe(&node, &state)),
+        })
+    }
+}
+
+/// Refuses to act on a pg that replicas follow (`why` says what they could not follow).
+fn refuse_followers(repo: &Repo, name: &str, why: &str) -> OpResult<()> {
+    let followers = replica::replicas_of(repo, name);
+    if followers.is_empty() {
+        return Ok(());
+    }
+    Err(OpError::Conflict(format!(
+        "pg {name} has replicas ({}){why}; promote or destroy them first",
+        followers.join(", ")
+    )))
+}

@@ -1,0 +1,95 @@
+//! Replacing a stopped pg's data by a snapshot without losing anything: the state it left
+//! is kept as `NAME@HEAD{n}` first, the target is built beside the old data (files taken
+//! over, only differing blocks written) and swapped in whole. Until the swap, the pg is
+//! marked incomplete ([`super::markers`]): a checkout cut short leaves a pg that refuses
+//! to start or be snapshotted and says how to restore it.
+
+use super::markers::{incomplete, mark_incomplete, swap_data};
+use super::store::prepare_for_postgres;
+use super::Pageserver;
+use crate::compute::node::{Node, NodeState};
+use crate::models::{OpError, OpResult};
+use crate::snapshot::{zenith, Manifest};
+use crate::util::progress::ProgressHandle;
+
+impl Pageserver {
+    /// Replaces the data of the stopped pg `node` by snapshot `target` of the repo; returns
+    /// the snapshot that keeps the state it left. On failure the old state is put back
+    /// (from the kept snapshot) and the original error returned.
+    pub async fn checkout_stopped(
+        &self,
+        node: &Node,
+        state: &NodeState,
+        target: &Manifest,
+        progress: ProgressHandle,
+    ) -> OpResult<Manifest> {
+        let name = &node.name;
+        let store = self.store().await?;
+        // After a checkout that failed halfway, the state it kept is all there is.
+        let interrupted = incomplete(node);
+        let kept = match &interrupted {
+            Some(id) => zenith::resolve(store.as_ref(), id).await.map_err(|e| {
+                OpError::Conflict(format!(
+                    "pg {name}'s data is incomplete and the snapshot that held its state is unreadable ({e}); to give that state up, delete {} and run the checkout again",
+                    node.incomplete_marker().display()
+                ))
+            })?,
+            None => self.keep_head(node, state, progress.clone()).await?,
+        };
+        let fresh = node.dir.join("data.checkout");
+        let _ = std::fs::remove_dir_all(&fresh);
+        let restored = if interrupted.is_some() {
+            self.materialize(target, &fresh, &progress).await
+        } else {
+            // The new data next to the old, swapped only when complete. Files move over
+            // from the old data, which the kept snapshot holds, and only the blocks that
+            // differ are written. Until the swap, the old data is marked incomplete: it may
+            // have lost files to the new.
+            mark_incomplete(node, Some(&kept))?;
+            let basis = zenith::Basis {
+                dir: &node.data(),
+                manifest: &kept,
+            };
+            zenith::unpack_over(store.as_ref(), target, &fresh, basis, &progress)
+                .await
+                .map(|_| ())
+                .map_err(OpError::from)
+        };
+        if let Err(e) = restored {
+            // The old data lost files to the attempt: it comes back from the kept snapshot.
+            tracing::error!("checkout of pg {name} failed: {e}; restoring {}", kept.id);
+            let _ = std::fs::remove_dir_all(&fresh);
+            let back = self
+                .materialize(&kept, &fresh, &ProgressHandle::default())
+                .await
+                .and_then(|()| swap_data(node, &fresh));
+            if let Err(again) = back {
+                let _ = std::fs::remove_dir_all(&fresh);
+                return Err(OpError::Failed(format!(
+                    "{}; putting the previous data back failed too ({}); once that is fixed, `zenith pg checkout {name} {}` restores it",
+                    e.full_message(),
+                    again.full_message(),
+                    kept.id
+                )));
+            }
+            return Err(e);
+        }
+        prepare_for_postgres(&fresh)?;
+        swap_data(node, &fresh)?;
+        Ok(kept)
+    }
+
+    /// Refuses to delete the snapshot that holds the state of a pg a checkout left
+    /// incomplete.
+    pub fn refuse_needed(&self, id: &str) -> OpResult<()> {
+        for node in self.repo.nodes() {
+            if incomplete(&node).as_deref() == Some(id) {
+                return Err(OpError::Conflict(format!(
+                    "snapshot {id} holds the state of pg {name}, whose data a checkout left incomplete; `zenith pg checkout {name} {id}` puts it back first",
+                    name = node.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
