@@ -112,6 +112,13 @@ pub struct NewPg {
     pub name: String,
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// A point in time (or WAL position) of another pg's history to restore to, from the
+    /// newest snapshot before it and the WAL archived in storage_dest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// The pg whose history `at` is in [default: main].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     #[serde(default = "yes")]
     pub start: bool,
 }
@@ -138,8 +145,14 @@ pub enum Action {
     },
     /// Make a running replica a primary of its own.
     Promote,
-    /// Roll the pg back to `snapshot`, keeping its state as `NAME@HEAD{n}`.
-    Checkout { snapshot: String },
+    /// Roll the pg back to `snapshot`, or to the point in time `at` of its history,
+    /// keeping its state as `NAME@HEAD{n}`.
+    Checkout {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
+    },
 }
 
 /// What an action answers: the pg, or for a checkout what it kept and where it went.
@@ -266,6 +279,24 @@ pub struct StatusReport {
     pub newest_snapshot: Option<NewestSnapshot>,
     pub storage_dest: Option<String>,
     pub push: Option<PushState>,
+    /// The main pg's WAL archiving, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal: Option<ArchiveStatus>,
+}
+
+/// How a pg's WAL archiving goes (PostgreSQL's `pg_stat_archiver`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveStatus {
+    /// The WAL history it archives into.
+    pub history: Option<String>,
+    pub last_archived: Option<String>,
+    /// Seconds since the last file was archived.
+    pub last_archived_age_secs: Option<u64>,
+    /// Failed attempts since the server started.
+    pub failed_count: u64,
+    pub last_failed: Option<String>,
+    /// Seconds since the last failure.
+    pub last_failed_age_secs: Option<u64>,
 }
 
 /// Whether zenith-local runs, and where its API is.
@@ -334,12 +365,13 @@ mod tests {
         assert_eq!(
             parse(r#"{"action":"checkout","snapshot":"x"}"#).unwrap(),
             Action::Checkout {
-                snapshot: "x".into()
+                snapshot: Some("x".into()),
+                at: None
             }
         );
         for bad in [
             r#"{"action":"explode"}"#,
-            r#"{"action":"checkout"}"#,
+            r#"{"action":"checkout","snapshot":"x","when":"now"}"#,
             r#"{"action":"stop","snapshot":"x"}"#,
             r#"{}"#,
         ] {

@@ -107,7 +107,7 @@ impl Client {
             (Ok(_), Some(parsed)) => Ok(parsed),
             // The connection ended without a whole reply: zenith-local went away meanwhile
             // (killed, or stopped), or answered garbage.
-            _ if crate::local::running(&self.repo).is_none() => Err(OpError::Failed(format!(
+            _ if self.went_away().await => Err(OpError::Failed(format!(
                 "zenith-local stopped before it answered (see {}); `zenith start` starts it again, `zenith status` shows the state of the pgs",
                 self.repo.log_path().display()
             ))),
@@ -117,6 +117,18 @@ impl Client {
                 self.repo.log_path().display()
             ))),
         }
+    }
+
+    /// Whether zenith-local stopped (its lock released, which the kernel does a moment
+    /// after the connection of a killed process closes).
+    async fn went_away(&self) -> bool {
+        for _ in 0..40 {
+            if crate::local::running(&self.repo).is_none() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        false
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> OpResult<T> {
@@ -155,11 +167,13 @@ impl Control for Client {
     async fn checkout_pg(
         &self,
         name: &str,
-        snapshot: &str,
+        snapshot: Option<&str>,
+        at: Option<&str>,
         _progress: ProgressHandle,
     ) -> OpResult<CheckoutReport> {
         let action = Action::Checkout {
-            snapshot: snapshot.to_string(),
+            snapshot: snapshot.map(str::to_string),
+            at: at.map(str::to_string),
         };
         match self.action(name, &action).await? {
             ActionReply::Checkout(done) => Ok(*done),

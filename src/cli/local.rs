@@ -94,12 +94,17 @@ async fn main_from_storage_dest_or_initdb(
     ops: &Ops,
 ) -> OpResult<()> {
     match ops.pageserver.restore_main(Default::default()).await? {
-        Some(m) => println!(
-            "restored pg main from snapshot {} of {} in storage_dest {}",
-            printable(&m.summary().label()),
-            m.created_at,
-            repo.config()?.storage_dest.unwrap_or_default()
-        ),
+        Some(m) => {
+            println!(
+                "restored pg main from snapshot {} of {} in storage_dest {}",
+                printable(&m.summary().label()),
+                m.created_at,
+                repo.config()?.storage_dest.unwrap_or_default()
+            );
+            if let Some(lsn) = ops.recover("main").await? {
+                println!("replayed the WAL archived after it: pg main is at {lsn}");
+            }
+        }
         None => {
             crate::local::init_main(repo, install)?;
         }
@@ -338,6 +343,26 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
         println!(
             "storage_dest: {dest} (pushed by zenith-local while it runs, and by `zenith push`)"
         );
+    }
+    if let Some(wal) = &out.wal {
+        print!(
+            "WAL archiving: history {}",
+            wal.history.as_deref().unwrap_or("-")
+        );
+        match (&wal.last_archived, wal.last_archived_age_secs) {
+            (Some(seg), Some(age)) => print!("; last archived {seg}, {age} s ago"),
+            _ => print!("; nothing archived since the server started"),
+        }
+        if let (Some(seg), true) = (&wal.last_failed, wal.failed_count > 0) {
+            print!(
+                "; {} failure(s), the last for {seg}{}",
+                wal.failed_count,
+                wal.last_failed_age_secs
+                    .map(|a| format!(", {a} s ago"))
+                    .unwrap_or_default()
+            );
+        }
+        println!();
     }
     match &out.newest_snapshot {
         Some(m) => println!(

@@ -10,6 +10,7 @@ mod pg;
 mod progress;
 mod snapshot;
 mod storage;
+mod wal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,20 +112,38 @@ pub enum Command {
     /// Manage and probe storage destinations
     #[command(subcommand)]
     Storage(storage::StorageCommand),
-    /// archive_command for any PostgreSQL: store one WAL segment
+    /// archive_command for any PostgreSQL: archive one WAL file (0 once it is durable)
     #[command(name = "wal-push")]
     WalPush {
         /// Path of the WAL file (%p)
         path: PathBuf,
+        #[command(flatten)]
+        archive: wal::ArchiveArgs,
+        /// WAL files in flight at once: the file asked for and the next ready segments
+        #[arg(long, env = "ZENITH_WAL_PUSH_CONCURRENCY", default_value_t = 4)]
+        concurrency: usize,
     },
-    /// restore_command for any PostgreSQL: fetch one WAL segment
+    /// restore_command for any PostgreSQL: restore one WAL file (exit 1: not in the
+    /// archive; 255: any other failure, which stops recovery)
     #[command(name = "wal-fetch")]
     WalFetch {
         /// WAL file name (%f)
         name: String,
         /// Where to write it (%p)
         destination: PathBuf,
+        #[command(flatten)]
+        archive: wal::ArchiveArgs,
+        /// Segments fetched ahead in the background (0: none)
+        #[arg(long, env = "ZENITH_WAL_PREFETCH", default_value_t = 8)]
+        prefetch: u64,
+        /// Only fetch the segments after NAME into the prefetch directory (what wal-fetch
+        /// starts in the background)
+        #[arg(long, hide = true)]
+        prefetch_only: bool,
     },
+    /// The WAL archive
+    #[command(subcommand)]
+    Wal(wal::WalCommand),
 }
 
 #[derive(Debug, Args)]
@@ -142,11 +161,18 @@ pub struct InitArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PgCommand {
-    /// Create a pg, empty or from a snapshot
+    /// Create a pg: empty, from a snapshot, or as another pg was at a point in time
     Create {
         name: String,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "at")]
         snapshot: Option<String>,
+        /// A time (2026-12-03 10:00:00+00; no zone: UTC) or WAL position (0/3000060) of
+        /// pg --from: the newest snapshot before it plus the WAL archived in storage_dest
+        #[arg(long, value_name = "TIME|LSN")]
+        at: Option<String>,
+        /// The pg whose history --at is in [default: main]
+        #[arg(long, value_name = "PG", requires = "at")]
+        from: Option<String>,
         #[arg(long)]
         no_start: bool,
     },
@@ -185,34 +211,17 @@ pub enum PgCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Roll a pg back to a snapshot, keeping its current state as NAME@HEAD{number}
-    Checkout { name: String, snapshot: String },
-}
-
-impl Command {
-    /// The command's words, for messages ("pg create").
-    fn words(&self) -> String {
-        let sub = |s: &dyn std::fmt::Debug| {
-            let text = format!("{s:?}");
-            let name: String = text.chars().take_while(|c| c.is_alphanumeric()).collect();
-            name.to_lowercase()
-        };
-        match self {
-            Command::Init(_) => "init".into(),
-            Command::Start { .. } => "start".into(),
-            Command::Stop { .. } => "stop".into(),
-            Command::Status { .. } => "status".into(),
-            Command::Import(_) => "import".into(),
-            Command::Export(_) => "export".into(),
-            Command::Push { .. } => "push".into(),
-            Command::Pull { .. } => "pull".into(),
-            Command::Snapshot(c) => format!("snapshot {}", sub(c)),
-            Command::Pg(c) => format!("pg {}", sub(c)),
-            Command::Storage(c) => format!("storage {}", sub(c)),
-            Command::WalPush { .. } => "wal-push".into(),
-            Command::WalFetch { .. } => "wal-fetch".into(),
-        }
-    }
+    /// Roll a pg back to a snapshot or a point in time, keeping its current state as
+    /// NAME@HEAD{number}
+    Checkout {
+        name: String,
+        #[arg(required_unless_present = "at", conflicts_with = "at")]
+        snapshot: Option<String>,
+        /// A time (2026-12-03 10:00:00+00; no zone: UTC) or WAL position of the pg's own
+        /// history: the newest snapshot before it plus the WAL archived in storage_dest
+        #[arg(long, value_name = "TIME|LSN")]
+        at: Option<String>,
+    },
 }
 
 /// What a command's failure looks like to `main`.
@@ -255,6 +264,14 @@ impl From<crate::storage::Error> for CliError {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if matches!(cli.command, Command::WalFetch { .. }) {
+        // PostgreSQL reads exit codes up to 125 as "not in the archive": a bug must stop
+        // recovery, not end it early.
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("zenith: error: wal-fetch failed unexpectedly: {info}");
+            std::process::exit(i32::from(wal::EXIT_FATAL));
+        }));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -305,7 +322,29 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Start { foreground } => local::start(foreground, cli.repo_dir).await,
         Command::Stop { immediate } => local::stop(immediate, cli.repo_dir).await,
         Command::Status { json } => local::status(json, cli.repo_dir).await,
-        other => Err(CliError::NotImplemented(other.words())),
+        Command::WalPush {
+            path,
+            archive,
+            concurrency,
+        } => wal::wal_push(path, archive, concurrency, cli.repo_dir).await,
+        Command::WalFetch {
+            name,
+            destination,
+            archive,
+            prefetch,
+            prefetch_only,
+        } => {
+            wal::wal_fetch(
+                name,
+                destination,
+                archive,
+                prefetch,
+                prefetch_only,
+                cli.repo_dir,
+            )
+            .await
+        }
+        Command::Wal(cmd) => wal::run(cmd, cli.repo_dir).await,
     }
 }
 

@@ -64,20 +64,32 @@ pub async fn run(
         PgCommand::Create {
             name,
             snapshot,
+            at,
+            from,
             no_start,
         } => {
             let new = NewPg {
                 name: name.clone(),
                 snapshot: snapshot.clone(),
+                at: at.clone(),
+                from: from.clone(),
                 start: !no_start,
             };
             let pg = backend.create_pg(new, backend.bar("restore")).await?;
+            let origin = match (&snapshot, &at) {
+                (Some(s), _) => format!(" from snapshot {s}"),
+                (None, Some(at)) => {
+                    format!(" as pg {} was at {at}", from.as_deref().unwrap_or("main"))
+                }
+                (None, None) => String::new(),
+            };
             println!(
-                "created pg {name}{}{}",
-                snapshot
-                    .map(|s| format!(" from snapshot {s}"))
-                    .unwrap_or_default(),
-                if no_start { " (not started)" } else { "" }
+                "created pg {name}{origin}{}",
+                if no_start && at.is_none() {
+                    " (not started)"
+                } else {
+                    ""
+                }
             );
             print_connstr(&pg);
         }
@@ -140,15 +152,27 @@ pub async fn run(
                 super::print_fields(&row);
             }
         }
-        PgCommand::Checkout { name, snapshot } => {
+        PgCommand::Checkout { name, snapshot, at } => {
             let done = backend
-                .checkout_pg(&name, &snapshot, backend.bar("checkout"))
+                .checkout_pg(
+                    &name,
+                    snapshot.as_deref(),
+                    at.as_deref(),
+                    backend.bar("checkout"),
+                )
                 .await?;
+            let now_at = match (&snapshot, &at) {
+                (Some(s), _) => format!("{s} ({})", done.target.id),
+                (None, Some(at)) => format!(
+                    "{at} (snapshot {} and the WAL archived after it)",
+                    done.target.id
+                ),
+                (None, None) => done.target.id.clone(),
+            };
             println!(
-                "pg {name}: kept its previous state as snapshot {} ({}); now at {snapshot} ({})",
+                "pg {name}: kept its previous state as snapshot {} ({}); now at {now_at}",
                 done.kept.id,
                 printable(done.kept.name.as_deref().unwrap_or("")),
-                done.target.id
             );
             if let Some(pg) = &done.pg {
                 print_connstr(pg);

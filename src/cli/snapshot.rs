@@ -148,6 +148,7 @@ pub async fn export(
     let storage = storage::open(&args.snapshot_path).await?;
     let options = PackOptions {
         pg: None,
+        wal_history: None,
         progress: super::progress::bar("export", progress),
         name: args.name.clone(),
         parent: None,

@@ -29,20 +29,94 @@ pub struct NodeState {
     /// a snapshot and not started yet, whose data a replica copy may replace.
     #[serde(default = "yes")]
     pub has_run: bool,
+    /// The line of WAL the pg writes (see the safekeeper's archive); a pg of an older
+    /// zenith gets one at its next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalLine>,
+    /// A recovery to run at the next start (a point-in-time restore, or replaying the
+    /// archive after a crash restore), until the server has finished it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<Recovery>,
 }
 
 fn yes() -> bool {
     true
 }
 
+/// A pg's line of WAL: its history, and where that history left its parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalLine {
+    pub history: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<WalFork>,
+}
+
+/// Where a history left its parent: the parent's timeline and the position the child
+/// began at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalFork {
+    pub history: String,
+    pub timeline: u32,
+    pub lsn: String,
+}
+
+/// A recovery from the WAL archive: replay history `source` (and what it inherits) up to
+/// `target`, or to the end of the archive, then promote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<RecoveryTarget>,
+}
+
+/// Where a point-in-time restore stops: just before the first commit after a time, or
+/// after the record at a position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecoveryTarget {
+    /// A time as PostgreSQL reads it (`2026-12-03 10:00:00.000000+00`).
+    Time(String),
+    /// A WAL position (`0/3000060`).
+    Lsn(String),
+}
+
+impl WalLine {
+    /// A new history that begins with its cluster.
+    pub fn new_root() -> WalLine {
+        WalLine {
+            history: new_history(),
+            parent: None,
+        }
+    }
+
+    /// A new history that continues `parent` from `timeline`/`lsn`.
+    pub fn branch(parent: &str, timeline: u32, lsn: &str) -> WalLine {
+        WalLine {
+            history: new_history(),
+            parent: Some(WalFork {
+                history: parent.to_string(),
+                timeline,
+                lsn: lsn.to_string(),
+            }),
+        }
+    }
+}
+
+/// A new history id: 16 random hex digits.
+pub fn new_history() -> String {
+    format!("{:016x}", seed())
+}
+
 impl NodeState {
-    /// A new pg's state: a fresh password, a primary.
+    /// A new pg's state: a fresh password, a primary, a history of its own.
     pub fn new(port: u16) -> NodeState {
         NodeState {
             port,
             password: generate_password(),
             primary: None,
             has_run: true,
+            wal: Some(WalLine::new_root()),
+            recovery: None,
         }
     }
 }
@@ -240,6 +314,26 @@ impl Node {
         Ok(state)
     }
 
+    /// Where the pg's newest timeline began: the timeline before it and the position it
+    /// switched at, from the newest timeline history file in `pg_wal` (`None` on the
+    /// first timeline).
+    pub fn timeline_switch(&self) -> Option<(u32, String)> {
+        let wal = self.data().join("pg_wal");
+        let newest = std::fs::read_dir(&wal)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let tli = name.strip_suffix(".history")?;
+                (tli.len() == 8)
+                    .then(|| u32::from_str_radix(tli, 16).ok())
+                    .flatten()
+                    .map(|t| (t, e.path()))
+            })
+            .max_by_key(|(t, _)| *t)?;
+        parse_timeline_history(&std::fs::read_to_string(newest.1).ok()?)
+    }
+
     /// The postmaster's pid, if a server is running on the data directory.
     pub fn running_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
@@ -342,7 +436,7 @@ impl Node {
                 return Err(Error::Failed(format!(
                     "pg {} did not start ({status}): {}; see {}",
                     self.name,
-                    last_log_line(&self.log()),
+                    last_failure(&self.log()),
                     self.log().display()
                 )));
             }
@@ -552,22 +646,42 @@ pub fn make_dir(dir: &Path, account: Option<&Account>) -> Result<()> {
 
 /// Writes a file readable by its owner only, atomically.
 pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    write_file(path, data, 0o600)
+}
+
+/// Writes a file of mode `mode`, atomically.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let temp = path.with_extension(format!("tmp-{:08x}", fastrand::u32(..)));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&temp)?;
         std::io::Write::write_all(&mut f, data)?;
         f.sync_all()?;
-        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(&temp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
     result.map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))
+}
+
+/// The last switch of a timeline history file: `parentTLI<TAB>switchpoint<TAB>reason`
+/// lines, comments starting with `#`.
+pub fn parse_timeline_history(text: &str) -> Option<(u32, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let tli = fields.next()?.parse().ok()?;
+            let lsn = fields.next()?;
+            crate::compute::wal::parse_lsn(lsn).map(|_| (tli, lsn.to_string()))
+        })
+        .next_back()
 }
 
 /// 24 random letters and digits (about 143 bits).
@@ -599,20 +713,39 @@ pub fn last_line(bytes: &[u8]) -> String {
         .to_string()
 }
 
+/// The last 16 KiB of a log.
+fn log_tail(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 16 * 1024;
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Why a server that stopped did: the last FATAL or PANIC message since it last started
+/// (a failed recovery, a bad setting), else what its log says last.
+pub fn last_failure(path: &Path) -> String {
+    if let Ok(tail) = log_tail(path) {
+        let text = String::from_utf8_lossy(&tail);
+        let since = text.rfind("starting PostgreSQL").unwrap_or(0);
+        if let Some(line) = text[since..]
+            .lines()
+            .rev()
+            .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
+        {
+            return line.trim().to_string();
+        }
+    }
+    last_log_line(path)
+}
+
 /// What a server's log says last, for messages: the last message itself, not the HINT,
 /// DETAIL or CONTEXT lines that may follow it. Only the log's tail is read.
 pub fn last_log_line(path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    const TAIL: u64 = 16 * 1024;
-    let tail = (|| -> std::io::Result<Vec<u8>> {
-        let mut file = std::fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(bytes)
-    })();
-    let Ok(tail) = tail else {
+    let Ok(tail) = log_tail(path) else {
         return "no log".into();
     };
     let text = String::from_utf8_lossy(&tail);
@@ -628,6 +761,14 @@ pub fn last_log_line(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeline_history_files_give_the_last_switch() {
+        let text = "1\t0/3000060\tno recovery target specified\n\n# comment\n2\t0/5000000\tat restore point\n";
+        assert_eq!(parse_timeline_history(text), Some((2, "0/5000000".into())));
+        assert_eq!(parse_timeline_history("# nothing\n"), None);
+        assert_eq!(parse_timeline_history("1\tgarbage\n"), None);
+    }
 
     #[test]
     fn a_log_is_summed_up_by_its_last_fatal_line() {

@@ -243,8 +243,14 @@ async fn pg_action(
             } => ActionReply::Pg(ops.start_pg(&name, is_replica, primary.as_deref()).await?),
             Action::Stop { immediate } => ActionReply::Pg(ops.stop_pg(&name, immediate).await?),
             Action::Promote => ActionReply::Pg(ops.promote_pg(&name).await?),
-            Action::Checkout { snapshot } => ActionReply::Checkout(Box::new(
-                ops.checkout(&name, &snapshot, Default::default()).await?,
+            Action::Checkout { snapshot, at } => ActionReply::Checkout(Box::new(
+                ops.checkout(
+                    &name,
+                    snapshot.as_deref(),
+                    at.as_deref(),
+                    Default::default(),
+                )
+                .await?,
             )),
         })
     })

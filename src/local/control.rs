@@ -25,10 +25,12 @@ pub trait Control: Send + Sync {
     ) -> OpResult<PgInfo>;
     async fn stop_pg(&self, name: &str, immediate: bool) -> OpResult<PgInfo>;
     async fn promote_pg(&self, name: &str) -> OpResult<PgInfo>;
+    /// Rolls pg `name` back to `snapshot`, or to the point in time `at` of its history.
     async fn checkout_pg(
         &self,
         name: &str,
-        snapshot: &str,
+        snapshot: Option<&str>,
+        at: Option<&str>,
         progress: ProgressHandle,
     ) -> OpResult<CheckoutReport>;
     async fn destroy_pg(&self, name: &str) -> OpResult<()>;
@@ -70,10 +72,11 @@ impl Control for Ops {
     async fn checkout_pg(
         &self,
         name: &str,
-        snapshot: &str,
+        snapshot: Option<&str>,
+        at: Option<&str>,
         progress: ProgressHandle,
     ) -> OpResult<CheckoutReport> {
-        Ops::checkout(self, name, snapshot, progress).await
+        Ops::checkout(self, name, snapshot, at, progress).await
     }
 
     async fn destroy_pg(&self, name: &str) -> OpResult<()> {

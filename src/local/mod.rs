@@ -10,6 +10,7 @@
 //! and [`control`] (the one interface the CLI uses, through the API or in-process).
 
 pub mod api;
+mod archiving;
 pub mod control;
 pub mod lock;
 pub mod pgs;

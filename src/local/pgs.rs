@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
+use super::archiving;
 use super::replica;
 use super::supervisor::Supervisor;
-use crate::compute::node::{Node, NodeState, Status};
+use crate::compute::node::{Node, NodeState, Status, WalLine};
 use crate::compute::PgInstall;
 use crate::models::{CheckoutReport, NewPg, OpError, OpResult, PgInfo, Role};
 use crate::pageserver::{check_name, refuse_incomplete, swap_data, Pageserver, Repo};
@@ -128,26 +129,106 @@ impl Ops {
             )));
         }
         let install = install()?;
+        // A point in time: of which history, from which snapshot (refused before anything
+        // is created when the archive cannot reach it).
+        let pitr = match (&new.at, &new.snapshot) {
+            (Some(_), Some(_)) => {
+                return Err(OpError::BadRequest(
+                    "give --snapshot or --at, not both: --at picks the snapshot itself".into(),
+                ))
+            }
+            (Some(at), None) => Some(
+                self.plan_pitr(new.from.as_deref().unwrap_or("main"), at)
+                    .await?,
+            ),
+            (None, _) => None,
+        };
         let port = self.pageserver.new_port()?;
-        let filled = match &new.snapshot {
-            Some(reference) => {
-                self.pageserver
-                    .pg_from_snapshot(&node, port, reference, progress)
-                    .await
+        let created = async {
+            let mut state = match (&pitr, &new.snapshot) {
+                (Some((m, _)), _) => {
+                    self.pageserver
+                        .pg_from_snapshot(&node, port, &m.id, progress)
+                        .await?
+                }
+                (None, Some(reference)) => {
+                    self.pageserver
+                        .pg_from_snapshot(&node, port, reference, progress)
+                        .await?
+                }
+                (None, None) => node.init(&install, port)?,
+            };
+            if let Some((_, recovery)) = pitr {
+                // A history of its own, whose beginning is known once recovery ends.
+                state.wal = Some(WalLine {
+                    history: crate::compute::node::new_history(),
+                    parent: None,
+                });
+                state.recovery = Some(recovery);
+                node.save_state(&state)?;
+                self.run_node(&node, &mut state).await?;
+                archiving::finish_recovery(&self.pageserver, &install, &node, &mut state).await?;
+            } else if new.start {
+                self.run_node(&node, &mut state).await?;
             }
-            None => node.init(&install, port).map_err(OpError::from),
-        };
-        let mut state = match filled {
-            Ok(state) => state,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&node.dir);
-                return Err(e);
-            }
-        };
-        if new.start {
-            self.run_node(&node, &mut state).await?;
+            OpResult::Ok(state)
         }
-        Ok(describe(&node, &state))
+        .await;
+        match created {
+            Ok(state) => Ok(describe(&node, &state)),
+            Err(e) => {
+                // Nothing of a pg that could not be made stays.
+                let _ = self.halt_node(&node, true).await;
+                let _ = std::fs::remove_dir_all(&node.dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the recovery pg `name` has due (replaying the WAL archive after a crash
+    /// restore) to its end, then stops it; the WAL position it reached, if it had one due.
+    pub async fn recover(&self, name: &str) -> OpResult<Option<String>> {
+        let _held = self.pageserver.hold(name).await;
+        let (node, mut state) = self.pageserver.existing(name)?;
+        if state.recovery.is_none() {
+            return Ok(None);
+        }
+        let install = install()?;
+        self.run_node(&node, &mut state).await?;
+        let recovered =
+            archiving::finish_recovery(&self.pageserver, &install, &node, &mut state).await;
+        let lsn = node
+            .query(&install, &state, "SELECT pg_current_wal_lsn()")
+            .await;
+        self.halt_node(&node, false).await?;
+        recovered?;
+        Ok(Some(lsn?))
+    }
+
+    /// The snapshot and recovery that restore pg `from`'s line of history to `at`. A
+    /// running `from` first archives what it wrote up to now (a commit, so a target just
+    /// before now has a commit after it to stop at, and a segment switch).
+    async fn plan_pitr(
+        &self,
+        from: &str,
+        at: &str,
+    ) -> OpResult<(crate::snapshot::Manifest, crate::compute::node::Recovery)> {
+        let at = crate::pageserver::At::parse(at)?;
+        let (source, sstate) = self.pageserver.existing(from)?;
+        let history = sstate
+            .wal
+            .as_ref()
+            .map(|w| w.history.clone())
+            .ok_or_else(|| {
+                OpError::BadRequest(format!(
+                    "pg {from} has no WAL history yet: it gets one at its next start"
+                ))
+            })?;
+        if source.status() == Status::Running && sstate.primary.is_none() {
+            archiving::flush(&install()?, &source, &sstate).await?;
+        }
+        let sysid = crate::snapshot::datadir::read_control(&source.data())?.system_identifier;
+        self.pageserver.plan_pitr(&history, sysid, at).await
     }
 
     /// `pg start`: as a primary, or (`replica`) as a streaming replica of `primary`
@@ -237,6 +318,14 @@ impl Ops {
         state.primary = Some(primary.to_string());
         // The copy carries the primary's roles and passwords; a replica is read-only.
         state.password = pstate.password.clone();
+        // A history of its own from the start: when a promotion makes it a primary, it
+        // archives into it at once, never into its primary's. Where it begins (the
+        // primary's history, at the promotion) is known then.
+        state.wal = Some(WalLine {
+            history: crate::compute::node::new_history(),
+            parent: None,
+        });
+        state.recovery = None;
         state.has_run = false;
         node.save_state(&state)?;
         self.run_node(&node, &mut state).await?;
@@ -271,7 +360,39 @@ impl Ops {
         }
         state.primary = None;
         state.has_run = true;
+        // A primary now, on a new timeline: its own history continues its primary's from
+        // the switch.
+        let followed = self
+            .repo()
+            .node(&primary)
+            .state()
+            .ok()
+            .and_then(|s| s.wal)
+            .map(|w| w.history);
+        let own = state
+            .wal
+            .as_ref()
+            .map(|w| w.history.clone())
+            .unwrap_or_else(crate::compute::node::new_history);
+        state.wal = Some(match (followed, node.timeline_switch()) {
+            (Some(h), Some((timeline, lsn))) => WalLine {
+                history: own,
+                parent: Some(crate::compute::node::WalFork {
+                    history: h,
+                    timeline,
+                    lsn,
+                }),
+            },
+            _ => WalLine {
+                history: own,
+                parent: None,
+            },
+        });
         node.save_state(&state)?;
+        archiving::write_target(self.repo(), &node, &state)?;
+        if let Some(line) = &state.wal {
+            archiving::record_branch(&self.pageserver, &node, line).await?;
+        }
         node.set_password(&install, &state).await?;
         let pnode = self.repo().node(&primary);
         if let Ok(pstate) = pnode.state() {
@@ -309,7 +430,8 @@ impl Ops {
     pub async fn checkout(
         &self,
         name: &str,
-        reference: &str,
+        reference: Option<&str>,
+        at: Option<&str>,
         progress: ProgressHandle,
     ) -> OpResult<CheckoutReport> {
         let _held = self.pageserver.hold(name).await;
@@ -320,13 +442,52 @@ impl Ops {
             )));
         }
         refuse_followers(self.repo(), name, ", which cannot follow a rollback")?;
-        let target = self.pageserver.show_snapshot(reference).await?;
+        let (target, recovery) = match (reference, at) {
+            (Some(r), None) => (self.pageserver.show_snapshot(r).await?, None),
+            (None, Some(at)) => {
+                let (m, recovery) = self.plan_pitr(name, at).await?;
+                (m, Some(recovery))
+            }
+            _ => {
+                return Err(OpError::BadRequest(
+                    "checkout needs a snapshot or --at TIME|LSN (one of them)".into(),
+                ))
+            }
+        };
         let was_running = node.status() == Status::Running;
         self.halt_node(&node, false).await?;
         let result = self
             .pageserver
-            .checkout_stopped(&node, &state, &target, progress)
+            .checkout_stopped(&node, &mut state, &target, progress)
             .await;
+        if let (Ok(kept), Some(recovery)) = (&result, recovery) {
+            // Replay the archive to the point in time, then run as a primary.
+            state.wal = Some(WalLine {
+                history: crate::compute::node::new_history(),
+                parent: None,
+            });
+            state.recovery = Some(recovery);
+            node.save_state(&state)?;
+            let install = install()?;
+            let recovered = async {
+                self.run_node(&node, &mut state).await?;
+                archiving::finish_recovery(&self.pageserver, &install, &node, &mut state).await
+            }
+            .await;
+            if let Err(e) = recovered {
+                return Err(OpError::Failed(format!(
+                    "{}; pg {name}'s previous state is kept as {}: `zenith pg checkout {name} {}` puts it back",
+                    e.full_message(),
+                    kept.name.as_deref().unwrap_or(&kept.id),
+                    kept.id
+                )));
+            }
+            return Ok(CheckoutReport {
+                kept: kept.summary(),
+                target: target.summary(),
+                pg: Some(describe(&node, &state)),
+            });
+        }
         // Failed or not, a pg that ran runs again (on its old data if nothing changed); a
         // failure to restart does not hide why the checkout failed.
         if was_running {

@@ -2,7 +2,10 @@
 //! supervision saw of it, the newest snapshot and background pushes.
 
 use super::pgs::{describe, Ops};
-use crate::models::{LocalSummary, NewestSnapshot, OpResult, PgStatus, StatusReport};
+use crate::compute::node::Status;
+use crate::models::{
+    ArchiveStatus, LocalSummary, NewestSnapshot, OpResult, PgStatus, StatusReport,
+};
 
 impl Ops {
     pub async fn status(&self) -> OpResult<StatusReport> {
@@ -44,6 +47,40 @@ impl Ops {
             newest_snapshot: newest,
             storage_dest: repo.config()?.storage_dest,
             push: local.and_then(|l| l.push),
+            wal: self.archive_status("main").await,
+        })
+    }
+
+    /// What `pg_stat_archiver` of pg `name` says, when it runs as a primary and archives.
+    async fn archive_status(&self, name: &str) -> Option<ArchiveStatus> {
+        let node = self.repo().node(name);
+        let state = node.state().ok()?;
+        if node.status() != Status::Running
+            || state.primary.is_some()
+            || !node.dir.join("wal.json").exists()
+            || self.repo().config().ok()?.storage_dest.is_none()
+        {
+            return None;
+        }
+        let install = crate::pageserver::install().ok()?;
+        let sql = "SELECT coalesce(last_archived_wal, ''), \
+                   coalesce(extract(epoch from now() - last_archived_time)::bigint::text, ''), \
+                   failed_count, coalesce(last_failed_wal, ''), \
+                   coalesce(extract(epoch from now() - last_failed_time)::bigint::text, '') \
+                   FROM pg_stat_archiver";
+        let row = node.query(&install, &state, sql).await.ok()?;
+        let f: Vec<&str> = row.split('|').collect();
+        let [archived, archived_age, failed, failed_wal, failed_age] = f.as_slice() else {
+            return None;
+        };
+        let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Some(ArchiveStatus {
+            history: state.wal.map(|w| w.history),
+            last_archived: text(archived),
+            last_archived_age_secs: archived_age.parse().ok(),
+            failed_count: failed.parse().unwrap_or(0),
+            last_failed: text(failed_wal),
+            last_failed_age_secs: failed_age.parse().ok(),
         })
     }
 }

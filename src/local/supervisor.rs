@@ -140,7 +140,10 @@ impl Supervisor {
                     let exit = exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                     let why = format!("exited ({exit}): {}", last_log_line(&node.log()));
                     let mut pg = self.reported(&node.name);
-                    if pg.restarts > 0 {
+                    // A recovery that stopped (its target out of reach) ends the same way
+                    // again: it is not restarted.
+                    let recovering = node.state().is_ok_and(|s| s.recovery.is_some());
+                    if pg.restarts > 0 || recovering {
                         tracing::error!("pg {} {why} again; not restarting it", node.name);
                         pg.failed = Some(why);
                         self.record(pg);
@@ -234,7 +237,13 @@ pub async fn launch(
     crate::pageserver::refuse_incomplete(node)?;
     let repo = &pageserver.repo;
     let first_port = repo.config()?.pg_port;
-    let settings = super::replica::settings(repo, node, state)?;
+    // A pg of an older zenith gets a line of WAL of its own.
+    if state.wal.is_none() {
+        state.wal = Some(crate::compute::node::WalLine::new_root());
+        node.save_state(state)?;
+    }
+    let mut settings = super::replica::settings(repo, node, state)?;
+    settings.extend(super::archiving::settings(repo, node, state)?);
     if state.primary.is_none() && !state.has_run {
         state.has_run = true;
         node.save_state(state)?;
@@ -267,12 +276,22 @@ pub async fn launch(
             }
         }
     };
-    if state.primary.is_none() {
-        // A replica has its primary's password, and is read-only.
+    if state.primary.is_none() && state.recovery.is_none() {
+        // A replica has its primary's password, and is read-only; a pg in recovery gets
+        // its own when the recovery ends.
         if let Err(e) = node.set_password(install, state).await {
             tracing::warn!("{}", crate::util::message::full(&e));
         }
         super::replica::prune_slots(repo, install, node, state).await;
+        if let Some(line) = &state.wal {
+            if let Err(e) = super::archiving::record_branch(pageserver, node, line).await {
+                tracing::warn!(
+                    "pg {}: cannot record where its WAL history begins: {}",
+                    node.name,
+                    e.full_message()
+                );
+            }
+        }
     }
     Ok(child)
 }

@@ -439,6 +439,7 @@ pub async fn pack_online(
             name: options.name.clone(),
             parent: options.parent.clone(),
             pg: options.pg.clone(),
+            wal_history: options.wal_history.clone(),
             pg_version,
             control,
             lsns: Some((end.start_lsn, end.stop_lsn)),

@@ -5,7 +5,7 @@
 //! to start or be snapshotted and says how to restore it.
 
 use super::markers::{incomplete, mark_incomplete, swap_data};
-use super::store::prepare_for_postgres;
+use super::store::{prepare_for_postgres, wal_line_from};
 use super::Pageserver;
 use crate::compute::node::{Node, NodeState};
 use crate::models::{OpError, OpResult};
@@ -19,7 +19,7 @@ impl Pageserver {
     pub async fn checkout_stopped(
         &self,
         node: &Node,
-        state: &NodeState,
+        state: &mut NodeState,
         target: &Manifest,
         progress: ProgressHandle,
     ) -> OpResult<Manifest> {
@@ -76,6 +76,10 @@ impl Pageserver {
         }
         prepare_for_postgres(&fresh)?;
         swap_data(node, &fresh)?;
+        // Its WAL goes on from the target's, as a history of its own.
+        state.wal = Some(wal_line_from(target));
+        state.recovery = None;
+        node.save_state(state)?;
         Ok(kept)
     }
 

@@ -32,6 +32,41 @@ pub struct Config {
     /// Background pushes of the main pg to storage_dest.
     #[serde(default)]
     pub push: PushConfig,
+    /// Continuous WAL archiving to storage_dest.
+    #[serde(default)]
+    pub wal: WalConfig,
+}
+
+/// `[wal]` of config.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WalConfig {
+    /// A segment that is not full is archived anyway after this long (PostgreSQL's
+    /// `archive_timeout`), so a quiet database loses at most this much on a lost
+    /// machine; "0" waits for full segments.
+    #[serde(default = "default_archive_timeout")]
+    pub archive_timeout: String,
+}
+
+fn default_archive_timeout() -> String {
+    "60s".into()
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            archive_timeout: default_archive_timeout(),
+        }
+    }
+}
+
+impl WalConfig {
+    /// `archive_timeout` in seconds (0: off).
+    pub fn archive_timeout_secs(&self) -> OpResult<u64> {
+        crate::util::size::parse_duration(&self.archive_timeout)
+            .map(|d| d.as_secs())
+            .map_err(|e| OpError::Failed(format!("config.toml [wal] archive_timeout: {e}")))
+    }
 }
 
 /// `[push]` of config.toml.
@@ -148,7 +183,9 @@ fn port_from_env(var: &str, default: u16) -> u16 {
 impl Config {
     /// Checks the settings zenith-local reads again while it runs.
     pub fn check(&self) -> OpResult<()> {
-        self.push.check()
+        self.push.check()?;
+        self.wal.archive_timeout_secs()?;
+        Ok(())
     }
 }
 
@@ -160,6 +197,7 @@ impl Default for Config {
             api_port: default_api_port(),
             storages: Default::default(),
             push: PushConfig::default(),
+            wal: WalConfig::default(),
         }
     }
 }

@@ -72,6 +72,7 @@ impl Pageserver {
         zenith::unpack(store.as_ref(), &m, &data, &ProgressHandle::default()).await?;
         let options = PackOptions {
             pg: None,
+            wal_history: None,
             name: name.map(str::to_string).or_else(|| m.name.clone()),
             parent: None,
             progress,
@@ -109,6 +110,7 @@ impl Pageserver {
         }
         let options = PackOptions {
             pg: None,
+            wal_history: None,
             name: name.map(str::to_string),
             parent: None,
             progress: progress.clone(),

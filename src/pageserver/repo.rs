@@ -136,10 +136,15 @@ impl Repo {
         })
     }
 
-    /// Writes `config.toml` anew (atomically).
+    /// Writes `config.toml` anew (atomically). It holds no secrets, and PostgreSQL's
+    /// archive command reads storage_dest from it: readable by all (mode 0644).
     pub fn save_config(&self, config: &Config) -> OpResult<()> {
         let text = toml::to_string(config).expect("config serializes");
-        Ok(write_private(&self.config_path(), text.as_bytes())?)
+        Ok(crate::compute::node::write_file(
+            &self.config_path(),
+            text.as_bytes(),
+            0o644,
+        )?)
     }
 
     /// Puts back what a repo needs besides `config.toml` (a new machine given only the

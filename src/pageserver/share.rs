@@ -294,6 +294,17 @@ impl Pageserver {
                 )
                 .await?;
             }
+            // The WAL no kept snapshot needs goes with them; a restore never starts
+            // before the oldest snapshot.
+            let kept = zenith::list(target.as_ref()).await?;
+            let trimmed = crate::safekeeper::archive::trim(Arc::clone(&target), &kept)
+                .await
+                .map_err(|e| OpError::Failed(e.to_string()))?;
+            if trimmed > 0 {
+                tracing::info!(
+                    "retention: deleted {trimmed} WAL files older than every kept snapshot of {url}"
+                );
+            }
         }
         Ok(doomed)
     }
@@ -320,7 +331,27 @@ impl Pageserver {
         };
         let store = self.store().await?;
         zenith::transfer(from.as_ref(), &store, &m, None, &progress).await?;
-        self.main_from_snapshot(&m).await?;
+        let mut state = self.main_from_snapshot(&m).await?;
+        // The WAL archived after the snapshot is replayed at the first start: every
+        // commit archived before the machine was lost comes back, not only the snapshot's.
+        if let Some(history) = &m.wal_history {
+            let archive = crate::safekeeper::Archive::new(from, m.system_identifier);
+            let archived = archive
+                .files(history, crate::compute::wal::DEFAULT_SEGMENT_SIZE)
+                .await
+                .map_err(|e| OpError::Failed(e.to_string()))?;
+            if !archived.is_empty() {
+                state.wal = Some(crate::compute::node::WalLine {
+                    history: crate::compute::node::new_history(),
+                    parent: None,
+                });
+                state.recovery = Some(crate::compute::node::Recovery {
+                    source: history.clone(),
+                    target: None,
+                });
+                self.repo.node("main").save_state(&state)?;
+            }
+        }
         Ok(Some(m))
     }
 }

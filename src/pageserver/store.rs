@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::names::{check_name, check_tag, head_name, head_number, split_reference};
 use super::Pageserver;
-use crate::compute::node::{make_dir, run_as, Node, NodeState, Status};
+use crate::compute::node::{make_dir, run_as, Node, NodeState, Status, WalLine};
 use crate::compute::PgInstall;
 use crate::models::{DeletedSnapshot, OpError, OpResult};
 use crate::snapshot::{zenith, Manifest, PackOptions};
@@ -158,6 +158,7 @@ impl Pageserver {
         let options = PackOptions {
             name,
             pg: Some(node.name.clone()),
+            wal_history: state.wal.as_ref().map(|w| w.history.clone()),
             parent: None,
             progress,
         };
@@ -195,6 +196,7 @@ impl Pageserver {
         self.materialize(&m, &node.data(), &progress).await?;
         let state = NodeState {
             has_run: false,
+            wal: Some(wal_line_from(&m)),
             ..NodeState::new(port)
         };
         node.save_state(&state)?;
@@ -207,9 +209,21 @@ impl Pageserver {
         make_dir(&node.dir, run_as()?.as_ref())?;
         self.materialize(m, &node.data(), &ProgressHandle::default())
             .await?;
-        let state = NodeState::new(self.new_port()?);
+        let state = NodeState {
+            wal: Some(wal_line_from(m)),
+            ..NodeState::new(self.new_port()?)
+        };
         node.save_state(&state)?;
         Ok(state)
+    }
+}
+
+/// The line of WAL of a pg made from snapshot `m`: a new history that continues the one
+/// the snapshot was taken in, from its end (or a new one, when it records none).
+pub(super) fn wal_line_from(m: &Manifest) -> WalLine {
+    match &m.wal_history {
+        Some(h) => WalLine::branch(h, m.timeline, &m.stop_lsn),
+        None => WalLine::new_root(),
     }
 }
 

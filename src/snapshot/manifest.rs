@@ -95,6 +95,10 @@ pub struct Manifest {
     /// The zenith pg it was taken of, when zenith-local took it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pg: Option<String>,
+    /// The WAL history the pg wrote when it was taken: the archive's WAL that continues
+    /// this snapshot (point-in-time restore, crash restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_history: Option<String>,
     pub format: Format,
     /// Major version from `PG_VERSION`, e.g. "15".
     pub pg_version: String,
@@ -150,6 +154,7 @@ pub struct Origin {
     pub name: Option<String>,
     pub parent: Option<String>,
     pub pg: Option<String>,
+    pub wal_history: Option<String>,
     pub pg_version: String,
     pub control: super::datadir::ControlInfo,
     /// Start and stop LSN of an online copy; a stopped directory uses its checkpoint.
@@ -189,6 +194,7 @@ impl Manifest {
             name: origin.name,
             parent: origin.parent,
             pg: origin.pg,
+            wal_history: origin.wal_history,
             format: origin.format,
             pg_version: origin.pg_version,
             system_identifier: origin.control.system_identifier,
@@ -309,6 +315,12 @@ impl Manifest {
         }
     }
 
+    /// When the manifest was made, milliseconds since the epoch (its id begins with them):
+    /// after the snapshot was consistent.
+    pub fn created_millis(&self) -> Option<u64> {
+        u64::from_str_radix(self.id.get(..12)?, 16).ok()
+    }
+
     /// The manifest as pretty JSON.
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
@@ -347,30 +359,14 @@ pub fn now_rfc3339() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (y, mo, d, h, mi, s) = civil(secs);
+    let (y, mo, d, h, mi, s) = crate::util::time::civil(secs);
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
 /// A time as PostgreSQL's backup manifests write it: `2026-11-21 15:38:28 GMT`.
 pub fn manifest_time(secs: u64) -> String {
-    let (y, mo, d, h, mi, s) = civil(secs);
+    let (y, mo, d, h, mi, s) = crate::util::time::civil(secs);
     format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} GMT")
-}
-
-/// UTC calendar fields of a Unix time.
-fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day, rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -383,6 +379,7 @@ mod tests {
             id: new_id(),
             name: Some("main@t1".into()),
             pg: Some("main".into()),
+            wal_history: None,
             parent: None,
             format: Format::Zenith,
             pg_version: "15".into(),

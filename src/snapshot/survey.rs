@@ -15,6 +15,8 @@ pub struct PackOptions {
     pub name: Option<String>,
     /// The zenith pg being snapshotted, recorded in the manifest.
     pub pg: Option<String>,
+    /// The WAL history the pg writes, recorded in the manifest.
+    pub wal_history: Option<String>,
     pub parent: Option<String>,
     /// Receives the bytes read from the data directory.
     pub progress: crate::util::progress::ProgressHandle,
@@ -41,6 +43,7 @@ pub(crate) async fn survey_for(
         name: options.name.clone(),
         parent: options.parent.clone(),
         pg: options.pg.clone(),
+        wal_history: options.wal_history.clone(),
         pg_version: survey.pg_version,
         control: survey.control,
         lsns,

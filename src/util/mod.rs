@@ -13,3 +13,4 @@ pub mod relpath;
 pub mod size;
 pub mod tempdir;
 pub mod testdata;
+pub mod time;

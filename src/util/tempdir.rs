@@ -183,6 +183,20 @@ pub fn sweep_siblings(path: &Path) {
     }
 }
 
+/// An exclusive lock on the file at `path` (created if missing), held until the returned
+/// file is dropped; `None` when another process holds it.
+pub fn try_lock(path: &Path) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    // SAFETY: flock on a descriptor this function owns.
+    (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
+}
+
 /// Whether process `pid` exists on this machine.
 pub fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks.

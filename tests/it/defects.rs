@@ -322,7 +322,7 @@ fn a_base_backup_with_a_duplicate_entry_is_called_corrupt() {
     let mut copied = 0;
     for entry in input.entries().unwrap() {
         let mut entry = entry.unwrap();
-        let mut header = entry.header().clone();
+        let header = entry.header().clone();
         let mut data = Vec::new();
         std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
         let times = if entry.path().unwrap().ends_with("PG_VERSION") {
@@ -331,7 +331,7 @@ fn a_base_backup_with_a_duplicate_entry_is_called_corrupt() {
             1
         };
         for _ in 0..times {
-            out.append(&mut header, data.as_slice()).unwrap();
+            out.append(&header, data.as_slice()).unwrap();
             copied += 1;
         }
     }

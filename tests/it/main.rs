@@ -13,3 +13,4 @@ mod share;
 mod snapshots;
 mod storage_conformance;
 mod storage_faults;
+mod wal;

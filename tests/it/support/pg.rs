@@ -93,6 +93,12 @@ impl PgCluster {
         }
     }
 
+    /// Takes charge of a server started on this data directory by other means (stopped
+    /// when the cluster is dropped).
+    pub fn adopt_running(&mut self) {
+        self.running = true;
+    }
+
     pub fn start(&mut self) {
         self.port = free_port();
         let opts = format!(

@@ -221,3 +221,11 @@ impl S3Server {
         );
     }
 }
+
+impl S3Server {
+    /// The file s3s-fs keeps object `key` of the test bucket in (to damage it on purpose).
+    pub fn s3s_fs_object(&self, key: &str) -> PathBuf {
+        assert_eq!(self.kind, "s3s-fs", "only s3s-fs keeps objects as files");
+        self.dir.path().join("root").join(&self.bucket).join(key)
+    }
+}
