@@ -262,7 +262,21 @@ impl From<crate::storage::Error> for CliError {
 
 /// Parses the process arguments, runs the command and returns the exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // As a restore_command, any failure but "not in the archive" must stop
+            // recovery: PostgreSQL reads exit codes up to 125 as "not found".
+            let fetch = std::env::args().skip(1).any(|a| a == "wal-fetch");
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ if fetch => wal::EXIT_FATAL,
+                _ => e.exit_code() as u8,
+            };
+            return ExitCode::from(code);
+        }
+    };
     init_logging(cli.verbose);
     if matches!(cli.command, Command::WalFetch { .. }) {
         // PostgreSQL reads exit codes up to 125 as "not in the archive": a bug must stop
@@ -279,7 +293,10 @@ pub fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("zenith: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return match cli.command {
+                Command::WalFetch { .. } => ExitCode::from(wal::EXIT_FATAL),
+                _ => ExitCode::FAILURE,
+            };
         }
     };
     match runtime.block_on(run(cli)) {

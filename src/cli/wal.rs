@@ -58,7 +58,13 @@ struct Resolved {
 
 /// A storage name of the repo (when there is a repo) or a URL, as a URL.
 fn storage_url(name_or_url: &str, repo_dir: Option<PathBuf>) -> Result<String, CliError> {
-    let repo = crate::pageserver::Repo::locate(repo_dir)?;
+    if name_or_url.contains("://") || name_or_url.starts_with('/') {
+        return Ok(name_or_url.to_string());
+    }
+    // A name needs a repo; without one (no HOME, say) it is taken as a path.
+    let Ok(repo) = crate::pageserver::Repo::locate(repo_dir) else {
+        return Ok(name_or_url.to_string());
+    };
     if repo.exists() {
         let ps = crate::pageserver::Pageserver::new(repo);
         if ps.is_storage(name_or_url)? {
@@ -68,15 +74,18 @@ fn storage_url(name_or_url: &str, repo_dir: Option<PathBuf>) -> Result<String, C
     Ok(name_or_url.to_string())
 }
 
-async fn resolve(
-    args: &ArchiveArgs,
-    repo_dir: Option<PathBuf>,
-) -> Result<Option<Resolved>, CliError> {
+async fn resolve(args: &ArchiveArgs, repo_dir: Option<PathBuf>) -> Result<Resolved, CliError> {
     if let Some(file) = &args.target {
         // A zenith pg: the target file says everything; without one, archiving is off.
         let target = match WalTarget::read(file) {
             Ok(Some(t)) => t,
-            Ok(None) => return Ok(None),
+            Ok(None) => {
+                return Err(anyhow::anyhow!(
+                "{} is gone: this pg does not archive any more; its next start sets archiving anew",
+                file.display()
+            )
+                .into())
+            }
             Err(e) => return Err(anyhow::anyhow!(e).into()),
         };
         // The repo's storage_dest, as config.toml says now.
@@ -84,15 +93,22 @@ async fn resolve(
             .map_err(|e| anyhow::anyhow!("{}: {e}", target.config.display()))?;
         let config: crate::pageserver::Config = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", target.config.display(), e.message()))?;
+        // Detached while the pg runs: the WAL stays with PostgreSQL (it retries) rather
+        // than being dropped, until a storage_dest is attached or the pg restarts
+        // without archiving.
         let Some(url) = config.storage_dest else {
-            return Ok(None);
+            return Err(anyhow::anyhow!(
+                "{} names no storage_dest any more: the WAL stays here until one is attached again (`zenith storage attach -n storage_dest --path URL`), or the pg restarts without archiving",
+                target.config.display()
+            )
+            .into());
         };
         let storage = crate::storage::open(&url).await?;
-        return Ok(Some(Resolved {
+        return Ok(Resolved {
             archive: Archive::new(storage, target.system_identifier),
             history: target.history,
             branch: None,
-        }));
+        });
     }
     let Some(name) = &args.storage else {
         return Err(anyhow::anyhow!(
@@ -111,7 +127,7 @@ async fn resolve(
         .unwrap_or_else(|| DEFAULT_HISTORY.into());
     archive::check_history(&history).map_err(|e| anyhow::anyhow!(e))?;
     let storage = crate::storage::open(&url).await?;
-    Ok(Some(Resolved {
+    Ok(Resolved {
         archive: Archive::new(storage, control.system_identifier),
         history,
         branch: Some(Branch {
@@ -120,7 +136,7 @@ async fn resolve(
             created_at: crate::snapshot::now_rfc3339(),
             segment_size: crate::compute::wal::DEFAULT_SEGMENT_SIZE,
         }),
-    }))
+    })
 }
 
 /// `zenith wal-push PATH`.
@@ -130,11 +146,7 @@ pub async fn wal_push(
     concurrency: usize,
     repo_dir: Option<PathBuf>,
 ) -> Result<(), CliError> {
-    let Some(r) = resolve(&args, repo_dir).await? else {
-        // A zenith pg without a storage_dest: nothing to archive into; PostgreSQL may
-        // recycle the file.
-        return Ok(());
-    };
+    let r = resolve(&args, repo_dir).await?;
     if let Some(branch) = &r.branch {
         r.archive
             .ensure_branch(&r.history, branch)
@@ -171,12 +183,9 @@ pub async fn wal_fetch(
         eprintln!("zenith: error: wal-fetch {name}: {e}");
         CliError::Exit(EXIT_FATAL)
     };
-    let resolved = resolve(&args, repo_dir)
+    let r = resolve(&args, repo_dir)
         .await
         .map_err(|e| fatal(cli_message(&e)))?;
-    let Some(r) = resolved else {
-        return Err(CliError::Exit(1));
-    };
     if prefetch_only {
         fetch::prefetch(&r.archive, &r.history, &name, &dest, prefetch)
             .await

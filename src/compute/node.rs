@@ -314,6 +314,26 @@ impl Node {
         Ok(state)
     }
 
+    /// Plans `recovery` for the next start: recorded in node.json, and `recovery.signal`
+    /// placed in the data directory (PostgreSQL removes it when the recovery ends, which
+    /// is how a later start tells a finished recovery from one still due).
+    pub fn begin_recovery(&self, state: &mut NodeState, recovery: Recovery) -> Result<()> {
+        let signal = self.data().join("recovery.signal");
+        std::fs::write(&signal, b"").map_err(|e| Error::io(signal.display(), e))?;
+        if let Some(a) = run_as()? {
+            std::os::unix::fs::chown(&signal, Some(a.uid), Some(a.gid))
+                .map_err(|e| Error::io(signal.display(), e))?;
+        }
+        state.recovery = Some(recovery);
+        self.save_state(state)
+    }
+
+    /// Whether the recovery node.json records has ended: PostgreSQL removed its
+    /// `recovery.signal` when it promoted.
+    pub fn recovery_ended(&self, state: &NodeState) -> bool {
+        state.recovery.is_some() && !self.data().join("recovery.signal").exists()
+    }
+
     /// Where the pg's newest timeline began: the timeline before it and the position it
     /// switched at, from the newest timeline history file in `pg_wal` (`None` on the
     /// first timeline).

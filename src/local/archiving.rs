@@ -45,15 +45,10 @@ fn executable(repo: &Repo) -> OpResult<PathBuf> {
     let repo_dev = std::fs::metadata(&repo.root).map(|m| m.dev()).ok();
     if let (Some((dev, ino)), Some(repo_dev)) = (exe_dev, repo_dev) {
         if dev != repo_dev {
-            let shared = std::env::temp_dir().join("zenith-bin");
-            let at = shared.join(format!("zenith-{dev}-{ino}"));
-            let linked = at.exists() || {
-                let _ = std::fs::create_dir_all(&shared);
-                let _ = std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755));
-                std::fs::hard_link(&exe, &at).is_ok()
-            };
-            if linked && reachable(&at, &account) {
-                return Ok(at);
+            if let Some(at) = shared_link(&exe, dev, ino) {
+                if reachable(&at, &account) {
+                    return Ok(at);
+                }
             }
         }
     }
@@ -81,6 +76,33 @@ fn executable(repo: &Repo) -> OpResult<PathBuf> {
         OpError::io(link.display(), e)
     })?;
     Ok(link)
+}
+
+/// A hard link to `exe` in `$TMPDIR/zenith-bin` (on zenith's filesystem, usually), in a
+/// directory only root may write: one another user made, or made writable, is not used,
+/// and a file there that is not `exe` itself is replaced.
+fn shared_link(exe: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = std::env::temp_dir().join("zenith-bin");
+    match std::fs::create_dir(&dir) {
+        Ok(()) => std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).ok()?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(_) => return None,
+    }
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        tracing::warn!(
+            "{} is not a directory only root may write: not used",
+            dir.display()
+        );
+        return None;
+    }
+    let at = dir.join(format!("zenith-{dev}-{ino}"));
+    if !same_file(exe, &at) {
+        let _ = std::fs::remove_file(&at);
+        std::fs::hard_link(exe, &at).ok()?;
+    }
+    Some(at)
 }
 
 /// Whether `account` can run the file at `path`: every directory above it searchable, the
@@ -160,8 +182,9 @@ pub fn write_target(repo: &Repo, node: &Node, state: &NodeState) -> OpResult<()>
     // config.toml names storage_dest for the archive command (repos of older zeniths
     // wrote it readable by its owner only).
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(repo.config_path(), std::fs::Permissions::from_mode(0o644));
     if let (Some(url), true) = (&repo.config()?.storage_dest, same_cluster) {
+        let _ =
+            std::fs::set_permissions(repo.config_path(), std::fs::Permissions::from_mode(0o644));
         // An unusable storage_dest fails the archive command (and shows in status); the
         // pg runs anyway.
         if let Err(e) = open_wal_dir(url, control.system_identifier) {
@@ -191,14 +214,17 @@ pub fn settings(repo: &Repo, node: &Node, state: &NodeState) -> OpResult<Vec<Str
     let restore = node.dir.join("restore.json");
     let config = repo.config()?;
     write_target(repo, node, state)?;
-    if config.storage_dest.is_none() && state.recovery.is_none() {
+    // Archiving: with a storage_dest, for the main pg's cluster (write_target wrote the
+    // target only then).
+    let archiving = config.storage_dest.is_some() && target.exists();
+    if !archiving && state.recovery.is_none() {
         // Nothing to archive into: the server's own settings (an archive_command of
         // another tool, say) stay as they are.
         return Ok(Vec::new());
     }
     let exe = executable(repo)?;
     let mut out = Vec::new();
-    if config.storage_dest.is_some() {
+    if archiving {
         out.extend([
             "archive_mode=on".to_string(),
             format!(
@@ -209,7 +235,14 @@ pub fn settings(repo: &Repo, node: &Node, state: &NodeState) -> OpResult<Vec<Str
             format!("archive_timeout={}", config.wal.archive_timeout_secs()?),
         ]);
     }
-    match &state.recovery {
+    // Only while the recovery is due: once PostgreSQL finished it (and removed
+    // recovery.signal), starting it with the same target again would replay to that
+    // target and drop everything written since.
+    match state
+        .recovery
+        .as_ref()
+        .filter(|_| !node.recovery_ended(state))
+    {
         Some(r) => {
             let control = crate::snapshot::datadir::read_control(&node.data())?;
             write_json(
@@ -231,12 +264,6 @@ pub fn settings(repo: &Repo, node: &Node, state: &NodeState) -> OpResult<Vec<Str
                 None => {}
             }
             out.push("recovery_target_action=promote".into());
-            let signal = node.data().join("recovery.signal");
-            std::fs::write(&signal, b"").map_err(|e| OpError::io(signal.display(), e))?;
-            if let Some(a) = run_as()? {
-                std::os::unix::fs::chown(&signal, Some(a.uid), Some(a.gid))
-                    .map_err(|e| OpError::io(signal.display(), e))?;
-            }
         }
         None => {
             let _ = std::fs::remove_file(&restore);
@@ -276,6 +303,12 @@ pub async fn record_branch(ps: &Pageserver, node: &Node, line: &WalLine) -> OpRe
         )
         .await
         .map_err(|e| OpError::Failed(e.to_string()))?;
+    if node.name == "main" {
+        archive
+            .set_current("main", &line.history)
+            .await
+            .map_err(|e| OpError::Failed(e.to_string()))?;
+    }
     open_wal_dir(&url, control.system_identifier)
 }
 
@@ -289,9 +322,9 @@ pub async fn finish_recovery(
     node: &Node,
     state: &mut NodeState,
 ) -> OpResult<()> {
-    let Some(recovery) = state.recovery.clone() else {
+    if state.recovery.is_none() {
         return Ok(());
-    };
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
     loop {
         if node.status() != Status::Running {
@@ -318,6 +351,22 @@ pub async fn finish_recovery(
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    complete_recovery(ps, node, state).await?;
+    node.set_password(install, state).await?;
+    Ok(())
+}
+
+/// The bookkeeping of a recovery PostgreSQL has finished (promoted): its history's
+/// beginning (the timeline it left and where, from the new timeline history file) in
+/// node.json and storage_dest, and no recovery due any more.
+pub async fn complete_recovery(
+    ps: &Pageserver,
+    node: &Node,
+    state: &mut NodeState,
+) -> OpResult<()> {
+    let Some(recovery) = state.recovery.clone() else {
+        return Ok(());
+    };
     let (timeline, lsn) = node.timeline_switch().ok_or_else(|| {
         OpError::Failed(format!(
             "pg {} finished its recovery without a new timeline history file",
@@ -343,9 +392,7 @@ pub async fn finish_recovery(
     // The restore file is not needed any more; the server keeps its settings until it
     // restarts, and never reads them outside recovery.
     let _ = std::fs::remove_file(node.dir.join("restore.json"));
-    record_branch(ps, node, &line).await?;
-    node.set_password(install, state).await?;
-    Ok(())
+    record_branch(ps, node, &line).await
 }
 
 /// Makes what `node` wrote up to now archived: a commit (so a target just before now has

@@ -95,6 +95,22 @@ async fn supervise(repo: &Repo) -> OpResult<()> {
     let supervisor = supervisor::Supervisor::new(pageserver.clone(), install.clone(), api_port);
     // A server left running by a zenith-local that was killed is restarted as a child.
     supervisor.start(&main, &mut state).await?;
+    // A recovery under way (a restore started by a zenith-local that died): its end is
+    // recorded when it comes.
+    if state.recovery.is_some() {
+        let (ps, install, node) = (
+            pageserver.clone(),
+            supervisor.install().clone(),
+            main.clone(),
+        );
+        let mut recovering = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = archiving::finish_recovery(&ps, &install, &node, &mut recovering).await
+            {
+                tracing::error!("{}", e.full_message());
+            }
+        });
+    }
     tracing::info!("pg main ready on port {}", state.port);
     let ops = Ops::supervised(pageserver.clone(), Arc::clone(&supervisor));
     let gate = Arc::new(api::Gate::default());

@@ -164,8 +164,7 @@ impl Ops {
                     history: crate::compute::node::new_history(),
                     parent: None,
                 });
-                state.recovery = Some(recovery);
-                node.save_state(&state)?;
+                node.begin_recovery(&mut state, recovery)?;
                 self.run_node(&node, &mut state).await?;
                 archiving::finish_recovery(&self.pageserver, &install, &node, &mut state).await?;
             } else if new.start {
@@ -466,8 +465,7 @@ impl Ops {
                 history: crate::compute::node::new_history(),
                 parent: None,
             });
-            state.recovery = Some(recovery);
-            node.save_state(&state)?;
+            node.begin_recovery(&mut state, recovery)?;
             let install = install()?;
             let recovered = async {
                 self.run_node(&node, &mut state).await?;

@@ -242,6 +242,11 @@ pub async fn launch(
         state.wal = Some(crate::compute::node::WalLine::new_root());
         node.save_state(state)?;
     }
+    // A recovery PostgreSQL finished while no one watched (zenith-local killed, a
+    // checkout that gave up waiting): its bookkeeping now, and no second recovery.
+    if node.recovery_ended(state) {
+        super::archiving::complete_recovery(pageserver, node, state).await?;
+    }
     let mut settings = super::replica::settings(repo, node, state)?;
     settings.extend(super::archiving::settings(repo, node, state)?);
     if state.primary.is_none() && !state.has_run {

@@ -58,26 +58,26 @@ fn consistent_by(m: &Manifest) -> Option<i64> {
 type Lineage = Vec<(String, Option<Branch>)>;
 
 /// Whether snapshot `m` belongs to `lineage`'s WAL: taken in its first history, or in an
-/// ancestor before the descendants forked away.
-fn in_lineage(lineage: &Lineage, m: &Manifest) -> bool {
+/// ancestor at or before the point each descendant forked away (by position: a snapshot
+/// in the fork's segment but after the fork is of the WAL the child did not inherit).
+pub(super) fn in_lineage(lineage: &Lineage, m: &Manifest) -> bool {
     let Some(h) = &m.wal_history else {
         return false;
     };
     let Some(i) = lineage.iter().position(|(name, _)| name == h) else {
         return false;
     };
-    let stop = match parse_lsn(&m.stop_lsn) {
-        Some(l) => WalFile::Segment {
-            tli: m.timeline,
-            segno: segno_of(l, DEFAULT_SEGMENT_SIZE),
-        },
-        None => return false,
+    let Some(stop) = parse_lsn(&m.stop_lsn) else {
+        return false;
     };
     lineage[..i].iter().all(|(_, branch)| {
         branch
             .as_ref()
             .and_then(|b| b.parent.as_ref())
-            .is_some_and(|f| inherited(f, &stop))
+            .is_some_and(|f| {
+                m.timeline < f.tli
+                    || (m.timeline == f.tli && parse_lsn(&f.lsn).is_some_and(|fork| stop <= fork))
+            })
     })
 }
 
@@ -112,6 +112,26 @@ impl Pageserver {
             }
         }
         usable.sort_by(|a, b| a.id.cmp(&b.id));
+        let segments = visible_segments(&archive, &lineage).await?;
+        let newest = segments
+            .iter()
+            .fold(None, |acc: Option<(i64, u64)>, (_, at, end)| {
+                Some(match acc {
+                    Some((t, e)) => (t.max(*at), e.max(*end)),
+                    None => (*at, *end),
+                })
+            });
+        // A snapshot whose WAL after it is no longer archived (retention trimmed it) can
+        // start no restore.
+        let archived: HashSet<WalFile> = segments.iter().map(|(f, _, _)| *f).collect();
+        usable.retain(|m| {
+            parse_lsn(&m.stop_lsn).is_some_and(|l| {
+                archived.contains(&WalFile::Segment {
+                    tli: m.timeline,
+                    segno: segno_of(l, DEFAULT_SEGMENT_SIZE),
+                })
+            })
+        });
         let Some(oldest) = usable.first() else {
             return Err(OpError::BadRequest(format!(
                 "no snapshot of this pg's line of history (WAL history {history}) can start a point-in-time restore: snapshots taken from now on can"
@@ -121,7 +141,6 @@ impl Pageserver {
             At::Time(t) => consistent_by(m).is_some_and(|c| c <= t),
             At::Lsn(l) => parse_lsn(&m.stop_lsn).is_some_and(|s| s <= l),
         };
-        let newest = newest_archived(&archive, &lineage).await?;
         let range = format!(
             "from {} (snapshot {}) to {}",
             match at {
@@ -162,10 +181,14 @@ impl Pageserver {
     }
 }
 
-/// When the newest archived WAL of the lineage was archived (microseconds since the
-/// epoch), and the position its newest segment of the head history ends at.
-async fn newest_archived(archive: &Archive, lineage: &Lineage) -> OpResult<Option<(i64, u64)>> {
-    let mut newest: Option<(i64, u64)> = None;
+/// The segments the lineage's first history sees (its own, and its ancestors' from before
+/// each fork), with when each was archived (microseconds since the epoch) and the position
+/// it ends at.
+async fn visible_segments(
+    archive: &Archive,
+    lineage: &Lineage,
+) -> OpResult<Vec<(WalFile, i64, u64)>> {
+    let mut out = Vec::new();
     for (i, (h, branch)) in lineage.iter().enumerate() {
         let size = branch
             .as_ref()
@@ -175,19 +198,24 @@ async fn newest_archived(archive: &Archive, lineage: &Lineage) -> OpResult<Optio
             let WalFile::Segment { segno, .. } = file else {
                 continue;
             };
+            let visible = lineage[..i].iter().all(|(_, child)| {
+                child
+                    .as_ref()
+                    .and_then(|b| b.parent.as_ref())
+                    .is_some_and(|fork| inherited(fork, &file))
+            });
+            if !visible {
+                continue;
+            }
             let at = meta
                 .last_modified
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_micros() as i64)
                 .unwrap_or(0);
-            let end = if i == 0 { (segno + 1) * size } else { 0 };
-            newest = Some(match newest {
-                Some((t, e)) => (t.max(at), e.max(end)),
-                None => (at, end),
-            });
+            out.push((file, at, (segno + 1) * size));
         }
     }
-    Ok(newest)
+    Ok(out)
 }
 
 fn archive_error(e: crate::safekeeper::ArchiveError) -> OpError {

@@ -320,7 +320,7 @@ impl Pageserver {
         let from = open(&url).await?;
         let all = zenith::list(from.as_ref()).await?;
         // The newest of the main pg; a storage_dest filled only by hand: its newest.
-        let Some(m) = all
+        let Some(mut m) = all
             .iter()
             .rev()
             .find(|m| of_main(m))
@@ -329,27 +329,45 @@ impl Pageserver {
         else {
             return Ok(None);
         };
+        let archive = crate::safekeeper::Archive::new(from.clone(), m.system_identifier);
+        let failed = |e: crate::safekeeper::ArchiveError| OpError::Failed(e.to_string());
+        // The history main wrote last (after a checkout, not the one of its newest
+        // snapshot, which is the state it left): the newest snapshot of its line, and
+        // its WAL, are what the main pg was.
+        let mut history = m.wal_history.clone();
+        if let Some(current) = archive.current("main").await.map_err(failed)? {
+            let lineage = archive.lineage(&current).await.map_err(failed)?;
+            if let Some(newest) = all
+                .iter()
+                .rev()
+                .find(|s| super::pitr::in_lineage(&lineage, s))
+            {
+                m = newest.clone();
+                history = Some(current);
+            }
+        }
         let store = self.store().await?;
         zenith::transfer(from.as_ref(), &store, &m, None, &progress).await?;
         let mut state = self.main_from_snapshot(&m).await?;
         // The WAL archived after the snapshot is replayed at the first start: every
         // commit archived before the machine was lost comes back, not only the snapshot's.
-        if let Some(history) = &m.wal_history {
-            let archive = crate::safekeeper::Archive::new(from, m.system_identifier);
+        if let Some(history) = &history {
             let archived = archive
                 .files(history, crate::compute::wal::DEFAULT_SEGMENT_SIZE)
                 .await
-                .map_err(|e| OpError::Failed(e.to_string()))?;
+                .map_err(failed)?;
             if !archived.is_empty() {
                 state.wal = Some(crate::compute::node::WalLine {
                     history: crate::compute::node::new_history(),
                     parent: None,
                 });
-                state.recovery = Some(crate::compute::node::Recovery {
-                    source: history.clone(),
-                    target: None,
-                });
-                self.repo.node("main").save_state(&state)?;
+                self.repo.node("main").begin_recovery(
+                    &mut state,
+                    crate::compute::node::Recovery {
+                        source: history.clone(),
+                        target: None,
+                    },
+                )?;
             }
         }
         Ok(Some(m))

@@ -326,12 +326,21 @@ impl Archive {
         let key = format!("{}branch.json", self.prefix(history));
         match self.storage.get_bytes_limited(&key, 64 << 10).await {
             Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| ArchiveError::Corrupt {
-                        object: self.url_of(&key),
-                        what: e.to_string(),
-                    })
+                let corrupt = |what: String| ArchiveError::Corrupt {
+                    object: self.url_of(&key),
+                    what,
+                };
+                let branch: Branch =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                // Names and positions are computed from it: PostgreSQL's segment sizes only.
+                let size = branch.segment_size;
+                if !size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&size) {
+                    return Err(corrupt(format!("a segment size of {size} bytes")));
+                }
+                if let Some(fork) = &branch.parent {
+                    check_history(&fork.history)?;
+                }
+                Ok(Some(branch))
             }
             Err(crate::storage::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
@@ -349,15 +358,50 @@ impl Archive {
         Ok(())
     }
 
+    /// Records that pg `pg` (of the repo whose storage this is) writes `history` now:
+    /// what a machine that lost the repo restores (`wal/<sysid>/pg-<pg>.json`).
+    pub async fn set_current(&self, pg: &str, history: &str) -> Result<()> {
+        check_history(history)?;
+        let key = format!("wal/{}/pg-{pg}.json", self.system_identifier);
+        let json = serde_json::json!({ "history": history }).to_string();
+        self.storage.put(&key, Bytes::from(json)).await?;
+        Ok(())
+    }
+
+    /// The history pg `pg` wrote last, as [`Archive::set_current`] recorded it.
+    pub async fn current(&self, pg: &str) -> Result<Option<String>> {
+        #[derive(Deserialize)]
+        struct Current {
+            history: String,
+        }
+        let key = format!("wal/{}/pg-{pg}.json", self.system_identifier);
+        match self.storage.get_bytes_limited(&key, 4096).await {
+            Ok(bytes) => {
+                let c: Current =
+                    serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Corrupt {
+                        object: self.url_of(&key),
+                        what: e.to_string(),
+                    })?;
+                check_history(&c.history)?;
+                Ok(Some(c.history))
+            }
+            Err(crate::storage::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The histories of the cluster, in no particular order.
     pub async fn histories(&self) -> Result<Vec<String>> {
         let prefix = format!("wal/{}/", self.system_identifier);
         let mut out: Vec<String> = Vec::new();
         for o in self.storage.list(&prefix).await? {
-            if let Some((history, _)) = o.key[prefix.len()..].split_once('/') {
-                if out.last().map(String::as_str) != Some(history) {
-                    out.push(history.to_string());
-                }
+            let Some((history, _)) = o.key.strip_prefix(&prefix).and_then(|k| k.split_once('/'))
+            else {
+                continue;
+            };
+            // What zenith did not write there is not a history.
+            if check_history(history).is_ok() && out.last().map(String::as_str) != Some(history) {
+                out.push(history.to_string());
             }
         }
         out.dedup();
@@ -373,7 +417,9 @@ impl Archive {
         let prefix = self.prefix(history);
         let mut out = Vec::new();
         for o in self.storage.list(&prefix).await? {
-            let name = &o.key[prefix.len()..];
+            let Some(name) = o.key.strip_prefix(&prefix) else {
+                continue;
+            };
             if let Some(file) = name
                 .strip_suffix(".zst")
                 .and_then(|n| WalFile::parse(n, segment_size))

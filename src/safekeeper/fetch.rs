@@ -29,12 +29,17 @@ pub enum Fetched {
     NotFound,
 }
 
-/// The prefetch directory beside `dest` (PostgreSQL's `pg_wal/RECOVERYXLOG`).
-pub fn prefetch_dir(dest: &Path) -> PathBuf {
+/// The directory of what is prefetched beside `dest` (PostgreSQL's `pg_wal/RECOVERYXLOG`).
+pub const PREFETCH_DIR: &str = ".zenith-prefetch";
+
+/// Where segments of `history` and cluster `sysid` are prefetched beside `dest`: one
+/// directory each, so a file of one is never served for another.
+pub fn prefetch_dir(dest: &Path, sysid: u64, history: &str) -> PathBuf {
     dest.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
-        .join(".zenith-prefetch")
+        .join(PREFETCH_DIR)
+        .join(format!("{sysid}-{history}"))
 }
 
 /// Writes `data` to a new file at `dest` (a temporary sibling, fsynced, renamed).
@@ -91,9 +96,10 @@ async fn find(
     Ok(None)
 }
 
-/// Whether the lineage holds a later segment of the timeline of `file`, as its first
-/// history sees the lineage (an ancestor's segments from after a fork are not its own):
-/// then `file` missing is a gap in the archive, not its end.
+/// Whether the lineage holds WAL after `file` (a later segment of its timeline or of a
+/// newer one, or a partial segment), as its first history sees the lineage (an ancestor's
+/// segments from after a fork are not its own): then `file` missing is a gap in the
+/// archive, not its end.
 async fn later_exists(
     archive: &Archive,
     lineage: &Lineage,
@@ -108,7 +114,8 @@ async fn later_exists(
             .map(|b| b.segment_size)
             .unwrap_or(DEFAULT_SEGMENT_SIZE);
         for (f, _) in archive.files(h, size).await? {
-            let WalFile::Segment { tli: t, segno: s } = f else {
+            let (WalFile::Segment { tli: t, segno: s } | WalFile::Partial { tli: t, segno: s }) = f
+            else {
                 continue;
             };
             // Visible through every fork between the first history and this one.
@@ -118,8 +125,10 @@ async fn later_exists(
                     .and_then(|b| b.parent.as_ref())
                     .is_some_and(|fork| inherited(fork, &f))
             });
-            if visible && t == tli && s > segno {
-                return Ok(Some(segment_name(t, s, size)));
+            // WAL after the missing segment, on its timeline or a later one (a timeline
+            // switch after it, even just the last partial segment of its timeline).
+            if visible && t >= tli && s > segno {
+                return Ok(Some(f.name(size)));
             }
         }
     }
@@ -133,11 +142,15 @@ pub async fn fetch(archive: &Archive, history: &str, name: &str, dest: &Path) ->
             "{name:?} is not a WAL file name; restore_command passes %f"
         ))
     })?;
-    let prefetched = prefetch_dir(dest);
+    let prefetched = prefetch_dir(dest, archive.system_identifier(), history);
     if matches!(file, WalFile::Segment { .. }) {
         forget_older(&prefetched, name);
         let ready = prefetched.join(name);
-        if ready.is_file() && std::fs::rename(&ready, dest).is_ok() {
+        // Checked when it was fetched; its first page still names the cluster.
+        let ours = first_page(&ready).and_then(|b| crate::compute::wal::segment_header(&b));
+        if ours.is_some_and(|(sysid, _)| sysid == archive.system_identifier())
+            && std::fs::rename(&ready, dest).is_ok()
+        {
             return Ok(Fetched::Prefetched);
         }
     }
@@ -160,6 +173,14 @@ pub async fn fetch(archive: &Archive, history: &str, name: &str, dest: &Path) ->
             None => Ok(Fetched::NotFound),
         },
     }
+}
+
+/// The first bytes of the file at `path` (enough for a segment's page header).
+fn first_page(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = vec![0u8; 64];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    Some(head)
 }
 
 /// Removes prefetched segments older than `name`: recovery is past them.
@@ -188,7 +209,7 @@ pub async fn prefetch(
     let Some(WalFile::Segment { tli, segno }) = WalFile::parse(name, DEFAULT_SEGMENT_SIZE) else {
         return Ok(0);
     };
-    let dir = prefetch_dir(dest);
+    let dir = prefetch_dir(dest, archive.system_identifier(), history);
     std::fs::create_dir_all(&dir)
         .map_err(|e| ArchiveError::Refused(format!("{}: {e}", dir.display())))?;
     let Some(_lock) = crate::util::tempdir::try_lock(&dir.join(".lock")) else {

@@ -81,10 +81,14 @@ pub async fn push(
     let (file, data) = read_wal(archive, path).await?;
     // The server archives: its recovery is over, and what wal-fetch prefetched for it
     // is of no more use.
-    if let Some(dir) = path.parent().map(|p| p.join(".zenith-prefetch")) {
-        if dir.is_dir() && crate::util::tempdir::try_lock(&dir.join(".lock")).is_some() {
-            let _ = std::fs::remove_dir_all(&dir);
+    if let Some(dir) = path.parent().map(|p| p.join(super::fetch::PREFETCH_DIR)) {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            // Not while a prefetcher still runs there (it ends by itself).
+            if crate::util::tempdir::try_lock(&entry.path().join(".lock")).is_some() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
+        let _ = std::fs::remove_dir(&dir);
     }
     let name = path
         .file_name()

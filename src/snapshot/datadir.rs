@@ -280,7 +280,8 @@ fn walk_with(dir: &Path, live: bool) -> Result<Vec<DirEntry>> {
                 reason: format!("{}: the name is not UTF-8", entry.path().display()),
             });
         };
-        if EXCLUDED.contains(&rel.as_str()) {
+        // Segments prefetched for a recovery (zenith wal-fetch) are not the database's.
+        if EXCLUDED.contains(&rel.as_str()) || rel.starts_with("pg_wal/.zenith-prefetch") {
             continue;
         }
         let ft = entry.file_type();

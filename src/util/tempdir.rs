@@ -99,7 +99,20 @@ pub fn sweep(parent: &Path, prefix: &str) -> usize {
 /// The marker in the names of temporary files beside their final name.
 pub const TEMP_MARKER: &str = ".zenith-tmp-";
 
-/// This machine's name as temporary names carry it: letters, digits and `-` only.
+/// The PID namespace this process runs in (`/proc/self/ns/pid`): two containers with
+/// one host name and boot can still not see each other's processes.
+pub fn pid_namespace() -> Option<String> {
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let text = link.to_string_lossy();
+    let inode = text.strip_prefix("pid:[")?.strip_suffix(']')?;
+    inode
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| inode.to_string())
+}
+
+/// This machine's name and PID namespace as temporary names carry them: letters, digits
+/// and `-` only.
 fn host_tag() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let tag: String = host
@@ -108,10 +121,10 @@ fn host_tag() -> String {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
         .take(32)
         .collect();
-    if tag.is_empty() {
-        "host".into()
-    } else {
-        tag
+    let tag = if tag.is_empty() { "host".into() } else { tag };
+    match pid_namespace() {
+        Some(ns) => format!("{tag}-{ns}"),
+        None => tag,
     }
 }
 

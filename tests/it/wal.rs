@@ -367,7 +367,24 @@ fn point_in_time_restore_holds_exactly_what_was_committed_before() {
     ok(z(&repo.path).args(["pg", "create", "at3", "--at", &after_3]));
     assert_eq!(rows(&connstr_of(&repo.path, "at3")), "{1,2,3}");
     // The restored pgs are primaries that take writes and archive on their own.
-    psql(&connstr_of(&repo.path, "at2"), "insert into t values (20)");
+    let at2 = connstr_of(&repo.path, "at2");
+    psql(&at2, "insert into t values (20)");
+    // A recovery PostgreSQL finished while nobody recorded it (zenith-local killed at
+    // that moment): the next start records it and does not replay to the target again.
+    ok(z(&repo.path).args(["pg", "stop", "at2"]));
+    let node = repo.path.join("pgs/at2/node.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&node).unwrap()).unwrap();
+    let history = state["wal"]["history"].clone();
+    state["recovery"] =
+        serde_json::json!({ "source": "0123456789abcdef", "target": { "time": after_2 } });
+    state["wal"] = serde_json::json!({ "history": history });
+    std::fs::write(&node, serde_json::to_vec(&state).unwrap()).unwrap();
+    ok(z(&repo.path).args(["pg", "start", "at2"]));
+    assert_eq!(rows(&at2), "{1,2,20}");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&node).unwrap()).unwrap();
+    assert!(state["recovery"].is_null(), "{state}");
+    assert_eq!(state["wal"]["history"], history);
 
     // Before the first snapshot, or beyond what was archived: refused, with the range.
     let out = run(z(&repo.path).args(["pg", "create", "early", "--at", "2001-01-01 00:00:00"]));
@@ -521,4 +538,46 @@ fn branches_promotions_and_checkouts_archive_side_by_side() {
     ok(z(&repo.path).args(["pg", "create", "r1-again", "--from", "r1", "--at", &r1_at]));
     assert_eq!(rows(&connstr_of(&repo.path, "r1-again")), "{1,2,12}");
     ok(z(&repo.path).arg("stop"));
+}
+
+#[test]
+fn a_lost_machine_after_a_checkout_comes_back_as_main_was_last() {
+    let Some((repo, _url)) = archiving_repo() else {
+        return;
+    };
+    let main = connstr_of(&repo.path, "main");
+    psql(&main, "create table t (i int); insert into t values (1)");
+    ok(z(&repo.path).args(["snapshot", "create", "main@one"]));
+    psql(&main, "insert into t values (2)");
+    ok(z(&repo.path).args(["snapshot", "create"]));
+    // Rolled back: the state it left (main@HEAD{0}, rows 1 and 2) is the newest snapshot
+    // of main, but not what main is now.
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@one"]));
+    psql(&main, "insert into t values (3)");
+    ok(z(&repo.path).args(["--no-progress", "push"]));
+    let segment = psql(&main, "select pg_walfile_name(pg_switch_wal())");
+    eventually("the segment archived", || {
+        psql(
+            &main,
+            &format!("select last_archived_wal >= '{segment}' from pg_stat_archiver"),
+        ) == "t"
+    });
+    let pid: i32 = std::fs::read_to_string(repo.path.join("zenith-local.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let postmaster = crate::local::postmaster_pid(&repo.path, "main");
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::kill(postmaster, libc::SIGKILL);
+    }
+    let config = std::fs::read_to_string(repo.path.join("config.toml")).unwrap();
+    let other = TestRepo::at(repo.path.with_file_name("new-machine"));
+    std::fs::create_dir_all(&other.path).unwrap();
+    std::fs::write(other.path.join("config.toml"), config).unwrap();
+    let out = ok(z(&other.path).arg("start"));
+    assert!(out.contains("replayed the WAL archived after it"), "{out}");
+    assert_eq!(rows(&connstr_of(&other.path, "main")), "{1,3}");
+    ok(z(&other.path).arg("stop"));
 }

@@ -53,6 +53,9 @@ struct Owner {
     host: String,
     /// Tells a reboot of the same host apart: a lock of an earlier boot is dead.
     boot_id: String,
+    /// Its PID namespace: a pid means something only in the same one.
+    #[serde(default)]
+    pid_ns: Option<String>,
     pid: i32,
 }
 
@@ -67,6 +70,7 @@ impl Owner {
             written_at: manifest::now_rfc3339(),
             host: read("/proc/sys/kernel/hostname"),
             boot_id: read("/proc/sys/kernel/random/boot_id"),
+            pid_ns: crate::util::tempdir::pid_namespace(),
             pid: std::process::id() as i32,
         }
     }
@@ -78,8 +82,14 @@ impl Owner {
         if self.host.is_empty() || self.host != me.host || me.boot_id.is_empty() {
             return false;
         }
-        self.boot_id != me.boot_id
-            || (self.pid != me.pid && !crate::util::tempdir::pid_alive(self.pid))
+        if self.boot_id != me.boot_id {
+            return true;
+        }
+        // Same boot: the pid says something only in the same PID namespace.
+        self.pid_ns.is_some()
+            && self.pid_ns == me.pid_ns
+            && self.pid != me.pid
+            && !crate::util::tempdir::pid_alive(self.pid)
     }
 
     fn to_bytes(&self) -> Bytes {
@@ -211,8 +221,14 @@ mod tests {
         let elsewhere = Owner {
             host: "another-host".into(),
             pid: 2_147_483_646,
-            ..me
+            ..me.clone()
         };
         assert!(!elsewhere.is_dead());
+        let other_container = Owner {
+            pid_ns: Some("1".into()),
+            pid: 2_147_483_646,
+            ..me
+        };
+        assert!(!other_container.is_dead());
     }
 }
