@@ -282,6 +282,36 @@ pub struct StatusReport {
     /// The main pg's WAL archiving, while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<ArchiveStatus>,
+    /// The main pg's safekeeper, while zenith-local runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safekeeper: Option<SafekeeperState>,
+}
+
+/// The safekeeper of a pg, as zenith-local sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SafekeeperState {
+    pub pg: String,
+    /// `sync` or `async`, as config.toml asks.
+    pub mode: String,
+    /// Whether commits wait for it now (sync mode, not fallen back).
+    pub commits_wait: bool,
+    /// Connected and storing what it receives.
+    pub streaming: bool,
+    /// Stored on storage_dest up to here.
+    pub flushed_lsn: Option<String>,
+    /// Bytes of the pg's WAL not stored yet.
+    pub lag_bytes: u64,
+    /// Seconds the oldest WAL not stored yet has waited.
+    pub lag_secs: Option<u64>,
+    /// Times zenith-local started it again.
+    pub restarts: u32,
+    /// Sync mode given up for now: since when (RFC 3339) and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallen_back_since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallen_back_why: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// How a pg's WAL archiving goes (PostgreSQL's `pg_stat_archiver`).

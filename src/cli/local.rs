@@ -364,6 +364,9 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
         }
         println!();
     }
+    if let Some(sk) = &out.safekeeper {
+        print_safekeeper(sk);
+    }
     match &out.newest_snapshot {
         Some(m) => println!(
             "newest snapshot: {}{}, {}",
@@ -377,4 +380,42 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
         None => println!("newest snapshot: none"),
     }
     Ok(())
+}
+
+/// The safekeeper's line of `zenith status`; a fallback from sync mode is loud.
+fn print_safekeeper(sk: &crate::models::SafekeeperState) {
+    if let Some(since) = &sk.fallen_back_since {
+        println!(
+            "safekeeper: FALLEN BACK TO ASYNC since {since}: {}; commits do not wait for storage_dest until it catches up",
+            printable(sk.fallen_back_why.as_deref().unwrap_or("-"))
+        );
+    }
+    print!(
+        "safekeeper: {} mode{}, {}",
+        sk.mode,
+        if sk.commits_wait {
+            " (commits wait for storage_dest)"
+        } else {
+            ""
+        },
+        if sk.streaming {
+            "streaming"
+        } else {
+            "NOT STREAMING"
+        }
+    );
+    if let Some(lsn) = &sk.flushed_lsn {
+        print!("; stored up to {lsn}");
+    }
+    print!("; lag {}", crate::util::size::format_size(sk.lag_bytes));
+    if let Some(secs) = sk.lag_secs.filter(|s| *s > 0) {
+        print!(" ({secs} s)");
+    }
+    if sk.restarts > 0 {
+        print!("; restarted {} time(s)", sk.restarts);
+    }
+    if let Some(e) = &sk.last_error {
+        print!("; last error: {}", printable(e));
+    }
+    println!();
 }

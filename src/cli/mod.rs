@@ -144,6 +144,22 @@ pub enum Command {
     /// The WAL archive
     #[command(subcommand)]
     Wal(wal::WalCommand),
+    /// The safekeeper of a zenith pg (zenith-local runs it): streams the pg's WAL to its
+    /// storage_dest and reports it flushed once stored
+    #[command(hide = true)]
+    Safekeeper {
+        #[command(flatten)]
+        archive: wal::ArchiveArgs,
+        /// The pg's Unix socket (`DIR/.s.PGSQL.PORT`)
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Where it reports what it does (JSON)
+        #[arg(long, value_name = "FILE")]
+        report: PathBuf,
+        /// Store what arrived at most this often (0: each batch at once, for sync mode)
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        batch_ms: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -362,6 +378,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             .await
         }
         Command::Wal(cmd) => wal::run(cmd, cli.repo_dir).await,
+        Command::Safekeeper {
+            archive,
+            socket,
+            report,
+            batch_ms,
+        } => wal::safekeeper(archive, socket, report, batch_ms, cli.repo_dir).await,
     }
 }
 

@@ -169,6 +169,22 @@ pub async fn wal_push(
     Ok(())
 }
 
+/// `zenith safekeeper`: one run of the WAL receiver (zenith-local starts it again when it
+/// ends).
+pub async fn safekeeper(
+    args: ArchiveArgs,
+    socket: PathBuf,
+    report: PathBuf,
+    batch_ms: u64,
+    repo_dir: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let r = resolve(&args, repo_dir).await?;
+    let batch = std::time::Duration::from_millis(batch_ms);
+    crate::safekeeper::receiver::run(r.archive, r.history, socket, report, batch)
+        .await
+        .map_err(|e| anyhow::anyhow!(e).into())
+}
+
 /// `zenith wal-fetch NAME DEST`: exit 0 (found), 1 (not in the archive), 255 (anything
 /// else: recovery must stop).
 pub async fn wal_fetch(

@@ -12,6 +12,7 @@
 pub mod api;
 mod archiving;
 pub mod control;
+mod keeper;
 pub mod lock;
 pub mod pgs;
 pub mod replica;
@@ -39,6 +40,9 @@ pub struct LocalState {
     /// Background pushes to storage_dest, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<PushState>,
+    /// The main pg's safekeeper, when it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safekeeper: Option<crate::models::SafekeeperState>,
 }
 
 /// One supervised pg.

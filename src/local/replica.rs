@@ -73,12 +73,22 @@ pub fn replicas_of(repo: &Repo, primary: &str) -> Vec<String> {
 /// replicas (destroyed or promoted), which would hold its WAL forever. Failures are
 /// logged: the server runs on.
 pub async fn prune_slots(repo: &Repo, install: &PgInstall, node: &Node, state: &NodeState) {
-    let wanted: Vec<String> = replicas_of(repo, &node.name)
+    let mut wanted: Vec<String> = replicas_of(repo, &node.name)
         .iter()
         .map(|r| slot_name(r))
         .collect();
+    // The safekeeper's slot, while the pg has a safekeeper: an unused slot would keep
+    // every segment from then on.
+    if super::keeper::wanted(repo, node, state)
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        wanted.push(crate::safekeeper::receiver::NAME.to_string());
+    }
     let sql = "SELECT slot_name FROM pg_replication_slots \
-               WHERE slot_name LIKE 'zr\\_%' AND NOT temporary AND NOT active";
+               WHERE (slot_name LIKE 'zr\\_%' OR slot_name = 'zenith_safekeeper') \
+               AND NOT temporary AND NOT active";
     let slots = match node.query(install, state, sql).await {
         Ok(out) => out,
         Err(e) => {

@@ -46,6 +46,7 @@ impl Ops {
             pgs,
             newest_snapshot: newest,
             storage_dest: repo.config()?.storage_dest,
+            safekeeper: local.as_ref().and_then(|l| l.safekeeper.clone()),
             push: local.and_then(|l| l.push),
             wal: self.archive_status("main").await,
         })

@@ -25,6 +25,8 @@ pub struct Supervisor {
     report: Mutex<BTreeMap<String, PgState>>,
     /// And of background pushes.
     push: Mutex<Option<PushState>>,
+    /// And of the main pg's safekeeper.
+    safekeeper: Mutex<Option<crate::models::SafekeeperState>>,
     /// Set by [`Supervisor::stop_all`]: no pg starts after it.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -45,6 +47,7 @@ impl Supervisor {
             watched: Default::default(),
             report: Default::default(),
             push: Default::default(),
+            safekeeper: Default::default(),
             stopping: Default::default(),
         })
     }
@@ -119,8 +122,27 @@ impl Supervisor {
         }
     }
 
-    /// Restarts once, then gives up and reports why; stops when told to.
+    /// Watches a pg (see [`Supervisor::watch_pg`]) and runs its safekeeper beside it,
+    /// stopped after the pg.
     async fn watch(
+        self: Arc<Self>,
+        node: Node,
+        state: NodeState,
+        child: tokio::process::Child,
+        stop: oneshot::Receiver<bool>,
+    ) {
+        let keeper = super::keeper::wanted(&self.pageserver.repo, &node, &state)
+            .ok()
+            .flatten()
+            .map(|_| super::keeper::Keeper::spawn(Arc::clone(&self), node.clone()));
+        Arc::clone(&self).watch_pg(node, state, child, stop).await;
+        if let Some(k) = keeper {
+            k.stop().await;
+        }
+    }
+
+    /// Restarts once, then gives up and reports why; stops when told to.
+    async fn watch_pg(
         self: Arc<Self>,
         node: Node,
         mut state: NodeState,
@@ -185,6 +207,22 @@ impl Supervisor {
         self.push.lock().expect("not poisoned").clone()
     }
 
+    /// Records the state of the main pg's safekeeper.
+    pub fn set_safekeeper(&self, state: Option<crate::models::SafekeeperState>) {
+        let mut current = self.safekeeper.lock().expect("not poisoned");
+        if *current == state {
+            return;
+        }
+        *current = state;
+        drop(current);
+        let report = self.report.lock().expect("not poisoned");
+        self.save(&report);
+    }
+
+    pub fn repo(&self) -> &crate::pageserver::Repo {
+        &self.pageserver.repo
+    }
+
     fn reported(&self, name: &str) -> PgState {
         let report = self.report.lock().expect("not poisoned");
         report.get(name).cloned().unwrap_or(PgState {
@@ -215,6 +253,7 @@ impl Supervisor {
             started_at: self.started_at.clone(),
             pgs: report.values().cloned().collect(),
             push: self.push_state(),
+            safekeeper: self.safekeeper.lock().expect("not poisoned").clone(),
         };
         if let Err(e) = crate::compute::node::write_private(
             &self.pageserver.repo.state_path(),
@@ -249,6 +288,7 @@ pub async fn launch(
     }
     let mut settings = super::replica::settings(repo, node, state)?;
     settings.extend(super::archiving::settings(repo, node, state)?);
+    settings.extend(super::keeper::settings(repo, node, state)?);
     if state.primary.is_none() && !state.has_run {
         state.has_run = true;
         node.save_state(state)?;

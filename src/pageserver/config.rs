@@ -35,6 +35,55 @@ pub struct Config {
     /// Continuous WAL archiving to storage_dest.
     #[serde(default)]
     pub wal: WalConfig,
+    /// The main pg's safekeeper, which streams its WAL to storage_dest.
+    #[serde(default)]
+    pub safekeeper: SafekeeperConfig,
+}
+
+/// `[safekeeper]` of config.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SafekeeperConfig {
+    /// `async` (the default): the main pg's WAL streams to storage_dest as it is
+    /// written (within about 200 ms), commits do not wait for it; `sync`: a commit
+    /// returns only once its WAL is on storage_dest; `off`: only whole segments are
+    /// archived (at the latest after `[wal] archive_timeout`). Only with a storage_dest.
+    #[serde(default)]
+    pub mode: SafekeeperMode,
+    /// In `sync` mode, a safekeeper that stored nothing for this long (down, paused,
+    /// storage unreachable) no longer holds commits: they go on without it, `zenith
+    /// status` says so, and sync mode returns once it caught up.
+    #[serde(default = "default_fallback_after")]
+    pub fallback_after: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SafekeeperMode {
+    Off,
+    #[default]
+    Async,
+    Sync,
+}
+
+fn default_fallback_after() -> String {
+    "10s".into()
+}
+
+impl Default for SafekeeperConfig {
+    fn default() -> Self {
+        SafekeeperConfig {
+            mode: SafekeeperMode::default(),
+            fallback_after: default_fallback_after(),
+        }
+    }
+}
+
+impl SafekeeperConfig {
+    pub fn fallback(&self) -> OpResult<std::time::Duration> {
+        crate::util::size::parse_duration(&self.fallback_after)
+            .map_err(|e| OpError::Failed(format!("config.toml [safekeeper] fallback_after: {e}")))
+    }
 }
 
 /// `[wal]` of config.toml.
@@ -185,6 +234,7 @@ impl Config {
     pub fn check(&self) -> OpResult<()> {
         self.push.check()?;
         self.wal.archive_timeout_secs()?;
+        self.safekeeper.fallback()?;
         Ok(())
     }
 }
@@ -198,6 +248,7 @@ impl Default for Config {
             storages: Default::default(),
             push: PushConfig::default(),
             wal: WalConfig::default(),
+            safekeeper: SafekeeperConfig::default(),
         }
     }
 }

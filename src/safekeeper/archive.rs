@@ -5,7 +5,9 @@
 //! - `wal/<system identifier>/<history>/<file>.zst`: one object per WAL file PostgreSQL
 //!   archived (segments, `.partial` segments, timeline and backup history files);
 //! - `wal/<system identifier>/<history>/branch.json`: where the history begins: the
-//!   history it continues, and from which segment on it is its own.
+//!   history it continues, and from which segment on it is its own;
+//! - `wal/<system identifier>/<history>/stream/`: what the safekeeper streamed of segments
+//!   not archived whole yet (see [`super::stream`]).
 //!
 //! A *history* is one line of WAL that never goes back in time. PostgreSQL's timelines
 //! are not enough for that: a pg rolled back to a snapshot, or two pgs branched from one,
@@ -483,6 +485,17 @@ pub async fn trim(storage: Arc<dyn Storage>, kept: &[crate::snapshot::Manifest])
             };
             if position < (tli, segno) {
                 storage.delete(&meta.key).await?;
+                removed += 1;
+            }
+        }
+        for piece in archive.pieces(&history).await? {
+            let Some(WalFile::Segment { tli: t, segno: s }) =
+                WalFile::parse(&piece.segment, DEFAULT_SEGMENT_SIZE)
+            else {
+                continue;
+            };
+            if (t, s) < (tli, segno) {
+                storage.delete(&piece.key).await?;
                 removed += 1;
             }
         }

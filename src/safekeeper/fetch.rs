@@ -8,7 +8,8 @@
 //! never a quiet end of recovery with commits missing.
 //!
 //! A file is looked up in the history asked for, then in the ancestors it inherited it
-//! from (see [`super::archive::inherited`]). After a segment, the next few are fetched in
+//! from (see [`super::archive::inherited`]); a segment not archived whole is read from
+//! the pieces the safekeeper streamed of it, when there are some. After a segment, the next few are fetched in
 //! the background into `.zenith-prefetch/` beside the destination, each checked before it
 //! is renamed into place there; the next call takes its file from there when present.
 
@@ -80,6 +81,7 @@ async fn find(
     lineage: &Lineage,
     file: &WalFile,
     name: &str,
+    streamed: bool,
 ) -> Result<Option<(String, Vec<u8>)>> {
     for (i, (h, _)) in lineage.iter().enumerate() {
         if i > 0 {
@@ -91,6 +93,17 @@ async fn find(
         }
         if let Some(data) = archive.get(h, name).await? {
             return Ok(Some((h.clone(), data)));
+        }
+        // Not archived whole (yet): what the safekeeper streamed of it.
+        if streamed && matches!(file, WalFile::Segment { .. }) {
+            let size = lineage[i]
+                .1
+                .as_ref()
+                .map(|b| b.segment_size)
+                .unwrap_or(DEFAULT_SEGMENT_SIZE);
+            if let Some(data) = archive.streamed(h, name, size).await? {
+                return Ok(Some((h.clone(), data)));
+            }
         }
     }
     Ok(None)
@@ -113,7 +126,13 @@ async fn later_exists(
             .as_ref()
             .map(|b| b.segment_size)
             .unwrap_or(DEFAULT_SEGMENT_SIZE);
-        for (f, _) in archive.files(h, size).await? {
+        let streamed = archive
+            .pieces(h)
+            .await?
+            .into_iter()
+            .filter_map(|p| WalFile::parse(&p.segment, size));
+        let archived = archive.files(h, size).await?.into_iter().map(|(f, _)| f);
+        for f in archived.chain(streamed) {
             let (WalFile::Segment { tli: t, segno: s } | WalFile::Partial { tli: t, segno: s }) = f
             else {
                 continue;
@@ -155,7 +174,7 @@ pub async fn fetch(archive: &Archive, history: &str, name: &str, dest: &Path) ->
         }
     }
     let lineage = archive.lineage(history).await?;
-    match find(archive, &lineage, &file, name).await? {
+    match find(archive, &lineage, &file, name, true).await? {
         Some((h, data)) => {
             write_whole(dest, &data)?;
             Ok(Fetched::Archive(h))
@@ -224,7 +243,8 @@ pub async fn prefetch(
             continue;
         }
         let file = WalFile::Segment { tli, segno: next };
-        match find(archive, &lineage, &file, &next_name).await? {
+        // Whole segments only: a streamed one may still grow.
+        match find(archive, &lineage, &file, &next_name, false).await? {
             Some((_, data)) => {
                 write_whole(&target, &data)?;
                 fetched += 1;

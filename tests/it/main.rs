@@ -9,6 +9,7 @@ mod cli;
 mod defects;
 mod local;
 mod postgres;
+mod safekeeper;
 mod share;
 mod snapshots;
 mod storage_conformance;

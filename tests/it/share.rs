@@ -158,6 +158,9 @@ fn a_new_machine_with_only_the_old_config_comes_back_from_storage_dest() {
     let dest = a.path.with_file_name("dest");
     let url = format!("file://{}", dest.display());
     ok(z(&a.path).args(["init", "--storage_dest", &url]));
+    // Without a safekeeper, the last push and the WAL archived whole are what a lost
+    // machine has (the safekeeper's tests cover streamed WAL).
+    crate::safekeeper::set_safekeeper(&a.path, "off", "10s");
     ok(z(&a.path).arg("start"));
     let main = connstr_of(&a.path, "main");
     fill(&main, 10_000);
