@@ -180,7 +180,8 @@ pub async fn safekeeper(
 ) -> Result<(), CliError> {
     let r = resolve(&args, repo_dir).await?;
     let batch = std::time::Duration::from_millis(batch_ms);
-    crate::safekeeper::receiver::run(r.archive, r.history, socket, report, batch)
+    let pgdata = args.pgdata.clone();
+    crate::safekeeper::receiver::run(r.archive, r.history, socket, report, batch, pgdata)
         .await
         .map_err(|e| anyhow::anyhow!(e).into())
 }

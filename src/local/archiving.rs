@@ -24,7 +24,7 @@ use crate::safekeeper::archive::{Archive, Branch, Fork, WalTarget};
 /// The zenith executable as PostgreSQL's account can run it: itself when it can (zenith
 /// installed in /usr/local/bin), else a hard link in the repo (`bin/zenith`), or in the
 /// temporary directory when the repo is on another filesystem, else a copy in the repo.
-fn executable(repo: &Repo) -> OpResult<PathBuf> {
+pub(super) fn executable(repo: &Repo) -> OpResult<PathBuf> {
     let exe = std::env::current_exe()
         .map_err(|e| OpError::Failed(format!("cannot find zenith itself: {e}")))?;
     let Some(account) = run_as()? else {

@@ -99,12 +99,16 @@ struct Keeping {
     child: Option<tokio::process::Child>,
     restarts: u32,
     next_start: Instant,
-    /// Commits wait for the safekeeper now.
-    waiting: bool,
     /// Since when it has not been storing, and since when sync mode is given up.
     unhealthy_since: Option<Instant>,
     fallen_back: Option<(String, String)>,
+    /// Why it could not be started, for status.
+    start_error: Option<String>,
 }
+
+/// Sync mode waits again only once the backlog is this small: commits would otherwise
+/// wait for all of it.
+const CAUGHT_UP_BYTES: u64 = 16 << 20;
 
 async fn keep(sup: Arc<Supervisor>, node: Node, mut stop: oneshot::Receiver<()>) {
     let mut k = Keeping {
@@ -114,9 +118,9 @@ async fn keep(sup: Arc<Supervisor>, node: Node, mut stop: oneshot::Receiver<()>)
         child: None,
         restarts: 0,
         next_start: Instant::now(),
-        waiting: false,
         unhealthy_since: None,
         fallen_back: None,
+        start_error: None,
     };
     let _ = std::fs::remove_file(&k.report);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -126,11 +130,21 @@ async fn keep(sup: Arc<Supervisor>, node: Node, mut stop: oneshot::Receiver<()>)
             _ = tick.tick() => {}
         }
         if let Err(e) = k.step().await {
+            // Whatever went wrong, commits must not hang on it.
             tracing::warn!("safekeeper of pg {}: {}", k.node.name, e.full_message());
+            if let Err(e) = k.set_waiting(false) {
+                tracing::error!("pg {}: {}", k.node.name, e.full_message());
+            }
         }
     }
     k.end_child().await;
     k.sup.set_safekeeper(None);
+}
+
+/// Whether zenith's configuration file of `node` names the safekeeper now.
+fn names_safekeeper(node: &Node) -> bool {
+    std::fs::read_to_string(conf_path(node))
+        .is_ok_and(|t| t.contains(&format!("synchronous_standby_names = '{NAME}'")))
 }
 
 impl Keeping {
@@ -140,7 +154,7 @@ impl Keeping {
         let Some(config) = wanted(repo, &self.node, &state)? else {
             // Detached or turned off while running: commits stop waiting for it.
             self.end_child().await;
-            self.set_waiting(false, &state).await?;
+            self.set_waiting(false)?;
             self.sup.set_safekeeper(None);
             return Ok(());
         };
@@ -168,7 +182,21 @@ impl Keeping {
             && !recovering
             && self.node.running_pid().is_some()
         {
-            self.child = Some(self.start_child(&state, sync)?);
+            match self.start_child(&state, sync) {
+                Ok(c) => {
+                    self.child = Some(c);
+                    self.start_error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the safekeeper of pg {}: {}",
+                        self.node.name,
+                        e.full_message()
+                    );
+                    self.start_error = Some(e.full_message());
+                    self.next_start = Instant::now() + Duration::from_secs(5);
+                }
+            }
         }
         // Healthy: streaming, reporting, and nothing received waits long to be stored.
         let pid = self.child.as_ref().and_then(|c| c.id());
@@ -188,12 +216,14 @@ impl Keeping {
         } else if self.unhealthy_since.is_none() {
             self.unhealthy_since = Some(Instant::now());
         }
+        // What the pg does now (a restarted pg starts with commits not waiting).
+        let waiting = names_safekeeper(&self.node);
         if sync {
             let caught_up = report
                 .as_ref()
-                .is_some_and(|r| fresh(r) && waited(r) < 1_000);
-            if !self.waiting && caught_up {
-                self.set_waiting(true, &state).await?;
+                .is_some_and(|r| fresh(r) && waited(r) < 1_000 && r.lag_bytes < CAUGHT_UP_BYTES);
+            if !waiting && caught_up {
+                self.set_waiting(true)?;
                 if self.fallen_back.take().is_some() {
                     tracing::info!(
                         "the safekeeper of pg {} caught up: commits wait for it again",
@@ -203,10 +233,13 @@ impl Keeping {
             } else if self
                 .unhealthy_since
                 .is_some_and(|t| t.elapsed() >= fallback)
-                && (self.waiting || self.fallen_back.is_none())
+                && (waiting || self.fallen_back.is_none())
             {
                 let why = match &report {
-                    None => "it is not running".to_string(),
+                    None => match &self.start_error {
+                        Some(e) => format!("it cannot start: {e}"),
+                        None => "it is not running".to_string(),
+                    },
                     Some(r) if !fresh(r) => match &r.error {
                         Some(e) => e.clone(),
                         None => "it does not respond".to_string(),
@@ -216,7 +249,7 @@ impl Keeping {
                         None => "storing WAL is too slow".to_string(),
                     },
                 };
-                self.set_waiting(false, &state).await?;
+                self.set_waiting(false)?;
                 tracing::error!(
                     "the safekeeper of pg {} stored nothing for {}: {why}; commits no longer wait for it",
                     self.node.name,
@@ -224,13 +257,13 @@ impl Keeping {
                 );
                 self.fallen_back = Some((crate::snapshot::now_rfc3339(), why));
             }
-        } else if self.waiting {
-            self.set_waiting(false, &state).await?;
+        } else if waiting {
+            self.set_waiting(false)?;
         }
         self.sup.set_safekeeper(Some(SafekeeperState {
             pg: self.node.name.clone(),
             mode: if sync { "sync" } else { "async" }.into(),
-            commits_wait: self.waiting,
+            commits_wait: names_safekeeper(&self.node),
             streaming: report.as_ref().is_some_and(fresh),
             flushed_lsn: report.as_ref().and_then(|r| r.flushed_lsn.clone()),
             lag_bytes: report.as_ref().map(|r| r.lag_bytes).unwrap_or(0),
@@ -238,27 +271,30 @@ impl Keeping {
             restarts: self.restarts,
             fallen_back_since: self.fallen_back.as_ref().map(|f| f.0.clone()),
             fallen_back_why: self.fallen_back.as_ref().map(|f| f.1.clone()),
-            last_error: Report::read(&self.report).and_then(|r| r.error),
+            last_error: Report::read(&self.report)
+                .and_then(|r| r.error)
+                .or_else(|| self.start_error.clone()),
         }));
         Ok(())
     }
 
-    /// Names the safekeeper in `synchronous_standby_names` or not, and reloads the pg.
-    async fn set_waiting(&mut self, wait: bool, state: &NodeState) -> OpResult<()> {
-        if self.waiting == wait || !conf_path(&self.node).exists() {
-            self.waiting = wait && conf_path(&self.node).exists();
+    /// Names the safekeeper in `synchronous_standby_names` or not, and has the pg read it
+    /// (SIGHUP to the postmaster: no connection needed, so it works while every
+    /// connection slot holds a waiting commit).
+    fn set_waiting(&mut self, wait: bool) -> OpResult<()> {
+        if !conf_path(&self.node).exists() || names_safekeeper(&self.node) == wait {
             return Ok(());
         }
         write_conf(&self.node, wait)?;
-        self.node
-            .query(self.sup.install(), state, "SELECT pg_reload_conf()")
-            .await?;
-        self.waiting = wait;
+        if let Some(pid) = self.node.running_pid() {
+            // SAFETY: a signal to the pg's postmaster, which reloads its settings.
+            unsafe { libc::kill(pid, libc::SIGHUP) };
+        }
         Ok(())
     }
 
     fn start_child(&self, state: &NodeState, sync: bool) -> OpResult<tokio::process::Child> {
-        let exe = std::env::current_exe().map_err(|e| OpError::io("the zenith executable", e))?;
+        let exe = super::archiving::executable(self.sup.repo())?;
         let log_path = self
             .sup
             .repo()
@@ -278,6 +314,8 @@ impl Keeping {
         cmd.arg("safekeeper")
             .arg("--target")
             .arg(self.node.dir.join("wal.json"))
+            .arg("--pgdata")
+            .arg(self.node.data())
             .arg("--socket")
             .arg(&socket)
             .arg("--report")
@@ -291,15 +329,10 @@ impl Keeping {
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(err)
+            // Not ended with zenith-local: if zenith-local dies, the safekeeper serves the
+            // pg on (commits that wait for it keep returning) and ends with the pg's
+            // connection; the next zenith-local restarts the pg and a safekeeper with it.
             .process_group(0);
-        // It ends with zenith-local, even when zenith-local is killed.
-        // SAFETY: prctl is async-signal-safe and touches nothing of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
         let child = cmd
             .spawn()
             .map_err(|e| OpError::io("zenith safekeeper", e))?;

@@ -356,7 +356,9 @@ impl Pageserver {
                 .files(history, crate::compute::wal::DEFAULT_SEGMENT_SIZE)
                 .await
                 .map_err(failed)?;
-            if !archived.is_empty() {
+            // Or only streamed by the safekeeper so far (a young history).
+            let streamed = archive.pieces(history).await.map_err(failed)?;
+            if !archived.is_empty() || !streamed.is_empty() {
                 state.wal = Some(crate::compute::node::WalLine {
                     history: crate::compute::node::new_history(),
                     parent: None,

@@ -94,14 +94,19 @@ async fn find(
         if let Some(data) = archive.get(h, name).await? {
             return Ok(Some((h.clone(), data)));
         }
-        // Not archived whole (yet): what the safekeeper streamed of it.
+        // Not archived whole (yet): what the safekeeper streamed of it; an ancestor's
+        // segment before a fork is complete, or it is not there.
         if streamed && matches!(file, WalFile::Segment { .. }) {
             let size = lineage[i]
                 .1
                 .as_ref()
                 .map(|b| b.segment_size)
                 .unwrap_or(DEFAULT_SEGMENT_SIZE);
-            if let Some(data) = archive.streamed(h, name, size).await? {
+            if let Some(data) = archive.streamed(h, name, size, i > 0).await? {
+                return Ok(Some((h.clone(), data)));
+            }
+            // Archived whole while the pieces were read.
+            if let Some(data) = archive.get(h, name).await? {
                 return Ok(Some((h.clone(), data)));
             }
         }

@@ -244,13 +244,14 @@ impl Replication {
         }
     }
 
-    /// A standby status update: written and flushed up to `flushed`, nothing applied.
+    /// A standby status update: written, flushed and (a receiver that replays nothing,
+    /// so `remote_apply` commits do not wait forever) applied up to `flushed`.
     pub async fn status(&mut self, written: u64, flushed: u64) -> Result<()> {
         let mut body = BytesMut::with_capacity(34);
         body.put_u8(b'r');
         body.put_u64(written);
         body.put_u64(flushed);
-        body.put_u64(0);
+        body.put_u64(flushed);
         body.put_i64(now_pg_us());
         body.put_u8(0);
         frontend::CopyData::new(body.freeze())?.write(&mut self.out);

@@ -72,10 +72,12 @@ pub async fn run(
     socket: PathBuf,
     report: PathBuf,
     batch: Duration,
+    pgdata: Option<PathBuf>,
 ) -> Result<(), String> {
     let mut r = Receiver {
         archive,
         history,
+        pgdata,
         report_path: report,
         report: Report {
             pid: std::process::id(),
@@ -105,6 +107,8 @@ pub async fn run(
 struct Receiver {
     archive: Archive,
     history: String,
+    /// The pg's data directory, to see which segments it has not archived yet.
+    pgdata: Option<PathBuf>,
     report_path: PathBuf,
     report: Report,
     reported_at: Instant,
@@ -179,6 +183,25 @@ impl Receiver {
             Err(e) => return Err(protocol(e)),
         }
         self.timeline = system.timeline;
+        // The timeline's history file, before any of its WAL is reported stored: a
+        // restore follows the timeline switch only with it (PostgreSQL's own archiving
+        // of it may lag).
+        if system.timeline > 1 {
+            let rows = conn
+                .command(&format!("TIMELINE_HISTORY {}", system.timeline))
+                .await
+                .map_err(protocol)?;
+            let (Some(Some(name)), Some(Some(content))) = (
+                rows.first().and_then(|r| r.first()).cloned(),
+                rows.first().and_then(|r| r.get(1)).cloned(),
+            ) else {
+                return Err("TIMELINE_HISTORY sent no file".into());
+            };
+            self.archive
+                .push(&self.history, &name, content.as_bytes())
+                .await
+                .map_err(|e| format!("storing {name}: {e}"))?;
+        }
         let start = self.resume_at(&system).await?;
         if let Err(e) = conn.start(NAME, start, system.timeline).await {
             // The slot or the resume point is gone (the slot dropped, say): from the
@@ -253,7 +276,7 @@ impl Receiver {
     }
 
     /// Where to stream from: where the storage's pieces of this timeline end, else the
-    /// start of the segment the pg writes now.
+    /// oldest segment PostgreSQL has not archived yet (or the one it writes now).
     async fn resume_at(&mut self, system: &super::protocol::System) -> Result<u64, String> {
         let pieces = self
             .archive
@@ -285,11 +308,43 @@ impl Receiver {
             Some(segno * self.segment_size + end)
         });
         let start = match start {
-            Some(s) if s <= system.position => s,
-            _ => now,
+            Some(s) if s > system.position => {
+                return Err(format!(
+                    "the storage holds WAL of history {} up to {}, beyond the pg's {}: this history's WAL diverged from the pg's",
+                    self.history,
+                    format_lsn(s),
+                    format_lsn(system.position)
+                ))
+            }
+            Some(s) => s,
+            None => self
+                .oldest_unarchived(system.timeline)
+                .map(|segno| segno * self.segment_size)
+                .filter(|s| *s < now)
+                .unwrap_or(now),
         };
         self.begin_at(start);
         Ok(start)
+    }
+
+    /// The oldest segment of `timeline` PostgreSQL has ready for its archive_command
+    /// (not archived yet), from `pg_wal/archive_status`.
+    fn oldest_unarchived(&self, timeline: u32) -> Option<u64> {
+        let status = self.pgdata.as_ref()?.join("pg_wal").join("archive_status");
+        std::fs::read_dir(status)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let segment = name.strip_suffix(".ready")?;
+                match crate::compute::wal::WalFile::parse(segment, self.segment_size)? {
+                    crate::compute::wal::WalFile::Segment { tli, segno } if tli == timeline => {
+                        Some(segno)
+                    }
+                    _ => None,
+                }
+            })
+            .min()
     }
 
     fn begin_at(&mut self, lsn: u64) {

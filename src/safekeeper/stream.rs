@@ -80,12 +80,38 @@ impl Archive {
     }
 
     /// Segment `segment` of `history` as streamed: the contiguous pieces from its start,
-    /// zero-filled to `segment_size`; `None` without a piece at its start.
+    /// zero-filled to `segment_size` (unless `whole`: then `None` unless they cover it
+    /// all); `None` without a piece at its start. A piece deleted while it is read (a
+    /// longer one stored, or the segment archived whole) makes it read the list again.
     pub async fn streamed(
         &self,
         history: &str,
         segment: &str,
         segment_size: u64,
+        whole: bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let mut attempt = 0;
+        loop {
+            match self
+                .read_streamed(history, segment, segment_size, whole)
+                .await
+            {
+                Err(ArchiveError::Storage(crate::storage::Error::NotFound { .. }))
+                    if attempt < 3 =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_streamed(
+        &self,
+        history: &str,
+        segment: &str,
+        segment_size: u64,
+        whole: bool,
     ) -> Result<Option<Vec<u8>>> {
         let pieces: Vec<Piece> = self
             .pieces(history)
@@ -114,7 +140,7 @@ impl Archive {
             let skip = (out.len() as u64 - piece.from) as usize;
             out.extend_from_slice(&data[skip..]);
         }
-        if out.is_empty() {
+        if out.is_empty() || (whole && (out.len() as u64) < segment_size) {
             return Ok(None);
         }
         out.resize(segment_size as usize, 0);

@@ -79,26 +79,18 @@ fn finishes(child: &mut std::process::Child) -> bool {
     }
 }
 
-/// The contiguous end of the streamed pieces of the segment holding `lsn`, in storage
-/// `url`, as an LSN.
-fn streamed_end(url: &str, sysid: u64, history: &str, lsn: u64) -> u64 {
+/// The segment (timeline 1) holding `lsn` as streamed to storage `url`: its name, and
+/// its bytes as a restore reads them from the pieces (`None` without pieces).
+fn streamed_segment(url: &str, sysid: u64, history: &str, lsn: u64) -> (String, Option<Vec<u8>>) {
     use zenith::compute::wal::{segment_name, DEFAULT_SEGMENT_SIZE as SIZE};
+    let name = segment_name(1, lsn / SIZE, SIZE);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let data = rt.block_on(async {
         let storage = zenith::storage::open(url).await.unwrap();
         let archive = zenith::safekeeper::Archive::new(storage, sysid);
-        let segno = lsn / SIZE;
-        let name = segment_name(1, segno, SIZE);
-        let pieces: Vec<_> = archive
-            .pieces(history)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|p| p.segment == name)
-            .collect();
-        let cover = zenith::safekeeper::stream::cover(&pieces);
-        segno * SIZE + cover.last().map(|p| p.to).unwrap_or(0)
-    })
+        archive.streamed(history, &name, SIZE, false).await.unwrap()
+    });
+    (name, data)
 }
 
 fn sysid(repo: &Path) -> u64 {
@@ -132,7 +124,9 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
     set_safekeeper(&repo.path, "sync", "60s");
     ok(z(&repo.path).arg("start"));
     until_commits_wait(&repo.path);
-    assert_eq!(psql(&main, sql), "sync");
+    eventually("pg_stat_replication says sync", || {
+        psql(&main, sql) == "sync"
+    });
     psql(&main, "create table t (i int); insert into t values (1)");
     let shown = ok(z(&repo.path).arg("status"));
     assert!(
@@ -173,26 +167,57 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
         let s = status(&repo.path)["safekeeper"].clone();
         s["commits_wait"] == true && s["fallen_back_since"].is_null()
     });
-    assert_eq!(psql(&main, sql), "sync");
+    eventually("pg_stat_replication says sync", || {
+        psql(&main, sql) == "sync"
+    });
+
+    // The pg dies and zenith-local restarts it: commits wait again once it streams.
+    let postmaster = postmaster_pid(&repo.path, "main");
+    signal(postmaster, libc::SIGKILL);
+    eventually("main restarted, commits waiting again", || {
+        let s = status(&repo.path);
+        s["pgs"][0]["restarts"] == 1 && s["safekeeper"]["commits_wait"] == true
+    });
+    eventually("pg_stat_replication says sync", || {
+        psql(&main, sql) == "sync"
+    });
+    let pid = safekeeper_pid(&repo.path);
 
     // Killed: zenith-local starts it again, and it goes on where the storage's pieces
     // end: the current segment is contiguous from its start up to what it stored.
+    let restarts = status(&repo.path)["safekeeper"]["restarts"].as_u64().unwrap();
     signal(pid, libc::SIGKILL);
     eventually("the safekeeper restarted", || {
         let s = status(&repo.path)["safekeeper"].clone();
-        s["restarts"].as_u64() >= Some(1) && s["streaming"] == true && s["commits_wait"] == true
+        s["restarts"].as_u64() > Some(restarts)
+            && s["streaming"] == true
+            && s["commits_wait"] == true
+            && report(&repo.path)["pid"].as_i64() != Some(pid as i64)
     });
-    assert_ne!(safekeeper_pid(&repo.path), pid);
     for i in 10..60 {
         psql(&main, &format!("insert into t values ({i})"));
     }
     let r = report(&repo.path);
     let history = r["history"].as_str().unwrap().to_string();
     let flushed = zenith::compute::wal::parse_lsn(r["flushed_lsn"].as_str().unwrap()).unwrap();
-    assert!(
-        streamed_end(&url, sysid(&repo.path), &history, flushed) >= flushed,
-        "{r}"
-    );
+    let (segment, streamed) = streamed_segment(&url, sysid(&repo.path), &history, flushed);
+    let own = std::fs::read(repo.path.join("pgs/main/data/pg_wal").join(&segment)).unwrap();
+    let upto = (flushed % zenith::compute::wal::DEFAULT_SEGMENT_SIZE) as usize;
+    match streamed {
+        Some(data) => assert!(
+            data[..upto] == own[..upto],
+            "{segment} streamed differs from the pg's up to {r}"
+        ),
+        // Archived whole meanwhile (archive_timeout): its pieces are gone with reason.
+        None => assert!(
+            dest.join("wal")
+                .join(sysid(&repo.path).to_string())
+                .join(&history)
+                .join(format!("{segment}.zst"))
+                .exists(),
+            "{segment}: no pieces, not archived"
+        ),
+    }
     let verified = ok(z(&repo.path).args(["wal", "verify"]));
     assert!(!verified.contains("GAP"), "{verified}");
 
@@ -209,8 +234,51 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
             && now["safekeeper"]["commits_wait"] == true
     });
     psql(&main, "insert into t values (100)");
-    assert_eq!(psql(&main, sql), "sync");
+    eventually("pg_stat_replication says sync", || {
+        psql(&main, sql) == "sync"
+    });
+    psql(&main, "insert into t values (101)");
 
+    // The machine is lost right after: the young history has only streamed WAL, and a
+    // new machine has the rows anyway.
+    lose_the_machine(&repo.path);
+    let other = TestRepo::at(repo.path.with_file_name("new-machine"));
+    std::fs::create_dir_all(&other.path).unwrap();
+    std::fs::copy(
+        repo.path.join("config.toml"),
+        other.path.join("config.toml"),
+    )
+    .unwrap();
+    let out = ok(z(&other.path).arg("start"));
+    assert!(out.contains("replayed the WAL archived after it"), "{out}");
+    let back = connstr_of(&other.path, "main");
+    assert_eq!(
+        psql(&back, "select count(*) from t where i in (100, 101)"),
+        "2"
+    );
+    ok(z(&other.path).arg("stop"));
+    assert!(
+        processes_mentioning(&other.path).is_empty(),
+        "{:?}",
+        processes_mentioning(&other.path)
+    );
+}
+
+#[test]
+fn zenith_stop_leaves_no_safekeeper_behind() {
+    let Some(repo) = TestRepo::new() else {
+        return;
+    };
+    let dest = repo.path.with_file_name("dest");
+    ok(z(&repo.path).args([
+        "init",
+        "--storage_dest",
+        &format!("file://{}", dest.display()),
+    ]));
+    ok(z(&repo.path).arg("start"));
+    eventually("the safekeeper streaming", || {
+        status(&repo.path)["safekeeper"]["streaming"] == true
+    });
     ok(z(&repo.path).arg("stop"));
     assert!(
         processes_mentioning(&repo.path).is_empty(),
