@@ -64,12 +64,11 @@ receivewal_tps=$(bench "$sconn")
 kill "$receiver"; receiver=
 as_pg "$pgbin/pg_ctl" -D "$stock/data" -m fast -w stop > /dev/null
 
-# A zenith repo storing to $2, safekeeper mode $3; prints its connection.
+# A zenith repo storing to $1, safekeeper mode $2; prints its connection.
 export ZENITH_API_PORT=$((40000 + RANDOM % 10000))
+# (ZENITH_REPO_DIR and ZENITH_PG_PORT set by the caller.)
 zenith_repo() {
-    local name=$1 dest=$2 mode=$3
-    export ZENITH_REPO_DIR="$work/z-$name"
-    export ZENITH_PG_PORT=$(free_port)
+    local dest=$1 mode=$2
     "$zenith" init --storage_dest "$dest" > /dev/null
     sed -i 's/^interval = .*/interval = "0"/; s/^mode = .*/mode = "'"$mode"'"/' "$ZENITH_REPO_DIR/config.toml"
     "$zenith" start > /dev/null
@@ -83,7 +82,10 @@ until_safekeeper() {
 }
 zenith_run() {
     local name=$1 dest=$2 mode=$3 conn tps
-    conn=$(zenith_repo "$name" "$dest" "$mode")
+    export ZENITH_REPO_DIR="$work/z-$name"
+    ZENITH_PG_PORT=$(free_port)
+    export ZENITH_PG_PORT
+    conn=$(zenith_repo "$dest" "$mode")
     case $mode in
         sync) until_safekeeper "s.get('commits_wait')" ;;
         async) until_safekeeper "s.get('streaming')" ;;
