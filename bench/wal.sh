@@ -3,11 +3,13 @@
 # (scale $BENCH_SCALE, $BENCH_CLIENTS clients, $BENCH_SECONDS s) on three fresh clusters,
 # each archiving its WAL to the same 3-node Garage cluster on loopback:
 #   zenith         a zenith repo with storage_dest (zenith wal-push as archive_command,
-#                  up to 4 segments in flight)
+#                  up to 4 segments in flight), with its defaults: the async safekeeper
+#                  streams the same WAL to Garage alongside
 #   pgBackRest     archive-push, synchronous
 #   pgBackRest     archive-push with archive-async=y (spool queue, process-max 2)
 # For each: TPS, WAL written, segments archived per second while pgbench ran, the backlog
-# (segments ready but not archived) when it ended and how long it took to drain. Then a
+# (segments ready but not archived) when it ended and how long it took to drain; then a
+# burst of WAL from a bulk insert, and how long archiving takes to catch up with it. Then a
 # restore to a point in time in the middle of the load: zenith `pg create --at` beside
 # pgBackRest `restore --type=time` (plus the replay, until the server accepts writes).
 #
@@ -94,6 +96,28 @@ load() {
         "$label" "$tps" "$written" "$rate" "$backlog" "$drained" "$failed"
 }
 
+# A burst of WAL much faster than pgbench's (a bulk insert), and how long archiving takes
+# to catch up with it: archive throughput, not the load's pace. $1: label, $2: connection.
+burst() {
+    local label=$1 conn=$2
+    psql_() { as_pg "$pgbin/psql" -X -qAt -d "$conn" -c "$1"; }
+    local lsn0 t0 t1 t2 last mib
+    psql_ "create table if not exists burst (i int, pad text)"
+    lsn0=$(psql_ "select pg_current_wal_lsn()")
+    t0=$(now)
+    psql_ "insert into burst select g, repeat('x', 200) from generate_series(1, 1500000) g"
+    t1=$(now)
+    last=$(psql_ "select pg_walfile_name(pg_switch_wal())")
+    until [[ "$(psql_ "select coalesce(last_archived_wal, '') >= '$last' from pg_stat_archiver")" == t ]]; do
+        sleep 0.05
+    done
+    t2=$(now)
+    mib=$(psql_ "select round(pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn0') / 1048576)")
+    printf "  %-34s %6s MiB WAL written in %5s s, all archived after %5s s: %6s seg/s, %5s s behind the insert\n" \
+        "$label" "$mib" "$(secs "$t0" "$t1")" "$(secs "$t0" "$t2")" \
+        "$(python3 -c "print(f'{$mib / 16 / ($t2 - $t0):.1f}')")" "$(secs "$t1" "$t2")"
+}
+
 # A stock cluster archiving with pgBackRest; $1: name, $2: async (y/n).
 pgbackrest_cluster() {
     local name=$1 async=$2
@@ -176,6 +200,12 @@ b_mid=$(cat "$mid_file")
 load "pgBackRest archive-push, async" "$async_conn" "$work/pg-async/data/pg_wal"
 
 echo
+echo "archiving a burst of WAL (a bulk insert of 1.5 million 200-byte rows)"
+burst "zenith wal-push (4 in flight)" "$zconn"
+burst "pgBackRest archive-push" "$sync_conn"
+burst "pgBackRest archive-push, async" "$async_conn"
+
+echo
 echo "restore to a point in the middle of the load (restore, then replay until writable)"
 t0=$(now)
 "$zenith" pg create pitr --at "$z_mid" > /dev/null
@@ -188,7 +218,7 @@ rport=$(free_port)
 t0=$(now)
 as_pg pgbackrest --config="$work/pg-sync/pgbackrest.conf" --stanza=bench --pg1-path="$rdir" \
     --type=time "--target=$b_mid" --target-action=promote restore > /dev/null
-as_pg "$pgbin/pg_ctl" -D "$rdir" -l "$work/restore.log" -o "-p $rport -k $rdir -c archive_mode=off" -w start > /dev/null
+as_pg "$pgbin/pg_ctl" -D "$rdir" -l "$work/pg-sync/restore.log" -o "-p $rport -k $rdir -c archive_mode=off" -w start > /dev/null
 until [[ "$(as_pg "$pgbin/psql" -X -qAt -h "$rdir" -p "$rport" -U postgres -d postgres -c 'select not pg_is_in_recovery()' 2>/dev/null)" == t ]]; do
     sleep 0.1
 done

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::supervisor::Supervisor;
 use crate::compute::node::{Node, NodeState};
 use crate::models::{OpError, OpResult, SafekeeperState};
 use crate::pageserver::config::{SafekeeperConfig, SafekeeperMode};
@@ -79,9 +78,10 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    pub fn spawn(sup: Arc<Supervisor>, node: Node) -> Keeper {
+    /// Runs the safekeeper of `node` of `repo`; `report` receives what status shows of it.
+    pub fn spawn(repo: Repo, node: Node, report: Reporter) -> Keeper {
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(keep(sup, node, stopped));
+        let task = tokio::spawn(keep(repo, node, report, stopped));
         Keeper { stop, task }
     }
 
@@ -93,7 +93,8 @@ impl Keeper {
 }
 
 struct Keeping {
-    sup: Arc<Supervisor>,
+    repo: Repo,
+    reporter: Reporter,
     node: Node,
     report: PathBuf,
     child: Option<tokio::process::Child>,
@@ -110,10 +111,14 @@ struct Keeping {
 /// wait for all of it.
 const CAUGHT_UP_BYTES: u64 = 16 << 20;
 
-async fn keep(sup: Arc<Supervisor>, node: Node, mut stop: oneshot::Receiver<()>) {
+/// Where the keeper reports the safekeeper's state (`None`: it runs none now).
+pub type Reporter = Arc<dyn Fn(Option<SafekeeperState>) + Send + Sync>;
+
+async fn keep(repo: Repo, node: Node, reporter: Reporter, mut stop: oneshot::Receiver<()>) {
     let mut k = Keeping {
         report: node.dir.join("safekeeper.json"),
-        sup,
+        repo,
+        reporter,
         node,
         child: None,
         restarts: 0,
@@ -138,7 +143,7 @@ async fn keep(sup: Arc<Supervisor>, node: Node, mut stop: oneshot::Receiver<()>)
         }
     }
     k.end_child().await;
-    k.sup.set_safekeeper(None);
+    (k.reporter)(None);
 }
 
 /// Whether zenith's configuration file of `node` names the safekeeper now.
@@ -149,13 +154,12 @@ fn names_safekeeper(node: &Node) -> bool {
 
 impl Keeping {
     async fn step(&mut self) -> OpResult<()> {
-        let repo = self.sup.repo();
         let state = self.node.state()?;
-        let Some(config) = wanted(repo, &self.node, &state)? else {
+        let Some(config) = wanted(&self.repo, &self.node, &state)? else {
             // Detached or turned off while running: commits stop waiting for it.
             self.end_child().await;
             self.set_waiting(false)?;
-            self.sup.set_safekeeper(None);
+            (self.reporter)(None);
             return Ok(());
         };
         let sync = config.mode == SafekeeperMode::Sync;
@@ -260,7 +264,7 @@ impl Keeping {
         } else if waiting {
             self.set_waiting(false)?;
         }
-        self.sup.set_safekeeper(Some(SafekeeperState {
+        (self.reporter)(Some(SafekeeperState {
             pg: self.node.name.clone(),
             mode: if sync { "sync" } else { "async" }.into(),
             commits_wait: names_safekeeper(&self.node),
@@ -294,10 +298,9 @@ impl Keeping {
     }
 
     fn start_child(&self, state: &NodeState, sync: bool) -> OpResult<tokio::process::Child> {
-        let exe = super::archiving::executable(self.sup.repo())?;
+        let exe = super::archiving::executable(&self.repo)?;
         let log_path = self
-            .sup
-            .repo()
+            .repo
             .root
             .join("logs")
             .join(format!("safekeeper-{}.log", self.node.name));

@@ -134,7 +134,14 @@ impl Supervisor {
         let keeper = super::keeper::wanted(&self.pageserver.repo, &node, &state)
             .ok()
             .flatten()
-            .map(|_| super::keeper::Keeper::spawn(Arc::clone(&self), node.clone()));
+            .map(|_| {
+                let sup = Arc::clone(&self);
+                super::keeper::Keeper::spawn(
+                    self.pageserver.repo.clone(),
+                    node.clone(),
+                    Arc::new(move |state| sup.set_safekeeper(state)),
+                )
+            });
         Arc::clone(&self).watch_pg(node, state, child, stop).await;
         if let Some(k) = keeper {
             k.stop().await;
@@ -217,10 +224,6 @@ impl Supervisor {
         drop(current);
         let report = self.report.lock().expect("not poisoned");
         self.save(&report);
-    }
-
-    pub fn repo(&self) -> &crate::pageserver::Repo {
-        &self.pageserver.repo
     }
 
     fn reported(&self, name: &str) -> PgState {

@@ -1,14 +1,17 @@
 //! The safekeeper's WAL receiver (`zenith safekeeper`, run by zenith-local for the main
-//! pg): a physical replication client on the pg's own socket that offloads each batch of
-//! WAL it receives to the storage ([`super::stream`]) and only then reports it flushed.
-//! With the pg's `synchronous_standby_names` naming it, a commit returns once its WAL is
-//! on the storage, which survives losing the machine.
+//! pg): a physical replication client on the pg's own socket that stores the WAL it
+//! receives on the storage ([`super::stream`]) and only then reports it flushed. With
+//! the pg's `synchronous_standby_names` naming it, a commit returns once its WAL is on
+//! the storage, which survives losing the machine.
 //!
-//! Batches form by themselves: while one is being stored, the next accumulates in the
-//! socket, and is stored in one piece after it (group commit over the network). It
-//! streams through a replication slot, so the pg keeps every segment it has not
-//! reported yet, and resumes after a restart where the storage's pieces end. A failed
-//! put is retried briefly, then the process exits and zenith-local starts it again.
+//! What arrived since the last store goes out as one new piece; up to
+//! [`IN_FLIGHT`] stores run at once, and the flushed position moves over those that
+//! completed in order (group commit over the network, with the storage's latency
+//! overlapped). Every [`WINDOW`] bytes, and when a segment is full, the small pieces of
+//! that stretch are stored again as one and deleted, so a segment is a few pieces when it
+//! is read back. It streams through a replication slot, so the pg keeps every segment it
+//! has not reported yet, and resumes after a restart where the storage's pieces end. A
+//! store that keeps failing ends the process; zenith-local starts it again.
 //!
 //! It writes what it does to a small JSON report (about every 200 ms and at least once a
 //! second), which zenith-local reads to tell a healthy safekeeper from a stalled one.
@@ -26,9 +29,10 @@ use crate::compute::wal::{format_lsn, segment_name};
 
 /// The replication slot and the application name the safekeeper streams under.
 pub const NAME: &str = "zenith_safekeeper";
-/// A piece grows to this size, stored again whole after each batch, before the next
-/// piece starts: few objects per segment, little written again per batch.
-const PIECE: usize = 256 << 10;
+/// Stores running at once.
+const IN_FLIGHT: usize = 4;
+/// The stretch of a segment whose small pieces are stored again as one.
+const WINDOW: u64 = 1 << 20;
 
 /// What the safekeeper reports of itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,9 +93,12 @@ pub async fn run(
         segment_size: crate::compute::wal::DEFAULT_SEGMENT_SIZE,
         timeline: 0,
         segno: 0,
-        base: 0,
-        buf: Vec::new(),
-        previous: None,
+        origin: 0,
+        data: Vec::new(),
+        window: 0,
+        sent: 0,
+        small: Vec::new(),
+        in_flight: VecDeque::new(),
         flushed: 0,
         server_end: 0,
         pending: VecDeque::new(),
@@ -117,18 +124,34 @@ struct Receiver {
     stored_at: Instant,
     segment_size: u64,
     timeline: u32,
-    /// The segment being received, and the piece of it being grown: bytes `base..` of
-    /// the segment, held in `buf`.
+    /// The segment being received: its bytes from offset `origin` on.
     segno: u64,
-    base: u64,
-    buf: Vec<u8>,
-    /// The last piece stored of the growing one (deleted once a longer one is stored).
-    previous: Option<Piece>,
+    origin: u64,
+    data: Vec<u8>,
+    /// Where in the segment the stretch begins whose small pieces are stored again as one.
+    window: u64,
+    /// The small pieces stored in that stretch so far.
+    small: Vec<Piece>,
+    /// Stores were started up to here (an LSN), and these are running, in order.
+    sent: u64,
+    in_flight: VecDeque<Store>,
     flushed: u64,
     server_end: u64,
     /// Ends of received batches not stored yet, and when they came.
     pending: VecDeque<(u64, u64)>,
     cleanup: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A store running: the piece it stores ends at `end` (an LSN).
+struct Store {
+    end: u64,
+    task: tokio::task::JoinHandle<Result<Piece, String>>,
+}
+
+/// What woke the receiver.
+enum Event {
+    Stored(Result<Piece, String>),
+    Message(Result<Result<Streamed, ProtocolError>, tokio::time::error::Elapsed>),
 }
 
 fn protocol(e: ProtocolError) -> String {
@@ -235,37 +258,63 @@ impl Receiver {
             } else {
                 self.batch
             };
-            let next = tokio::time::timeout(wait, conn.next()).await;
-            match next {
-                Err(_) => {}
-                Ok(Err(e)) => return Err(protocol(e)),
-                Ok(Ok(Streamed::End)) => {
-                    return Err("the pg ended the stream (its timeline ended)".into())
+            let event = {
+                let front = self.in_flight.front_mut().map(|s| &mut s.task);
+                tokio::select! {
+                    biased;
+                    done = async move {
+                        match front {
+                            Some(task) => task.await,
+                            None => std::future::pending().await,
+                        }
+                    } => Event::Stored(done.unwrap_or_else(|e| Err(format!("a store failed: {e}")))),
+                    message = tokio::time::timeout(wait, conn.next()) => Event::Message(message),
                 }
-                Ok(Ok(Streamed::Keepalive { server_end, reply })) => {
-                    self.server_end = self.server_end.max(server_end);
-                    if reply {
-                        conn.status(self.flushed, self.flushed)
+            };
+            let mut flushed = false;
+            match event {
+                Event::Stored(result) => {
+                    self.stored(result)?;
+                    flushed = true;
+                    // Those done meanwhile, in order.
+                    while self.in_flight.front().is_some_and(|s| s.task.is_finished()) {
+                        let task = self
+                            .in_flight
+                            .front_mut()
+                            .map(|s| &mut s.task)
+                            .expect("front");
+                        let result = task
                             .await
-                            .map_err(protocol)?;
-                        last_status = Instant::now();
+                            .unwrap_or_else(|e| Err(format!("a store failed: {e}")));
+                        self.stored(result)?;
                     }
                 }
-                Ok(Ok(Streamed::Wal {
+                Event::Message(Err(_)) => {}
+                Event::Message(Ok(Err(e))) => return Err(protocol(e)),
+                Event::Message(Ok(Ok(Streamed::End))) => {
+                    return Err("the pg ended the stream (its timeline ended)".into())
+                }
+                Event::Message(Ok(Ok(Streamed::Keepalive { server_end, reply }))) => {
+                    self.server_end = self.server_end.max(server_end);
+                    flushed |= reply;
+                }
+                Event::Message(Ok(Ok(Streamed::Wal {
                     start,
                     server_end,
                     data,
-                })) => {
+                }))) => {
                     self.server_end = self.server_end.max(server_end);
-                    self.absorb(start, &data).await?;
+                    self.absorb(start, &data)?;
                     // More already here: it joins this batch.
                     if conn.buffered() {
                         continue;
                     }
                 }
             }
-            let due = self.stored_at.elapsed() >= self.batch;
-            if (due && self.store().await?) || last_status.elapsed() >= Duration::from_secs(10) {
+            if self.in_flight.len() < IN_FLIGHT && self.stored_at.elapsed() >= self.batch {
+                self.send(self.position());
+            }
+            if flushed || last_status.elapsed() >= Duration::from_secs(10) {
                 conn.status(self.flushed, self.flushed)
                     .await
                     .map_err(protocol)?;
@@ -349,21 +398,27 @@ impl Receiver {
 
     fn begin_at(&mut self, lsn: u64) {
         self.segno = lsn / self.segment_size;
-        self.base = lsn % self.segment_size;
-        self.buf.clear();
-        self.previous = None;
+        self.origin = lsn % self.segment_size;
+        self.window = self.origin;
+        self.data.clear();
+        self.small.clear();
+        self.sent = lsn;
         self.flushed = lsn;
         self.pending.clear();
     }
 
-    /// The end of what was received.
-    fn position(&self) -> u64 {
-        self.segno * self.segment_size + self.base + self.buf.len() as u64
+    fn segment_start(&self) -> u64 {
+        self.segno * self.segment_size
     }
 
-    /// Takes WAL from `start` into the growing piece; a segment that fills is stored at
-    /// once and the next begins.
-    async fn absorb(&mut self, start: u64, mut data: &[u8]) -> Result<(), String> {
+    /// The end of what was received.
+    fn position(&self) -> u64 {
+        self.segment_start() + self.origin + self.data.len() as u64
+    }
+
+    /// Takes WAL from `start`; a segment that fills is sent at once (and its last stretch
+    /// stored again as one), and the next begins.
+    fn absorb(&mut self, start: u64, mut data: &[u8]) -> Result<(), String> {
         let at = self.position();
         if start > at {
             return Err(format!(
@@ -378,71 +433,107 @@ impl Receiver {
         }
         data = &data[skip..];
         while !data.is_empty() {
-            let room = (self.segment_size - self.base) as usize - self.buf.len();
+            let room = (self.segment_size - self.origin) as usize - self.data.len();
             let take = room.min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
+            self.data.extend_from_slice(&data[..take]);
             data = &data[take..];
             if take == room {
                 self.pending.push_back((self.position(), now_ms()));
-                self.store().await?;
+                self.send(self.position());
+                self.compact(self.segment_size);
                 self.segno += 1;
-                self.base = 0;
-                self.buf.clear();
-                self.previous = None;
+                self.origin = 0;
+                self.window = 0;
+                self.data.clear();
+                self.small.clear();
                 self.collect_archived();
             }
         }
-        if self.position() > self.flushed {
+        if self.position() > self.sent {
             self.pending.push_back((self.position(), now_ms()));
         }
         Ok(())
     }
 
-    /// Stores the growing piece if it holds anything new; whether the flushed position
-    /// moved.
-    async fn store(&mut self) -> Result<bool, String> {
-        let end = self.position();
-        if end <= self.flushed || self.buf.is_empty() {
-            self.pending.retain(|(e, _)| *e > self.flushed);
-            return Ok(false);
+    /// Starts storing what was received up to `end` (an LSN in the current segment) and
+    /// not sent yet, as a new piece.
+    fn send(&mut self, end: u64) {
+        if end <= self.sent {
+            return;
         }
+        let from = self.sent - self.segment_start();
+        let to = end - self.segment_start();
+        let bytes = self.data[(from - self.origin) as usize..(to - self.origin) as usize].to_vec();
+        let archive = self.archive.clone();
+        let history = self.history.clone();
         let segment = segment_name(self.timeline, self.segno, self.segment_size);
-        let mut attempt = 0;
-        let piece = loop {
-            match self
-                .archive
-                .put_piece(&self.history, &segment, self.base, &self.buf)
-                .await
-            {
-                Ok(p) => break p,
-                Err(e) if attempt < 3 => {
-                    attempt += 1;
-                    self.report.error = Some(e.to_string());
-                    self.write_report(true);
-                    tracing::warn!("storing WAL up to {}: {e}; retrying", format_lsn(end));
-                    tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+        let task = tokio::spawn(async move {
+            let mut attempt = 0;
+            loop {
+                match archive.put_piece(&history, &segment, from, &bytes).await {
+                    Ok(p) => return Ok(p),
+                    Err(e) if attempt < 3 => {
+                        attempt += 1;
+                        tracing::warn!("storing WAL of {segment} up to {to:X}: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                    }
+                    Err(e) => return Err(format!("storing WAL of {segment}: {e}")),
                 }
-                Err(e) => return Err(format!("storing WAL up to {}: {e}", format_lsn(end))),
             }
-        };
-        self.report.error = None;
+        });
+        self.in_flight.push_back(Store { end, task });
+        self.sent = end;
         self.stored_at = Instant::now();
-        if let Some(old) = self.previous.replace(piece) {
-            let storage = std::sync::Arc::clone(self.archive.storage());
-            tokio::spawn(async move {
-                if let Err(e) = storage.delete(&old.key).await {
-                    tracing::warn!("cannot delete the superseded {}: {e}", old.key);
+        if to - self.window >= WINDOW {
+            self.compact(to);
+        }
+    }
+
+    /// A store completed (the first in flight): the flushed position moves to its end.
+    fn stored(&mut self, result: Result<Piece, String>) -> Result<(), String> {
+        let store = self.in_flight.pop_front().expect("a store in flight");
+        let piece = result?;
+        if piece.segment == segment_name(self.timeline, self.segno, self.segment_size)
+            && piece.from >= self.window
+        {
+            self.small.push(piece);
+        }
+        self.flushed = self.flushed.max(store.end);
+        self.report.error = None;
+        let flushed = self.flushed;
+        self.pending.retain(|(e, _)| *e > flushed);
+        Ok(())
+    }
+
+    /// Stores bytes `window..to` of the current segment again as one piece, in the
+    /// background, then deletes the small pieces stored of that stretch; the next
+    /// stretch begins at `to`.
+    fn compact(&mut self, to: u64) {
+        let from = self.window;
+        self.window = to;
+        let small: Vec<Piece> = std::mem::take(&mut self.small)
+            .into_iter()
+            .filter(|p| p.to <= to)
+            .collect();
+        if from >= to || (small.len() == 1 && small[0].from == from && small[0].to == to) {
+            return;
+        }
+        let bytes = self.data[(from - self.origin) as usize..(to - self.origin) as usize].to_vec();
+        let archive = self.archive.clone();
+        let history = self.history.clone();
+        let segment = segment_name(self.timeline, self.segno, self.segment_size);
+        tokio::spawn(async move {
+            if let Err(e) = archive.put_piece(&history, &segment, from, &bytes).await {
+                // The small pieces stay, which is as good.
+                tracing::warn!("cannot store {segment} {from:X}..{to:X} as one piece: {e}");
+                return;
+            }
+            for p in small {
+                if let Err(e) = archive.storage().delete(&p.key).await {
+                    tracing::warn!("cannot delete the stored-again {}: {e}", p.key);
                 }
-            });
-        }
-        self.flushed = end;
-        self.pending.retain(|(e, _)| *e > end);
-        if self.buf.len() >= PIECE {
-            self.base += self.buf.len() as u64;
-            self.buf.clear();
-            self.previous = None;
-        }
-        Ok(true)
+            }
+        });
     }
 
     /// Deletes, in the background, the pieces of segments PostgreSQL has archived whole.

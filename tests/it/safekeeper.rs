@@ -185,7 +185,9 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
 
     // Killed: zenith-local starts it again, and it goes on where the storage's pieces
     // end: the current segment is contiguous from its start up to what it stored.
-    let restarts = status(&repo.path)["safekeeper"]["restarts"].as_u64().unwrap();
+    let restarts = status(&repo.path)["safekeeper"]["restarts"]
+        .as_u64()
+        .unwrap();
     signal(pid, libc::SIGKILL);
     eventually("the safekeeper restarted", || {
         let s = status(&repo.path)["safekeeper"].clone();
