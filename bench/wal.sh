@@ -204,6 +204,12 @@ echo "archiving a burst of WAL (a bulk insert of 1.5 million 200-byte rows)"
 burst "zenith wal-push (4 in flight)" "$zconn"
 burst "pgBackRest archive-push" "$sync_conn"
 burst "pgBackRest archive-push, async" "$async_conn"
+# The same without the safekeeper's streaming beside archive_command.
+sed -i 's/^mode = .*/mode = "off"/' "$ZENITH_REPO_DIR/config.toml"
+"$zenith" stop > /dev/null && "$zenith" start > /dev/null
+zport=$(python3 -c "import json; print(json.load(open('$zmain/node.json'))['port'])")
+zconn="host=$zmain port=$zport user=postgres dbname=postgres"
+burst "zenith wal-push, safekeeper off" "$zconn"
 
 echo
 echo "restore to a point in the middle of the load (restore, then replay until writable)"

@@ -30,7 +30,7 @@ use crate::compute::wal::{format_lsn, segment_name};
 /// The replication slot and the application name the safekeeper streams under.
 pub const NAME: &str = "zenith_safekeeper";
 /// Stores running at once.
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 16;
 /// The stretch of a segment whose small pieces are stored again as one.
 const WINDOW: u64 = 1 << 20;
 
