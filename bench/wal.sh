@@ -102,7 +102,7 @@ burst() {
     local label=$1 conn=$2
     psql_() { as_pg "$pgbin/psql" -X -qAt -d "$conn" -c "$1"; }
     local lsn0 t0 t1 t2 last mib
-    psql_ "create table if not exists burst (i int, pad text)"
+    psql_ "create table if not exists burst (i int, pad text)" 2> /dev/null
     lsn0=$(psql_ "select pg_current_wal_lsn()")
     t0=$(now)
     psql_ "insert into burst select g, repeat('x', 200) from generate_series(1, 1500000) g"
