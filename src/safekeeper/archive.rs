@@ -66,6 +66,15 @@ pub enum ArchiveError {
 
 pub type Result<T, E = ArchiveError> = std::result::Result<T, E>;
 
+impl crate::util::backoff::Retryable for ArchiveError {
+    fn is_permanent(&self) -> bool {
+        match self {
+            ArchiveError::Storage(e) => e.is_permanent(),
+            _ => true,
+        }
+    }
+}
+
 /// Where a history begins.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -468,18 +468,22 @@ impl Receiver {
         let history = self.history.clone();
         let segment = segment_name(self.timeline, self.segno, self.segment_size);
         let task = tokio::spawn(async move {
-            let mut attempt = 0;
-            loop {
-                match archive.put_piece(&history, &segment, from, &bytes).await {
-                    Ok(p) => return Ok(p),
-                    Err(e) if attempt < 3 => {
-                        attempt += 1;
-                        tracing::warn!("storing WAL of {segment} up to {to:X}: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
-                    }
-                    Err(e) => return Err(format!("storing WAL of {segment}: {e}")),
+            let policy = crate::util::backoff::RetryPolicy {
+                max_attempts: 4,
+                base_delay: Duration::from_millis(250),
+                max_delay: Duration::from_secs(2),
+            };
+            let never = tokio_util::sync::CancellationToken::new();
+            crate::util::backoff::retry(&policy, &never, || {
+                archive.put_piece(&history, &segment, from, &bytes)
+            })
+            .await
+            .map_err(|e| match e {
+                crate::util::backoff::RetryError::Failed { error, attempts } => {
+                    format!("storing WAL of {segment} ({attempts} attempts): {error}")
                 }
-            }
+                crate::util::backoff::RetryError::Cancelled => "cancelled".to_string(),
+            })
         });
         self.in_flight.push_back(Store { end, task });
         self.sent = end;

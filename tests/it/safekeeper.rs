@@ -117,7 +117,9 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
     let main = connstr_of(&repo.path, "main");
     let sql =
         "select sync_state from pg_stat_replication where application_name = 'zenith_safekeeper'";
-    assert_eq!(psql(&main, sql), "async");
+    eventually("pg_stat_replication says async", || {
+        psql(&main, sql) == "async"
+    });
     ok(z(&repo.path).arg("stop"));
 
     // Sync mode: a commit waits for the safekeeper.
@@ -128,10 +130,12 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
         psql(&main, sql) == "sync"
     });
     psql(&main, "create table t (i int); insert into t values (1)");
-    let shown = ok(z(&repo.path).arg("status"));
-    assert!(
-        shown.contains("safekeeper: sync mode (commits wait for storage_dest), streaming"),
-        "{shown}"
+    eventually(
+        "status saying commits wait for the streaming safekeeper",
+        || {
+            ok(z(&repo.path).arg("status"))
+                .contains("safekeeper: sync mode (commits wait for storage_dest), streaming")
+        },
     );
 
     // Paused: the commit blocks, and returns once the safekeeper runs again.
