@@ -24,7 +24,8 @@ chmod 755 "$work"
 as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
 cleanup() {
     for r in "$work"/z-*; do ZENITH_REPO_DIR="$r" "$zenith" stop --immediate > /dev/null 2>&1 || true; done
-    [[ -n "${receiver:-}" ]] && kill "$receiver" 2> /dev/null || true
+    [[ -n "${receiver:-}" ]] && kill -INT "$receiver" 2> /dev/null || true
+    pkill -f "$work" 2> /dev/null || true
     [[ -f "$work/stock/data/postmaster.pid" ]] && as_pg "$pgbin/pg_ctl" -D "$work/stock/data" -m immediate stop > /dev/null 2>&1 || true
     bash scripts/garage-cluster.sh stop "$work/garage" > /dev/null 2>&1 || true
     rm -rf "$work"
@@ -56,12 +57,14 @@ CONF
 as_pg "$pgbin/pg_ctl" -D "$stock/data" -l "$stock/log" -w start > /dev/null
 sconn="host=$stock port=$sport user=postgres dbname=postgres"
 as_pg "$pgbin/pg_receivewal" -d "$sconn" --create-slot --slot=bench > /dev/null
-as_pg "$pgbin/pg_receivewal" -d "$sconn" --slot=bench --synchronous -D "$stock/received" > "$stock/receivewal.log" 2>&1 &
+# setpriv directly (not through the as_pg function), so $! is pg_receivewal itself.
+setpriv --reuid=postgres --regid=postgres --init-groups \
+    "$pgbin/pg_receivewal" -d "$sconn" --slot=bench --synchronous --no-loop -D "$stock/received" > "$stock/receivewal.log" 2>&1 &
 receiver=$!
 until [[ "$(as_pg "$pgbin/psql" -X -qAt -d "$sconn" -c "select sync_state from pg_stat_replication")" == sync ]]; do sleep 0.2; done
 as_pg "$pgbin/pgbench" -i -q -s "$scale" -d "$sconn" > /dev/null 2>&1
 receivewal_tps=$(bench "$sconn")
-kill "$receiver"; receiver=
+kill -INT "$receiver"; wait "$receiver" 2> /dev/null || true; receiver=
 as_pg "$pgbin/pg_ctl" -D "$stock/data" -m fast -w stop > /dev/null
 
 # A zenith repo storing to $1, safekeeper mode $2; prints its connection.
