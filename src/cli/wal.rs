@@ -342,6 +342,9 @@ pub async fn run(cmd: WalCommand, repo_dir: Option<PathBuf>) -> Result<(), CliEr
                     "  timeline {}: {} .. {}, {} segments",
                     t.timeline, t.first, t.last, t.segments
                 );
+                if let Some(lsn) = &t.streamed_to {
+                    print!(" (the newest streamed by the safekeeper, up to {lsn})");
+                }
                 if t.gaps.is_empty() {
                     println!(", continuous");
                 } else {

@@ -226,6 +226,10 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
     }
     let verified = ok(z(&repo.path).args(["wal", "verify"]));
     assert!(!verified.contains("GAP"), "{verified}");
+    assert!(
+        verified.contains("streamed by the safekeeper, up to"),
+        "{verified}"
+    );
 
     // A checkout gives main a new history: the safekeeper follows it.
     let snap = ok(z(&repo.path).args(["snapshot", "create", "main@here"]));
