@@ -204,7 +204,10 @@ impl Keeping {
         }
         // Healthy: streaming, reporting, and nothing received waits long to be stored.
         let pid = self.child.as_ref().and_then(|c| c.id());
-        let report = Report::read(&self.report).filter(|r| Some(r.pid) == pid);
+        // Read once a tick: the live child's report, and the last error of any.
+        let written = Report::read(&self.report);
+        let last_error = written.as_ref().and_then(|r| r.error.clone());
+        let report = written.filter(|r| Some(r.pid) == pid);
         let now = now_ms();
         let fresh = |r: &Report| r.streaming && now.saturating_sub(r.updated_ms) < 2_000;
         let waited = |r: &Report| {
@@ -275,9 +278,7 @@ impl Keeping {
             restarts: self.restarts,
             fallen_back_since: self.fallen_back.as_ref().map(|f| f.0.clone()),
             fallen_back_why: self.fallen_back.as_ref().map(|f| f.1.clone()),
-            last_error: Report::read(&self.report)
-                .and_then(|r| r.error)
-                .or_else(|| self.start_error.clone()),
+            last_error: last_error.or_else(|| self.start_error.clone()),
         }));
         Ok(())
     }
