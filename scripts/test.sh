@@ -19,9 +19,19 @@ chmod 755 "$run_dir"
 export TMPDIR="$run_dir"
 cleanup() {
     pkill -9 -f "$run_dir" 2>/dev/null || true
+    if [[ -n ${ZENITH_TEST_XFS_DIR:-} ]]; then
+        bash scripts/xfs.sh --unmount "$ZENITH_TEST_XFS_DIR" || true
+    fi
     rm -rf "$run_dir"
 }
 trap cleanup EXIT
+
+# Thin clones are tested on a loop-mounted XFS with reflink=1, which needs root; without
+# it those tests skip (and fail under CI).
+if [[ $(id -u) -eq 0 && -z ${ZENITH_TEST_XFS_DIR:-} ]]; then
+    bash scripts/xfs.sh "$run_dir/xfs" 8G
+    export ZENITH_TEST_XFS_DIR="$run_dir/xfs"
+fi
 
 if cargo nextest --version > /dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@"

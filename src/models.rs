@@ -103,6 +103,10 @@ pub struct PgStatus {
     pub restarts: u32,
     /// Why it is down, when it died and could not be restarted.
     pub failed: Option<String>,
+    /// In clone mode: the space of its data, shared with snapshots and other pgs, and its
+    /// own (what it changed since it was cloned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<crate::snapshot::CloneSpace>,
 }
 
 /// `PUT /pgs`: a new pg, empty or from a snapshot.
@@ -285,6 +289,18 @@ pub struct StatusReport {
     /// The main pg's safekeeper, while zenith-local runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safekeeper: Option<SafekeeperState>,
+    /// Whether the repo's snapshots, new pgs and checkouts are thin clones, and why (not).
+    pub clones: ClonesStatus,
+}
+
+/// The repo's clone mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClonesStatus {
+    pub on: bool,
+    pub reason: String,
+    /// Bytes the repo's snapshot clones hold alone (what deleting all of them would free).
+    #[serde(default)]
+    pub snapshots_owned: u64,
 }
 
 /// The safekeeper of a pg, as zenith-local sees it.

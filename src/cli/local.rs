@@ -9,6 +9,7 @@ use crate::local::{Ops, RepoLock};
 use crate::models::OpResult;
 use crate::pageserver::{Config, Repo};
 use crate::util::message::printable;
+use crate::util::size::format_size;
 
 /// How long `start` waits for zenith-local to be ready, and `stop` for it to be gone.
 const WAIT: Duration = Duration::from_secs(180);
@@ -310,7 +311,23 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
         if let Some(why) = &pg.failed {
             print!(" (failed: {why})");
         }
+        if let Some(space) = &pg.space {
+            print!(
+                ", {} shared, {} its own",
+                format_size(space.shared),
+                format_size(space.owned)
+            );
+        }
         println!();
+    }
+    if out.clones.on {
+        println!(
+            "snapshots: thin clones ({}); their clones hold {} alone",
+            out.clones.reason,
+            format_size(out.clones.snapshots_owned)
+        );
+    } else {
+        println!("snapshots: copies ({})", out.clones.reason);
     }
     if let Some(push) = &out.push {
         let now = std::time::SystemTime::now()

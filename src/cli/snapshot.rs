@@ -9,10 +9,14 @@ use super::CliError;
 use crate::local::Ops;
 use crate::pageserver::capture;
 use crate::pageserver::{check_tag, Repo, Retention};
-use crate::snapshot::{self, zenith, EntryKind, Format, PackOptions, Packed};
+use crate::snapshot::{
+    self, zenith, EntryKind, Format, Manifest, PackOptions, Packed, SnapshotSummary,
+};
 use crate::storage;
+use crate::storage::Storage;
 use crate::util::message::printable;
 use crate::util::size::format_size;
+use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -152,6 +156,7 @@ pub async fn export(
         progress: super::progress::bar("export", progress),
         name: args.name.clone(),
         parent: None,
+        identity: None,
     };
     let compress = !args.no_compress;
     let packed = match (&args.pgdata, &args.connstr) {
@@ -356,24 +361,37 @@ pub async fn run(
             let url = at(storage)?;
             let storage = storage::open(&url).await?;
             let all = snapshot::list(storage.as_ref()).await?;
+            let repo = repo_of(&repo_dir, storage.as_ref()).await;
+            let rows: Vec<_> = all.iter().map(|m| with_space(repo.as_ref(), m)).collect();
             if json {
-                let rows: Vec<_> = all.iter().map(|m| m.summary()).collect();
                 super::print_json(&rows);
             } else if all.is_empty() {
                 println!("no snapshots in {}", storage.url());
             } else {
+                let clones = rows.iter().any(|m| m.clone.is_some());
+                let shared = |m: &SnapshotSummary| match (clones, &m.clone) {
+                    (false, _) => String::new(),
+                    (true, Some(c)) => format!("  {:>10}", format_size(c.shared)),
+                    (true, None) => format!("  {:>10}", "-"),
+                };
                 println!(
-                    "{:<20}  {:<20}  {:<16}  {:>10}  {:>10}",
-                    "ID", "CREATED", "NAME", "SIZE", "STORED"
+                    "{:<20}  {:<20}  {:<16}  {:>10}  {:>10}{}",
+                    "ID",
+                    "CREATED",
+                    "NAME",
+                    "SIZE",
+                    if clones { "OWNS" } else { "STORED" },
+                    if clones { "      SHARED" } else { "" }
                 );
-                for m in &all {
+                for m in &rows {
                     println!(
-                        "{:<20}  {:<20}  {:<16}  {:>10}  {:>10}",
+                        "{:<20}  {:<20}  {:<16}  {:>10}  {:>10}{}",
                         m.id,
                         printable(&m.created_at),
                         printable(m.name.as_deref().unwrap_or("-")),
                         format_size(m.total_size),
-                        format_size(m.stored_size)
+                        format_size(m.clone.map(|c| c.owned).unwrap_or(m.stored_size)),
+                        shared(m)
                     );
                 }
             }
@@ -390,7 +408,8 @@ pub async fn run(
             if json {
                 println!("{}", String::from_utf8_lossy(&m.to_json()));
             } else {
-                super::print_fields(&m.summary());
+                let repo = repo_of(&repo_dir, storage.as_ref()).await;
+                super::print_fields(&with_space(repo.as_ref(), &m));
             }
             Ok(())
         }
@@ -398,6 +417,16 @@ pub async fn run(
             let url = at(storage)?;
             let storage = storage::open(&url).await?;
             let m = snapshot::resolve(storage.as_ref(), &snapshot).await?;
+            if m.clone {
+                if let Some(ops) = repo_of(&repo_dir, storage.as_ref()).await {
+                    let files = ops.pageserver.check_clone(&m)?;
+                    println!(
+                        "snapshot {} is a thin clone: its {files} files are in place at their sizes (a clone has no checksums until it is pushed or exported, which packs it and checks every block read)",
+                        m.id
+                    );
+                    return Ok(());
+                }
+            }
             let bar = super::progress::bar("verify", progress);
             let r = snapshot::verify(storage.as_ref(), &m, &bar).await?;
             if m.format == Format::Zenith {
@@ -423,13 +452,14 @@ pub async fn run(
             let url = at(storage)?;
             let storage = storage::open(&url).await?;
             let m = zenith::resolve(storage.as_ref(), &snapshot).await?;
-            if let Ok(repo) = Repo::existing(repo_dir.clone()) {
-                let store = storage::open(&repo.store_url()).await;
-                if store.is_ok_and(|s| s.url() == storage.url()) {
-                    Ops::direct(repo).pageserver.refuse_needed(&m.id)?;
-                }
+            let repo = repo_of(&repo_dir, storage.as_ref()).await;
+            if let Some(ops) = &repo {
+                ops.pageserver.refuse_needed(&m.id)?;
             }
-            let r = zenith::delete(storage, &m, grace, max_unused / 100.0).await?;
+            let r = zenith::delete(Arc::clone(&storage), &m, grace, max_unused / 100.0).await?;
+            if let Some(ops) = &repo {
+                ops.pageserver.sweep_clones(storage.as_ref()).await?;
+            }
             println!("deleted snapshot {}", r.deleted);
             match &r.gc.skipped {
                 Some(why) => println!("kept its data for now: {why}"),
@@ -483,4 +513,20 @@ pub async fn run(
         }
         SnapshotCommand::Diff { .. } => Err(words("snapshot diff")),
     }
+}
+
+/// The repo whose own snapshot store `storage` is, if it is one.
+async fn repo_of(repo_dir: &Option<std::path::PathBuf>, storage: &dyn Storage) -> Option<Ops> {
+    let repo = Repo::existing(repo_dir.clone()).ok()?;
+    let store = storage::open(&repo.store_url()).await.ok()?;
+    (store.url() == storage.url()).then(|| Ops::direct(repo))
+}
+
+/// What a listing says of snapshot `m`, with its clone's space when it is one of `repo`.
+fn with_space(repo: Option<&Ops>, m: &Manifest) -> SnapshotSummary {
+    let mut summary = m.summary();
+    if let Some(ops) = repo.filter(|_| m.clone) {
+        summary.clone = ops.pageserver.clone_space(&m.id);
+    }
+    summary
 }

@@ -4,13 +4,14 @@
 use super::pgs::{describe, Ops};
 use crate::compute::node::Status;
 use crate::models::{
-    ArchiveStatus, LocalSummary, NewestSnapshot, OpResult, PgStatus, StatusReport,
+    ArchiveStatus, ClonesStatus, LocalSummary, NewestSnapshot, OpResult, PgStatus, StatusReport,
 };
 
 impl Ops {
     pub async fn status(&self) -> OpResult<StatusReport> {
         let repo = self.repo();
         let local = super::running(repo);
+        let mode = self.pageserver.clone_mode();
         let mut pgs = Vec::new();
         for node in repo.nodes().into_iter().filter(|n| n.exists()) {
             let state = node.state()?;
@@ -22,12 +23,18 @@ impl Ops {
                 supervised: watched.is_some_and(|p| p.failed.is_none()),
                 restarts: watched.map(|p| p.restarts).unwrap_or(0),
                 failed: watched.and_then(|p| p.failed.clone()),
+                space: mode.on.then(|| self.pageserver.pg_space(&node)).flatten(),
             });
         }
-        let newest = self
-            .pageserver
-            .newest_snapshot()
-            .await?
+        let snapshots = self.pageserver.list_snapshots().await?;
+        let snapshots_owned = snapshots
+            .iter()
+            .filter_map(|m| self.pageserver.clone_space(&m.id))
+            .map(|s| s.owned)
+            .sum();
+        let newest = snapshots
+            .into_iter()
+            .max_by(|a, b| a.id.cmp(&b.id))
             .map(|m| NewestSnapshot {
                 id: m.id,
                 name: m.name,
@@ -49,6 +56,11 @@ impl Ops {
             safekeeper: local.as_ref().and_then(|l| l.safekeeper.clone()),
             push: local.and_then(|l| l.push),
             wal: self.archive_status("main").await,
+            clones: ClonesStatus {
+                on: mode.on,
+                reason: mode.reason,
+                snapshots_owned,
+            },
         })
     }
 

@@ -460,7 +460,12 @@ const WAL_PAGE: u64 = 8192;
 /// segments from start to stop. The first and last segments are copied into `work` with
 /// what recovery never reads zeroed (the pages before the start position, everything after
 /// the stop position): it is stale WAL that would only cost space.
-fn wal_tail(dir: &Path, end: &BackupEnd, segment_size: u64, work: &Path) -> Result<Vec<DirEntry>> {
+pub(super) fn wal_tail(
+    dir: &Path,
+    end: &BackupEnd,
+    segment_size: u64,
+    work: &Path,
+) -> Result<Vec<DirEntry>> {
     let label_path = work.join("backup_label");
     std::fs::write(&label_path, &end.label)
         .map_err(|e| SnapshotError::io(&label_path, "write", e))?;

@@ -38,7 +38,8 @@ impl Pageserver {
         };
         let fresh = node.dir.join("data.checkout");
         let _ = std::fs::remove_dir_all(&fresh);
-        let restored = if interrupted.is_some() {
+        // A thin clone is cloned beside the old data, which it leaves untouched.
+        let restored = if interrupted.is_some() || target.clone {
             self.materialize(target, &fresh, &progress).await
         } else {
             // The new data next to the old, swapped only when complete. Files move over

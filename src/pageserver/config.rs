@@ -38,6 +38,29 @@ pub struct Config {
     /// The main pg's safekeeper, which streams its WAL to storage_dest.
     #[serde(default)]
     pub safekeeper: SafekeeperConfig,
+    /// How the repo keeps its own snapshots.
+    #[serde(default)]
+    pub snapshots: SnapshotsConfig,
+}
+
+/// `[snapshots]` of config.toml.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// `auto` (the default): on a filesystem that shares extents between files (XFS with
+    /// reflink=1, btrfs), snapshots, new pgs and checkouts are thin clones, made in
+    /// constant time and sharing every unchanged block; elsewhere, copies in the zenith
+    /// format. `off`: always copies.
+    #[serde(default)]
+    pub clones: ClonesMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClonesMode {
+    #[default]
+    Auto,
+    Off,
 }
 
 /// `[safekeeper]` of config.toml.
@@ -249,6 +272,7 @@ impl Default for Config {
             push: PushConfig::default(),
             wal: WalConfig::default(),
             safekeeper: SafekeeperConfig::default(),
+            snapshots: SnapshotsConfig::default(),
         }
     }
 }

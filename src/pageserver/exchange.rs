@@ -58,7 +58,9 @@ impl Pageserver {
         let m = zenith::resolve(store.as_ref(), reference).await?;
         let target = open(url).await?;
         if format == Format::Zenith {
-            let r = zenith::transfer(store.as_ref(), &target, &m, name, &progress).await?;
+            let r = self
+                .send(store.as_ref(), &m, &target, name, &progress)
+                .await?;
             let stored = r.manifest.as_ref().unwrap_or(&m);
             return Ok(ExportReport {
                 snapshot: stored.summary(),
@@ -69,12 +71,14 @@ impl Pageserver {
         }
         let scratch = self.scratch("export")?;
         let data = scratch.path().join("data");
-        zenith::unpack(store.as_ref(), &m, &data, &ProgressHandle::default()).await?;
+        self.materialize(&m, &data, &ProgressHandle::default())
+            .await?;
         let options = PackOptions {
             pg: None,
             wal_history: None,
             name: name.map(str::to_string).or_else(|| m.name.clone()),
             parent: None,
+            identity: None,
             progress,
         };
         let lsns = label_lsns(&data, Some(&m));
@@ -113,6 +117,7 @@ impl Pageserver {
             wal_history: None,
             name: name.map(str::to_string),
             parent: None,
+            identity: None,
             progress: progress.clone(),
         };
         if is_server(url) {

@@ -11,6 +11,7 @@
 
 pub mod capture;
 mod checkout;
+mod clones;
 pub mod config;
 mod exchange;
 mod markers;
@@ -24,6 +25,7 @@ mod store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+pub use clones::CloneMode;
 pub use config::{Config, Retention};
 pub use markers::{incomplete, refuse_incomplete, swap_data};
 pub use names::{check_name, check_tag, split_reference};

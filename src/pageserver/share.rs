@@ -227,7 +227,9 @@ impl Pageserver {
         let mut pushed = Vec::new();
         let (mut bytes, mut objects) = (0u64, 0u64);
         for m in &picked {
-            let r = zenith::transfer(store.as_ref(), &target, m, None, &progress).await?;
+            let r = self
+                .send(store.as_ref(), m, &target, None, &progress)
+                .await?;
             bytes += r.bytes_sent;
             objects += r.objects_sent;
             pushed.push(PushedSnapshot {
@@ -293,6 +295,9 @@ impl Pageserver {
                     0.05,
                 )
                 .await?;
+            }
+            if target.url() == self.store().await?.url() {
+                self.sweep_clones(target.as_ref()).await?;
             }
             // The WAL no kept snapshot needs goes with them; a restore never starts
             // before the oldest snapshot.

@@ -105,7 +105,14 @@ impl Pageserver {
         let m = zenith::resolve(store.as_ref(), reference).await?;
         self.refuse_needed(&m.id)?;
         // The repo's own store: no other writer but this machine, so a short grace suffices.
-        let r = zenith::delete(store, &m, std::time::Duration::from_secs(60), 0.05).await?;
+        let r = zenith::delete(
+            Arc::clone(&store),
+            &m,
+            std::time::Duration::from_secs(60),
+            0.05,
+        )
+        .await?;
+        self.sweep_clones(store.as_ref()).await?;
         Ok(DeletedSnapshot {
             deleted: r.deleted,
             bytes_freed: r.gc.bytes_freed,
@@ -160,8 +167,15 @@ impl Pageserver {
             pg: Some(node.name.clone()),
             wal_history: state.wal.as_ref().map(|w| w.history.clone()),
             parent: None,
+            identity: None,
             progress,
         };
+        if let Some(m) = self
+            .take_clone(node, state, store.as_ref(), &options)
+            .await?
+        {
+            return Ok(m);
+        }
         let report = if node.status() == Status::Running {
             super::capture::pack_online(&install()?, &node.local_connstr(state), store, &options)
                 .await?
@@ -178,7 +192,11 @@ impl Pageserver {
         dir: &std::path::Path,
         progress: &ProgressHandle,
     ) -> OpResult<()> {
-        zenith::unpack(self.store().await?.as_ref(), m, dir, progress).await?;
+        if m.clone {
+            self.restore_clone(m, dir).await?;
+        } else {
+            zenith::unpack(self.store().await?.as_ref(), m, dir, progress).await?;
+        }
         prepare_for_postgres(dir)
     }
 

@@ -115,6 +115,11 @@ pub struct Manifest {
     pub total_size: u64,
     /// Bytes this snapshot added to its storage (compressed, deduplicated).
     pub stored_size: u64,
+    /// A repo's thin clone: the files are kept as a clone (shared extents) in the repo
+    /// beside its store, and the entries carry no block lists. It is packed into the
+    /// zenith format (lists, packs) only when it leaves the repo.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clone: bool,
 }
 
 /// What listings, the REST API and `snapshot show` say of a snapshot: the manifest without
@@ -135,6 +140,19 @@ pub struct SnapshotSummary {
     pub files: u64,
     pub total_size: u64,
     pub stored_size: u64,
+    /// A repo's thin clone, and its space: what it shares with other snapshots and pgs,
+    /// and what it alone holds (what deleting it frees).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneSpace>,
+}
+
+/// The disk space of a thin clone (a snapshot or a pg on a filesystem that shares extents).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSpace {
+    /// Bytes whose extents other files share too.
+    pub shared: u64,
+    /// Bytes only this one holds.
+    pub owned: u64,
 }
 
 impl SnapshotSummary {
@@ -205,6 +223,7 @@ impl Manifest {
             total_size: entries.iter().map(|e| e.size).sum(),
             entries,
             stored_size,
+            clone: false,
         }
     }
 
@@ -271,7 +290,7 @@ impl Manifest {
                 }
                 EntryKind::File => {
                     total = total.checked_add(entry.size).ok_or("sizes overflow")?;
-                    let wants_list = self.format == Format::Zenith && entry.size > 0;
+                    let wants_list = self.format == Format::Zenith && entry.size > 0 && !self.clone;
                     if entry.list.is_some() != wants_list {
                         return Err(format!(
                             "file {:?} of {} bytes {} a block list",
@@ -312,7 +331,22 @@ impl Manifest {
                 .count() as u64,
             total_size: self.total_size,
             stored_size: self.stored_size,
+            clone: None,
         }
+    }
+
+    /// Refuses to read this snapshot's data from `storage`'s packs when it is a thin clone,
+    /// which has none (the repo packs it first when it leaves).
+    pub fn refuse_clone(&self, storage: &str) -> Result<()> {
+        if self.clone {
+            return Err(SnapshotError::Refused {
+                reason: format!(
+                    "snapshot {} in {storage} is a thin clone kept in its repo, not packed into the zenith format; push or export it from that repo",
+                    self.id
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// When the manifest was made, milliseconds since the epoch (its id begins with them):
@@ -410,6 +444,7 @@ mod tests {
             ],
             total_size: 8193,
             stored_size: 100,
+            clone: false,
         }
     }
 
@@ -417,6 +452,21 @@ mod tests {
     fn round_trips() {
         let m = sample();
         assert_eq!(Manifest::parse(&m.to_json(), "t").unwrap(), m);
+    }
+
+    #[test]
+    fn a_clone_has_no_block_lists_and_is_refused_where_packs_are_read() {
+        let mut m = sample();
+        m.clone = true;
+        m.entries[1].list = None;
+        let parsed = Manifest::parse(&m.to_json(), "t").unwrap();
+        assert!(parsed.clone);
+        let err = parsed.refuse_clone("file:///r").unwrap_err().to_string();
+        assert!(err.contains("thin clone"), "{err}");
+        // A clone that claims lists is inconsistent.
+        m.entries[1].list = Some("b".repeat(64));
+        assert!(Manifest::parse(&m.to_json(), "t").is_err());
+        assert!(sample().refuse_clone("file:///r").is_ok());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! snapshots (the pageserver's), and where storages are (the storage layer's).
 
 pub mod basebackup;
+pub mod clone;
 pub mod datadir;
 mod error;
 mod manifest;
@@ -25,8 +26,8 @@ use std::sync::Arc;
 pub(crate) use error::join_error;
 pub use error::{Result, SnapshotError};
 pub use manifest::{
-    now_rfc3339, Entry, EntryKind, Format, Manifest, Origin, SnapshotSummary, BLOCK_SIZE,
-    FORMAT_VERSION,
+    now_rfc3339, CloneSpace, Entry, EntryKind, Format, Manifest, Origin, SnapshotSummary,
+    BLOCK_SIZE, FORMAT_VERSION,
 };
 pub use paths::check_relative_path;
 pub use survey::{CheckReport, PackOptions};

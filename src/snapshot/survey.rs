@@ -18,6 +18,9 @@ pub struct PackOptions {
     /// The WAL history the pg writes, recorded in the manifest.
     pub wal_history: Option<String>,
     pub parent: Option<String>,
+    /// The id and creation time the snapshot keeps (a repo's thin clone being packed
+    /// under the identity it already has); else a new id, created now.
+    pub identity: Option<(String, String)>,
     /// Receives the bytes read from the data directory.
     pub progress: crate::util::progress::ProgressHandle,
 }

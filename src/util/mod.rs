@@ -9,6 +9,7 @@ pub mod direct;
 pub mod message;
 pub mod port;
 pub mod progress;
+pub mod reflink;
 pub mod relpath;
 pub mod size;
 pub mod tempdir;

@@ -6,6 +6,7 @@ mod support;
 
 mod checkout_faults;
 mod cli;
+mod clones;
 mod defects;
 mod local;
 mod postgres;

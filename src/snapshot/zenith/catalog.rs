@@ -10,6 +10,15 @@ pub(crate) fn manifest_key(id: &str) -> String {
     format!("snapshots/{id}.json")
 }
 
+/// Makes snapshot `m` visible in `storage` by writing its manifest (everything it names
+/// must be stored already; for a repo's thin clone, its clone must be complete).
+pub async fn publish(storage: &dyn Storage, m: &Manifest) -> Result<()> {
+    storage
+        .put(&manifest_key(&m.id), bytes::Bytes::from(m.to_json()))
+        .await?;
+    Ok(())
+}
+
 /// Refuses a listed object larger than `limit` without reading it.
 pub(super) fn refuse_listed_size(
     storage: &dyn Storage,

@@ -62,6 +62,7 @@ async fn restore_into(
     basis: Option<Basis<'_>>,
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
+    manifest.refuse_clone(&storage.url())?;
     progress.set_total(manifest.total_size);
     into_new_dir(target, |temp| async move {
         let started = std::time::Instant::now();
@@ -140,6 +141,7 @@ pub async fn verify(
     manifest: &Manifest,
     progress: &crate::util::progress::ProgressHandle,
 ) -> Result<CheckReport> {
+    manifest.refuse_clone(&storage.url())?;
     restore_blocks(storage, manifest, None, None, progress).await
 }
 

@@ -55,6 +55,7 @@ pub async fn transfer(
             ..Default::default()
         });
     }
+    m.refuse_clone(&source.url())?;
     // A concurrent `snapshot delete` on the target must not collect what this run
     // decides not to send because it is there. The manifest goes under the lock too: until
     // it is there, a collection on the target could take objects this run relied on.

@@ -106,6 +106,7 @@ pub struct PackRun {
     /// of the old one when few blocks changed.
     previous_lists: HashMap<String, Entry>,
     previous_id: Option<String>,
+    identity: Option<(String, String)>,
     progress: crate::util::progress::ProgressHandle,
     blocks_total: AtomicU64,
     files_reused: AtomicU64,
@@ -150,6 +151,7 @@ impl PackRun {
             lists: Mutex::new(lists),
             previous_lists,
             previous_id,
+            identity: options.identity.clone(),
             progress: options.progress.clone(),
             blocks_total: AtomicU64::new(0),
             files_reused: AtomicU64::new(0),
@@ -412,6 +414,7 @@ impl PackRun {
             storage,
             packer,
             previous_id,
+            identity,
             blocks_total,
             files_reused,
             ..
@@ -422,7 +425,13 @@ impl PackRun {
         if origin.parent.is_none() {
             origin.parent = previous_id;
         }
-        let manifest = Manifest::new(origin, entries, stats.bytes);
+        let mut manifest = Manifest::new(origin, entries, stats.bytes);
+        if let Some((id, created_at)) = identity {
+            if manifest.parent.as_deref() == Some(id.as_str()) {
+                manifest.parent = None;
+            }
+            (manifest.id, manifest.created_at) = (id, created_at);
+        }
         storage
             .put(&manifest_key(&manifest.id), Bytes::from(manifest.to_json()))
             .await?;

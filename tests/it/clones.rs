@@ -1,0 +1,215 @@
+//! Thin clones, for real: a repo on a loop-mounted XFS filesystem with reflink=1 (made by
+//! scripts/test.sh, named by `ZENITH_TEST_XFS_DIR`) snapshots, branches and checks out by
+//! cloning files. Rows are identical after create and checkout, branches are independent
+//! after writes in each, deleting the snapshot leaves the branches intact, pg_amcheck finds
+//! nothing, a clone pushed elsewhere is packed and restores in copy mode, and a damaged
+//! clone is refused in one line. Copy mode elsewhere says why.
+
+use std::path::PathBuf;
+
+use zenith::compute::find_postgres;
+
+use crate::local::{connstr_of, ok, psql, rows, status, z, TestRepo};
+use crate::support::{assert_clean_failure, require, run};
+
+/// A directory on the XFS filesystem scripts/test.sh mounted, that PostgreSQL's account can
+/// enter; removed when dropped.
+fn xfs_tempdir() -> Option<tempfile::TempDir> {
+    let dir = require(
+        "an XFS filesystem with reflink=1 (ZENITH_TEST_XFS_DIR, mounted by scripts/test.sh as root)",
+        std::env::var_os("ZENITH_TEST_XFS_DIR").map(PathBuf::from),
+    )?;
+    let t = tempfile::tempdir_in(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some(t)
+}
+
+/// Every table's content in one digest, and the test table's rows.
+fn content(connstr: &str) -> (String, String) {
+    (
+        psql(
+            connstr,
+            "select md5(string_agg(g::text || v, ',' order by g)) from big",
+        ),
+        rows(connstr),
+    )
+}
+
+fn amcheck_clean(connstr: &str) {
+    let install = find_postgres().unwrap();
+    let out = run(std::process::Command::new(install.bin("pg_amcheck"))
+        .args(["--install-missing", "--heapallindexed", "--all"])
+        .arg(format!("--maintenance-db={connstr}")));
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "pg_amcheck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn snapshot_json(repo: &std::path::Path, reference: &str) -> serde_json::Value {
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(z(repo).args(["snapshot", "list", "--json"]))).unwrap();
+    let id = serde_json::from_str::<serde_json::Value>(&ok(
+        z(repo).args(["snapshot", "show", reference, "--json"])
+    ))
+    .unwrap()["id"]
+        .clone();
+    all.into_iter().find(|m| m["id"] == id).unwrap()
+}
+
+#[test]
+fn clones_on_xfs_branch_check_out_and_outlive_their_snapshot() {
+    let Some(dir) = xfs_tempdir() else {
+        return;
+    };
+    let repo = TestRepo::at(dir.path().join("repo"));
+    ok(z(&repo.path).arg("start"));
+    let s = status(&repo.path);
+    assert_eq!(s["clones"]["on"], true, "{s}");
+    assert!(
+        s["clones"]["reason"].as_str().unwrap().contains("xfs"),
+        "{s}"
+    );
+    let main = connstr_of(&repo.path, "main");
+    psql(
+        &main,
+        "create table t (i int primary key); insert into t values (1), (2), (3);
+         create table big (g int primary key, v text);
+         insert into big select g, repeat(md5(g::text), 8) from generate_series(1, 60000) g",
+    );
+    let before = content(&main);
+
+    ok(z(&repo.path).args(["snapshot", "create", "main@a"]));
+    let a = snapshot_json(&repo.path, "main@a");
+    assert!(a["clone"].is_object(), "not a clone: {a}");
+    let a_id = a["id"].as_str().unwrap().to_string();
+    assert!(repo.path.join("clones").join(&a_id).is_dir());
+    let verified = ok(z(&repo.path).args(["snapshot", "verify", "main@a"]));
+    assert!(verified.contains("thin clone"), "{verified}");
+
+    // Branches hold exactly the snapshot, and go their own ways.
+    ok(z(&repo.path).args(["pg", "create", "b1", "--snapshot", "main@a"]));
+    ok(z(&repo.path).args(["pg", "create", "b2", "--snapshot", "main@a"]));
+    let (b1, b2) = (connstr_of(&repo.path, "b1"), connstr_of(&repo.path, "b2"));
+    assert_eq!(content(&b1), before);
+    assert_eq!(content(&b2), before);
+    psql(&main, "insert into t values (4)");
+    psql(
+        &b1,
+        "insert into t values (10); update big set v = 'b1' where g <= 100",
+    );
+    psql(&b2, "delete from t where i = 1");
+    assert_eq!(rows(&main), "{1,2,3,4}");
+    assert_eq!(rows(&b1), "{1,2,3,10}");
+    assert_eq!(rows(&b2), "{2,3}");
+    assert_eq!(content(&b2).0, before.0);
+    assert_ne!(content(&b1).0, before.0);
+    // A branch shares what it did not change.
+    let s = status(&repo.path);
+    let b1_space = s["pgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "b1")
+        .unwrap()["space"]
+        .clone();
+    assert!(
+        b1_space["shared"].as_u64().unwrap() > b1_space["owned"].as_u64().unwrap(),
+        "{b1_space}"
+    );
+
+    // Checkout there and back: the state main left is kept as a clone too.
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@a"]));
+    assert_eq!(content(&main), before);
+    let head = snapshot_json(&repo.path, "main@HEAD{0}");
+    assert!(head["clone"].is_object(), "{head}");
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));
+    assert_eq!(rows(&main), "{1,2,3,4}");
+
+    // Deleting the snapshot frees its clone and leaves the branches whole, also after a
+    // restart that reads every file again.
+    ok(z(&repo.path).args(["snapshot", "delete", "main@a"]));
+    assert!(!repo.path.join("clones").join(&a_id).exists());
+    ok(z(&repo.path).args(["pg", "stop", "b1"]));
+    ok(z(&repo.path).args(["pg", "start", "b1"]));
+    assert_eq!(rows(&b1), "{1,2,3,10}");
+    assert_eq!(rows(&b2), "{2,3}");
+    amcheck_clean(&b1);
+    amcheck_clean(&b2);
+    amcheck_clean(&main);
+
+    // A clone leaves the repo packed: pushed to a storage, it restores in a repo that
+    // copies (ext4), with every block checked.
+    ok(z(&repo.path).args(["snapshot", "create", "b1@out"]));
+    let share = tempfile::tempdir().unwrap();
+    let url = share.path().join("s").display().to_string();
+    ok(z(&repo.path).args(["push", "b1@out", &url]));
+    let verified = ok(z(&repo.path).args(["snapshot", "verify", "b1@out", "--storage", &url]));
+    assert!(verified.contains("is intact"), "{verified}");
+    let Some(other) = TestRepo::new() else {
+        return;
+    };
+    ok(z(&other.path).arg("start"));
+    assert_eq!(status(&other.path)["clones"]["on"], false);
+    ok(z(&other.path).args(["pull", &url, "b1@out"]));
+    ok(z(&other.path).args(["pg", "create", "copy", "--snapshot", "b1@out"]));
+    let copy = connstr_of(&other.path, "copy");
+    assert_eq!(content(&copy), content(&b1));
+    let listed = ok(z(&other.path).args(["snapshot", "list", "--json"]));
+    assert!(!listed.contains("\"clone\""), "{listed}");
+    ok(z(&other.path).args(["stop"]));
+
+    // A damaged clone is refused in one line, and nothing is created.
+    let out_id = snapshot_json(&repo.path, "b1@out")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(repo.path.join("clones").join(&out_id).join("PG_VERSION")).unwrap();
+    let out = run(z(&repo.path).args(["pg", "create", "bad", "--snapshot", "b1@out"]));
+    assert_clean_failure(&out, "lacks PG_VERSION");
+    assert!(!repo.path.join("pgs/bad/data").exists());
+    ok(z(&repo.path).args(["stop"]));
+}
+
+#[test]
+fn copies_where_files_cannot_share_extents_and_when_told_to() {
+    let Some(repo) = TestRepo::new() else {
+        return;
+    };
+    ok(z(&repo.path).args(["init"]));
+    let s = status(&repo.path);
+    assert_eq!(s["clones"]["on"], false);
+    let reason = s["clones"]["reason"].as_str().unwrap();
+    assert!(reason.contains("cannot share extents"), "{reason}");
+    let printed = ok(z(&repo.path).arg("status"));
+    assert!(printed.contains("snapshots: copies"), "{printed}");
+
+    // On XFS, `clones = "off"` keeps copies.
+    let Some(dir) = xfs_tempdir() else {
+        return;
+    };
+    let repo = TestRepo::at(dir.path().join("repo"));
+    ok(z(&repo.path).args(["init"]));
+    let config = repo.path.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("clones = \"auto\""), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("clones = \"auto\"", "clones = \"off\""),
+    )
+    .unwrap();
+    let s = status(&repo.path);
+    assert_eq!(s["clones"]["on"], false);
+    assert!(
+        s["clones"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("clones = \"off\""),
+        "{s}"
+    );
+    ok(z(&repo.path).args(["snapshot", "create", "main@copy"]));
+    assert!(snapshot_json(&repo.path, "main@copy")["clone"].is_null());
+}
