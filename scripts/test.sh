@@ -19,8 +19,8 @@ chmod 755 "$run_dir"
 export TMPDIR="$run_dir"
 cleanup() {
     pkill -9 -f "$run_dir" 2>/dev/null || true
-    if [[ -n ${ZENITH_TEST_XFS_DIR:-} ]]; then
-        bash scripts/xfs.sh --unmount "$ZENITH_TEST_XFS_DIR" || true
+    if [[ -n ${made_xfs:-} ]]; then
+        bash scripts/xfs.sh --unmount "$made_xfs" || true
     fi
     rm -rf "$run_dir"
 }
@@ -29,8 +29,12 @@ trap cleanup EXIT
 # Thin clones are tested on a loop-mounted XFS with reflink=1, which needs root; without
 # it those tests skip (and fail under CI).
 if [[ $(id -u) -eq 0 && -z ${ZENITH_TEST_XFS_DIR:-} ]]; then
-    bash scripts/xfs.sh "$run_dir/xfs" 8G
-    export ZENITH_TEST_XFS_DIR="$run_dir/xfs"
+    made_xfs="$run_dir/xfs"
+    if bash scripts/xfs.sh "$made_xfs" 8G; then
+        export ZENITH_TEST_XFS_DIR="$made_xfs"
+    else
+        echo "could not mount an XFS image for the thin-clone tests (loop devices unavailable?)" >&2
+    fi
 fi
 
 if cargo nextest --version > /dev/null 2>&1; then

@@ -199,11 +199,14 @@ pub async fn snapshot_create(
         .await?;
     let (pg, _) = split_reference(name.as_deref());
     let size = crate::util::size::format_size;
+    let how = match m.clone {
+        Some(_) => "a thin clone: it shares every block with the pg".to_string(),
+        None => format!("{} new", size(m.stored_size)),
+    };
     println!(
-        "snapshot {} of pg {pg}: {} ({} new)",
+        "snapshot {} of pg {pg}: {} ({how})",
         printable(&m.label()),
         size(m.total_size),
-        size(m.stored_size)
     );
     Ok(())
 }

@@ -157,6 +157,7 @@ pub async fn export(
         name: args.name.clone(),
         parent: None,
         identity: None,
+        stamps: None,
     };
     let compress = !args.no_compress;
     let packed = match (&args.pgdata, &args.connstr) {
@@ -458,6 +459,7 @@ pub async fn run(
             }
             let r = zenith::delete(Arc::clone(&storage), &m, grace, max_unused / 100.0).await?;
             if let Some(ops) = &repo {
+                ops.pageserver.drop_clone(&m.id)?;
                 ops.pageserver.sweep_clones(storage.as_ref()).await?;
             }
             println!("deleted snapshot {}", r.deleted);
@@ -524,9 +526,8 @@ async fn repo_of(repo_dir: &Option<std::path::PathBuf>, storage: &dyn Storage) -
 
 /// What a listing says of snapshot `m`, with its clone's space when it is one of `repo`.
 fn with_space(repo: Option<&Ops>, m: &Manifest) -> SnapshotSummary {
-    let mut summary = m.summary();
-    if let Some(ops) = repo.filter(|_| m.clone) {
-        summary.clone = ops.pageserver.clone_space(&m.id);
+    match repo {
+        Some(ops) => ops.pageserver.summary(m),
+        None => m.summary(),
     }
-    summary
 }

@@ -258,12 +258,15 @@ async fn pg_action(
 }
 
 async fn list_snapshots(State(api): State<Api>) -> Reply {
-    let all = op(
-        &api,
-        |ops| async move { ops.pageserver.list_snapshots().await },
-    )
+    let all = op(&api, |ops| async move {
+        let all = ops.pageserver.list_snapshots().await?;
+        Ok(all
+            .iter()
+            .map(|m| ops.pageserver.summary(m))
+            .collect::<Vec<_>>())
+    })
     .await?;
-    ok(all.iter().map(|m| m.summary()).collect::<Vec<_>>())
+    ok(all)
 }
 
 async fn create_snapshot(
@@ -272,20 +275,23 @@ async fn create_snapshot(
 ) -> Reply {
     let new = body(new)?;
     let m = change(&api, move |ops| async move {
-        ops.pageserver
+        let m = ops
+            .pageserver
             .create_snapshot(new.name.as_deref(), Default::default())
-            .await
+            .await?;
+        Ok(ops.pageserver.summary(&m))
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(m.summary())).into_response())
+    Ok((StatusCode::CREATED, Json(m)).into_response())
 }
 
 async fn show_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {
     let m = op(&api, move |ops| async move {
-        ops.pageserver.show_snapshot(&id).await
+        let m = ops.pageserver.show_snapshot(&id).await?;
+        Ok(ops.pageserver.summary(&m))
     })
     .await?;
-    ok(m.summary())
+    ok(m)
 }
 
 async fn delete_snapshot(State(api): State<Api>, Path(id): Path<String>) -> Reply {

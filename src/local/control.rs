@@ -96,11 +96,11 @@ impl Control for Ops {
         name: Option<String>,
         progress: ProgressHandle,
     ) -> OpResult<SnapshotSummary> {
-        Ok(self
+        let m = self
             .pageserver
             .create_snapshot(name.as_deref(), progress)
-            .await?
-            .summary())
+            .await?;
+        Ok(self.pageserver.summary(&m))
     }
 
     async fn status(&self) -> OpResult<StatusReport> {

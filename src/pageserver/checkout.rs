@@ -38,8 +38,10 @@ impl Pageserver {
         };
         let fresh = node.dir.join("data.checkout");
         let _ = std::fs::remove_dir_all(&fresh);
-        // A thin clone is cloned beside the old data, which it leaves untouched.
-        let restored = if interrupted.is_some() || target.clone {
+        // A thin clone target is cloned beside the old data, and one kept as a clone has no
+        // blocks to take over: both leave the old data untouched.
+        let untouched = interrupted.is_none() && (target.clone || kept.clone);
+        let restored = if interrupted.is_some() || untouched {
             self.materialize(target, &fresh, &progress).await
         } else {
             // The new data next to the old, swapped only when complete. Files move over
@@ -57,6 +59,10 @@ impl Pageserver {
                 .map_err(OpError::from)
         };
         if let Err(e) = restored {
+            if untouched {
+                let _ = std::fs::remove_dir_all(&fresh);
+                return Err(e);
+            }
             // The old data lost files to the attempt: it comes back from the kept snapshot.
             tracing::error!("checkout of pg {name} failed: {e}; restoring {}", kept.id);
             let _ = std::fs::remove_dir_all(&fresh);
@@ -76,6 +82,11 @@ impl Pageserver {
             return Err(e);
         }
         prepare_for_postgres(&fresh)?;
+        if untouched {
+            // Cut short between the swap's two renames, the pg would have no data: marked,
+            // the next checkout knows where its state is.
+            mark_incomplete(node, Some(&kept))?;
+        }
         swap_data(node, &fresh)?;
         // Its WAL goes on from the target's, as a history of its own.
         state.wal = Some(wal_line_from(target));

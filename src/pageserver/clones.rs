@@ -124,11 +124,14 @@ impl Pageserver {
         clone::sync(&root)?;
         let place = self.clone_path(&m.id);
         std::fs::rename(&root, &place).map_err(|e| OpError::io(place.display(), e))?;
-        sync_dir(&self.clones_dir())?;
         // Visible only now, complete and durable.
-        if let Err(e) = zenith::publish(store, &m).await {
+        let published = match sync_dir(&self.clones_dir()) {
+            Ok(()) => zenith::publish(store, &m).await.map_err(OpError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = published {
             let _ = std::fs::remove_dir_all(&place);
-            return Err(e.into());
+            return Err(e);
         }
         options.progress.finish();
         Ok(Some(m))
@@ -164,7 +167,9 @@ impl Pageserver {
         name: Option<&str>,
         progress: &ProgressHandle,
     ) -> OpResult<TransferReport> {
-        if !m.clone || target.url() == store.url() {
+        // Only the repo's own store holds clones (elsewhere, transfer refuses one).
+        let ours = store.url() == self.store().await?.url();
+        if !m.clone || !ours || target.url() == store.url() {
             return Ok(zenith::transfer(store, target, m, name, progress).await?);
         }
         if zenith::list(target.as_ref())
@@ -186,6 +191,12 @@ impl Pageserver {
             wal_history: m.wal_history.clone(),
             parent: None,
             identity: Some((m.id.clone(), m.created_at.clone())),
+            stamps: Some(Arc::new(
+                m.entries
+                    .iter()
+                    .filter_map(|e| Some((e.path.clone(), e.stamp.clone()?)))
+                    .collect(),
+            )),
             progress: progress.clone(),
         };
         // An online clone carries its backup label and WAL range.
@@ -203,9 +214,22 @@ impl Pageserver {
         })
     }
 
-    /// Removes the clones no snapshot of the repo names any more (deleted, or a run killed
-    /// between the clone and its manifest).
+    /// Removes the clone of repo snapshot `id`, whose manifest is gone (deleted).
+    pub fn drop_clone(&self, id: &str) -> OpResult<()> {
+        let path = self.clone_path(id);
+        match std::fs::remove_dir_all(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(OpError::io(path.display(), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the clones no snapshot of the repo names and that are older than an hour:
+    /// what a run killed between a clone and its manifest left. (A younger one may be a
+    /// snapshot another process is about to publish.)
     pub async fn sweep_clones(&self, store: &dyn Storage) -> OpResult<()> {
+        const GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
         let dir = self.clones_dir();
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
@@ -223,10 +247,15 @@ impl Pageserver {
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if is_snapshot && !listed.contains(&name) {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > GRACE);
+            if is_snapshot && old && !listed.contains(&name) {
                 tracing::info!("removing clone {name}: no snapshot names it");
-                std::fs::remove_dir_all(entry.path())
-                    .map_err(|e| OpError::io(entry.path().display(), e))?;
+                self.drop_clone(&name)?;
             }
         }
         Ok(())
@@ -236,21 +265,38 @@ impl Pageserver {
     /// own (what deleting it frees). `None` when it is not a clone.
     pub fn clone_space(&self, id: &str) -> Option<CloneSpace> {
         let path = self.clone_path(id);
-        path.is_dir().then(|| space(&path))
+        path.is_dir().then(|| space(&path)).flatten()
+    }
+
+    /// What listings say of repo snapshot `m`: with its clone's space when it is one.
+    pub fn summary(&self, m: &Manifest) -> crate::snapshot::SnapshotSummary {
+        let mut summary = m.summary();
+        if m.clone {
+            summary.clone = self.clone_space(&m.id);
+        }
+        summary
     }
 
     /// The space of a pg's data directory, when the repo is in clone mode.
     pub fn pg_space(&self, node: &Node) -> Option<CloneSpace> {
         let dir = self.clones_dir();
-        (dir.is_dir() && node.data().is_dir()).then(|| space(&node.data()))
+        (dir.is_dir() && node.data().is_dir())
+            .then(|| space(&node.data()))
+            .flatten()
     }
 }
 
-fn space(dir: &Path) -> CloneSpace {
-    let u = reflink::tree_usage(dir).unwrap_or_default();
-    CloneSpace {
-        shared: u.shared,
-        owned: u.owned,
+/// The shared and owned bytes under `dir`; `None` (not shown) when they cannot be read.
+fn space(dir: &Path) -> Option<CloneSpace> {
+    match reflink::tree_usage(dir) {
+        Ok(u) => Some(CloneSpace {
+            shared: u.shared,
+            owned: u.owned,
+        }),
+        Err(e) => {
+            tracing::warn!("cannot count the space of {}: {e}", dir.display());
+            None
+        }
     }
 }
 
@@ -316,7 +362,11 @@ async fn clone_running(
         return Ok(None);
     };
     // The backup is running from here on; ending the session (also by an error) aborts it.
-    session.backup_start().await?;
+    if let Err(e) = session.backup_start().await {
+        tracing::info!("cloning the server is not possible ({e}): copying it instead");
+        session.close().await;
+        return Ok(None);
+    }
     let (data, target) = (dir.clone(), root.to_path_buf());
     let cloned = tokio::task::spawn_blocking(move || -> crate::snapshot::Result<_> {
         let pg_version = datadir::read_pg_version(&data)?;
@@ -340,9 +390,13 @@ async fn clone_running(
             return Err(e.into());
         }
     };
-    let end = session.backup_stop(&info).await;
-    session.close().await;
-    let end = end?;
+    let end = match session.backup_stop(&info).await {
+        Ok(end) => end,
+        Err(e) => {
+            session.close().await;
+            return Err(e.into());
+        }
+    };
     let (root, work, segment_size) = (
         root.to_path_buf(),
         work.to_path_buf(),
@@ -354,7 +408,10 @@ async fn clone_running(
         Ok((entries, (end.start_lsn, end.stop_lsn)))
     })
     .await
-    .map_err(join_error)??;
+    .map_err(join_error);
+    // Only now: the session's replication slot keeps the WAL until it is cloned.
+    session.close().await;
+    let tail = tail??;
     entries.extend(tail.0);
     Ok(Some((entries, pg_version, control, Some(tail.1))))
 }

@@ -71,14 +71,14 @@ impl Pageserver {
         }
         let scratch = self.scratch("export")?;
         let data = scratch.path().join("data");
-        self.materialize(&m, &data, &ProgressHandle::default())
-            .await?;
+        self.restore(&m, &data, &ProgressHandle::default()).await?;
         let options = PackOptions {
             pg: None,
             wal_history: None,
             name: name.map(str::to_string).or_else(|| m.name.clone()),
             parent: None,
             identity: None,
+            stamps: None,
             progress,
         };
         let lsns = label_lsns(&data, Some(&m));
@@ -118,6 +118,7 @@ impl Pageserver {
             name: name.map(str::to_string),
             parent: None,
             identity: None,
+            stamps: None,
             progress: progress.clone(),
         };
         if is_server(url) {

@@ -297,6 +297,9 @@ impl Pageserver {
                 .await?;
             }
             if target.url() == self.store().await?.url() {
+                for m in &doomed {
+                    self.drop_clone(&m.id)?;
+                }
                 self.sweep_clones(target.as_ref()).await?;
             }
             // The WAL no kept snapshot needs goes with them; a restore never starts

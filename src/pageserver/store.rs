@@ -112,6 +112,7 @@ impl Pageserver {
             0.05,
         )
         .await?;
+        self.drop_clone(&m.id)?;
         self.sweep_clones(store.as_ref()).await?;
         Ok(DeletedSnapshot {
             deleted: r.deleted,
@@ -168,6 +169,7 @@ impl Pageserver {
             wal_history: state.wal.as_ref().map(|w| w.history.clone()),
             parent: None,
             identity: None,
+            stamps: None,
             progress,
         };
         if let Some(m) = self
@@ -192,12 +194,24 @@ impl Pageserver {
         dir: &std::path::Path,
         progress: &ProgressHandle,
     ) -> OpResult<()> {
+        self.restore(m, dir, progress).await?;
+        prepare_for_postgres(dir)
+    }
+
+    /// Restores repo snapshot `m` into the new directory `dir` as it is (from its clone,
+    /// or its packs).
+    pub(super) async fn restore(
+        &self,
+        m: &Manifest,
+        dir: &std::path::Path,
+        progress: &ProgressHandle,
+    ) -> OpResult<()> {
         if m.clone {
-            self.restore_clone(m, dir).await?;
+            self.restore_clone(m, dir).await
         } else {
             zenith::unpack(self.store().await?.as_ref(), m, dir, progress).await?;
+            Ok(())
         }
-        prepare_for_postgres(dir)
     }
 
     /// A new pg's data from snapshot `reference` of the repo: its directory and state

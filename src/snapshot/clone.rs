@@ -52,7 +52,9 @@ pub fn clone_entries(items: &[DirEntry], root: &Path, live: bool) -> Result<Vec<
             size,
             sha256: None,
             list: None,
-            stamp: None,
+            // The original's: a file unchanged since an earlier clone was packed reuses
+            // that block list when this clone is packed (see PackOptions::stamps).
+            stamp: item.stamp.clone(),
         });
     }
     Ok(out)
@@ -121,9 +123,14 @@ fn restore_tree(source: &Path, m: &Manifest, root: &Path) -> Result<()> {
 /// The clone of `entry` in `source`, which must be there at the manifest's size.
 fn check_file(source: &Path, m: &Manifest, entry: &Entry) -> Result<std::path::PathBuf> {
     let from = source.join(&entry.path);
-    let damaged = |what: String| SnapshotError::Corrupt {
+    let damaged = |what: String| {
+        SnapshotError::Corrupt {
         object: source.display().to_string(),
-        what: format!("snapshot {}'s clone {what}", m.id),
+        what: format!(
+            "snapshot {}'s clone {what}; delete the snapshot (`zenith snapshot delete {}`) and take another",
+            m.id, m.id
+        ),
+    }
     };
     match std::fs::metadata(&from) {
         Ok(meta) if meta.len() == entry.size => Ok(from),

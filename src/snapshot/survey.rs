@@ -21,6 +21,10 @@ pub struct PackOptions {
     /// The id and creation time the snapshot keeps (a repo's thin clone being packed
     /// under the identity it already has); else a new id, created now.
     pub identity: Option<(String, String)>,
+    /// Stamps (see `datadir::DirEntry::stamp`) to use instead of the packed files' own, by
+    /// path: a thin clone packed under the stamps its originals had when it was cloned, so
+    /// files unchanged since an earlier clone reuse its block lists.
+    pub stamps: Option<std::sync::Arc<std::collections::HashMap<String, String>>>,
     /// Receives the bytes read from the data directory.
     pub progress: crate::util::progress::ProgressHandle,
 }

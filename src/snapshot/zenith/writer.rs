@@ -69,6 +69,11 @@ pub async fn pack_dir(
     lsns: Option<(String, String)>,
 ) -> Result<PackReport> {
     let (origin, mut entries) = survey_for(dir, Format::Zenith, options, lsns.clone()).await?;
+    if let Some(stamps) = &options.stamps {
+        for e in &mut entries {
+            e.stamp = stamps.get(&e.rel).cloned();
+        }
+    }
     // A clean cluster keeps one WAL segment (see survey_for); its stale tail is zeroed in a
     // copy.
     let work = TempDir::new("zenith-label")
