@@ -109,6 +109,10 @@ pub enum SnapshotCommand {
         snapshot: String,
         #[arg(long, value_name = "NAME|URL")]
         storage: Option<String>,
+        /// Also restore it into a throwaway pg, start it and run pg_amcheck
+        /// --heapallindexed over every database (the pg is removed afterwards)
+        #[arg(long)]
+        boot: bool,
     },
     /// Retention: keep the newest unnamed snapshots of a storage and every named one,
     /// delete the rest
@@ -414,32 +418,41 @@ pub async fn run(
             }
             Ok(())
         }
-        SnapshotCommand::Verify { snapshot, storage } => {
+        SnapshotCommand::Verify {
+            snapshot,
+            storage,
+            boot,
+        } => {
             let url = at(storage)?;
             let storage = storage::open(&url).await?;
             let m = snapshot::resolve(storage.as_ref(), &snapshot).await?;
-            if m.clone {
-                if let Some(ops) = repo_of(&repo_dir, storage.as_ref()).await {
+            let repo = repo_of(&repo_dir, storage.as_ref()).await;
+            match repo.as_ref().filter(|_| m.clone) {
+                Some(ops) => {
                     let files = ops.pageserver.check_clone(&m)?;
                     println!(
                         "snapshot {} is a thin clone: its {files} files are in place at their sizes (a clone has no checksums until it is pushed or exported, which packs it and checks every block read)",
                         m.id
                     );
-                    return Ok(());
+                }
+                None => {
+                    let bar = super::progress::bar("verify", progress);
+                    let r = snapshot::verify(storage.as_ref(), &m, &bar).await?;
+                    if m.format == Format::Zenith {
+                        println!(
+                            "snapshot {} is intact: {} blocks in {} packs checked",
+                            m.id, r.blocks_checked, r.packs_read
+                        );
+                    } else {
+                        println!(
+                            "snapshot {} is intact: {} files checked",
+                            m.id, r.blocks_checked
+                        );
+                    }
                 }
             }
-            let bar = super::progress::bar("verify", progress);
-            let r = snapshot::verify(storage.as_ref(), &m, &bar).await?;
-            if m.format == Format::Zenith {
-                println!(
-                    "snapshot {} is intact: {} blocks in {} packs checked",
-                    m.id, r.blocks_checked, r.packs_read
-                );
-            } else {
-                println!(
-                    "snapshot {} is intact: {} files checked",
-                    m.id, r.blocks_checked
-                );
+            if boot {
+                boot_check(&m, storage.as_ref(), repo.as_ref()).await?;
             }
             Ok(())
         }
@@ -530,4 +543,44 @@ fn with_space(repo: Option<&Ops>, m: &Manifest) -> SnapshotSummary {
         Some(ops) => ops.pageserver.summary(m),
         None => m.summary(),
     }
+}
+
+/// `verify --boot`: the snapshot restored into a throwaway pg, started, and checked by
+/// pg_amcheck; problems are printed and make the command fail.
+async fn boot_check(
+    m: &Manifest,
+    storage: &dyn Storage,
+    repo: Option<&Ops>,
+) -> Result<(), CliError> {
+    let install = crate::pageserver::install()?;
+    let parent = match repo {
+        Some(ops) => ops.pageserver.repo.tmp_dir(),
+        None => std::env::temp_dir(),
+    };
+    let report = crate::pageserver::boot::boot_check(
+        &install,
+        storage,
+        m,
+        &parent,
+        repo.map(|ops| &ops.pageserver),
+    )
+    .await?;
+    if report.problems.is_empty() {
+        println!(
+            "snapshot {} boots, and pg_amcheck --heapallindexed found nothing in its {} database(s): {}",
+            m.id,
+            report.databases.len(),
+            printable(&report.databases.join(", "))
+        );
+        return Ok(());
+    }
+    for line in &report.problems {
+        println!("{}", printable(line));
+    }
+    Err(anyhow::anyhow!(
+        "snapshot {} is damaged: pg_amcheck reported {} problem line(s), printed above; restore an earlier snapshot, or export this one and repair it by hand",
+        m.id,
+        report.problems.len()
+    )
+    .into())
 }

@@ -9,6 +9,7 @@
 //! It does not run servers: starting, stopping and supervising pgs is zenith-local's, and
 //! a pg's data is only replaced here while the pg is stopped.
 
+pub mod boot;
 pub mod capture;
 mod checkout;
 mod clones;

@@ -1242,3 +1242,84 @@ async fn a_restore_over_a_newer_state_writes_the_same_tree_as_a_fresh_one() {
     // The files were taken over, not copied.
     assert!(!pg.data.join("global/pg_control").exists());
 }
+
+/// A page damaged before the snapshot was taken, in a cluster without data checksums:
+/// every stored block matches its checksum, so plain verification passes; `verify --boot`
+/// starts the snapshot and pg_amcheck finds the damage. A sound snapshot boots clean, and
+/// the throwaway pg leaves nothing behind.
+#[test]
+fn verify_boot_finds_a_page_damaged_before_the_snapshot() {
+    let Some(mut pg) = PgCluster::init() else {
+        return;
+    };
+    as_pg_ok(&pg, &["--disable"]);
+    pg.start();
+    pg.sql(
+        "create table t (i int primary key, v text); \
+         insert into t select g, md5(g::text) from generate_series(1, 2000) g; checkpoint",
+    );
+    let file = pg.sql("select pg_relation_filepath('t')");
+    pg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("s").display());
+    ok(zenith()
+        .args([
+            "export",
+            "--snapshot_path",
+            &url,
+            "--name",
+            "sound",
+            "--pgdata",
+        ])
+        .arg(&pg.data));
+    let booted = ok(zenith().args(["snapshot", "verify", "sound", "--storage", &url, "--boot"]));
+    assert!(booted.contains("found nothing"), "{booted}");
+
+    // The first line pointer of the table's first page now points past the page's end.
+    let path = pg.data.join(&file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[24..28].copy_from_slice(&[0xff, 0x7f, 0xff, 0x7f]);
+    std::fs::write(&path, &bytes).unwrap();
+    ok(zenith()
+        .args([
+            "export",
+            "--snapshot_path",
+            &url,
+            "--name",
+            "damaged",
+            "--pgdata",
+        ])
+        .arg(&pg.data));
+    let plain = ok(zenith().args(["snapshot", "verify", "damaged", "--storage", &url]));
+    assert!(plain.contains("is intact"), "{plain}");
+    let out = run(zenith().args(["snapshot", "verify", "damaged", "--storage", &url, "--boot"]));
+    let stderr = assert_clean_failure(&out, "is damaged: pg_amcheck reported");
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("\"postgres.public.t\""),
+        "{stdout}\n{stderr}"
+    );
+    // The throwaway pgs are gone, directories and processes alike.
+    let tmp = std::env::temp_dir();
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("verify-boot-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn as_pg_ok(pg: &PgCluster, args: &[&str]) {
+    let install = zenith::compute::find_postgres().unwrap();
+    let out = crate::support::pg::as_pg(&install, "pg_checksums")
+        .args(args)
+        .arg("-D")
+        .arg(&pg.data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
