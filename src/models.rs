@@ -428,3 +428,42 @@ mod tests {
         assert_eq!(parse(&serde_json::to_string(&a).unwrap()).unwrap(), a);
     }
 }
+
+/// `zenith snapshot diff A B`: what differs between two snapshots of one cluster, by
+/// relation (named from the snapshots' own catalogs) and, apart, the files outside
+/// relations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDiff {
+    pub from: String,
+    pub to: String,
+    /// Most changed pages first.
+    pub relations: Vec<RelationChange>,
+    pub other_files: Vec<FileChange>,
+}
+
+/// One relation (a table, an index, a TOAST table ...) that differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelationChange {
+    /// Its database's name, or `global` for shared catalogs.
+    pub database: String,
+    pub schema: Option<String>,
+    /// Its name, or `file N` when no catalog row names it.
+    pub name: String,
+    pub kind: String,
+    /// `changed`, `added` or `removed`.
+    pub change: String,
+    /// 8 KiB pages that differ (all its forks and segments).
+    pub pages_changed: u64,
+    /// Its pages in the newer snapshot (the older one, when removed).
+    pub pages: u64,
+    pub bytes_changed: u64,
+}
+
+/// A file outside relations that differs (configuration, WAL, control data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChange {
+    pub path: String,
+    /// `changed`, `added` or `removed`.
+    pub change: String,
+    pub pages_changed: u64,
+}

@@ -14,6 +14,7 @@ pub mod capture;
 mod checkout;
 mod clones;
 pub mod config;
+pub mod diff;
 mod exchange;
 mod markers;
 mod names;

@@ -16,6 +16,7 @@ mod error;
 mod manifest;
 mod paths;
 pub mod pgdata;
+pub mod relations;
 mod survey;
 mod tree;
 pub mod zenith;

@@ -219,3 +219,67 @@ fn copies_where_files_cannot_share_extents_and_when_told_to() {
     ok(z(&repo.path).args(["snapshot", "create", "main@copy"]));
     assert!(snapshot_json(&repo.path, "main@copy")["clone"].is_null());
 }
+
+/// `snapshot diff` names the relations that changed, from the snapshots' own catalogs,
+/// and not the others: in a copy-mode repo (block lists) and in a clone-mode one (clones).
+#[test]
+fn snapshot_diff_names_what_changed_in_either_mode() {
+    let Some(copies) = TestRepo::new() else {
+        return;
+    };
+    diff_names_what_changed(&copies.path);
+    let Some(dir) = xfs_tempdir() else {
+        return;
+    };
+    let clones = TestRepo::at(dir.path().join("repo"));
+    diff_names_what_changed(&clones.path);
+}
+
+fn diff_names_what_changed(repo: &std::path::Path) {
+    ok(z(repo).arg("start"));
+    let main = connstr_of(repo, "main");
+    psql(
+        &main,
+        "create table orders (id int primary key, note text);
+         create table customers (id int primary key, name text);
+         insert into orders select g, 'n' || g from generate_series(1, 20000) g;
+         insert into customers select g, 'c' || g from generate_series(1, 20000) g",
+    );
+    ok(z(repo).args(["snapshot", "create", "main@one"]));
+    psql(
+        &main,
+        "update orders set note = 'changed' where id % 50 = 0",
+    );
+    ok(z(repo).args(["snapshot", "create", "main@two"]));
+    psql(&main, "create index orders_note on orders (note)");
+    ok(z(repo).args(["snapshot", "create", "main@three"]));
+
+    let diff = |a: &str, b: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(z(repo).args(["snapshot", "diff", a, b, "--json"]))).unwrap()
+    };
+    let named = |d: &serde_json::Value, name: &str| -> Option<serde_json::Value> {
+        d["relations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name && r["database"] == "postgres")
+            .cloned()
+    };
+    let d = diff("main@one", "main@two");
+    let orders = named(&d, "orders").unwrap_or_else(|| panic!("orders not named: {d}"));
+    assert_eq!(orders["schema"], "public");
+    assert_eq!(orders["kind"], "table");
+    assert_eq!(orders["change"], "changed");
+    assert!(orders["pages_changed"].as_u64().unwrap() > 0, "{orders}");
+    assert!(named(&d, "customers").is_none(), "{d}");
+    assert!(named(&d, "customers_pkey").is_none(), "{d}");
+
+    let d = diff("main@two", "main@three");
+    let index = named(&d, "orders_note").unwrap_or_else(|| panic!("index not named: {d}"));
+    assert_eq!(index["kind"], "index");
+    assert_eq!(index["change"], "added");
+    assert!(named(&d, "customers").is_none(), "{d}");
+    let printed = ok(z(repo).args(["snapshot", "diff", "main@two", "main@three"]));
+    assert!(printed.contains("postgres.public.orders_note"), "{printed}");
+    ok(z(repo).arg("stop"));
+}

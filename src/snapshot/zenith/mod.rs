@@ -49,6 +49,17 @@ pub use restore::{unpack, unpack_over, verify, Basis};
 pub use transfer::{transfer, TransferReport};
 pub use writer::{pack_dir, PackReport, PackRun};
 
+/// The SHA-256 of each 8 KiB block of every file of `manifest`, in entry order (empty for
+/// directories), each list checked as it is read. Pass a manifest narrowed to the files
+/// wanted: lists of a large snapshot are large.
+pub async fn block_lists(
+    storage: &dyn crate::storage::Storage,
+    manifest: &crate::snapshot::Manifest,
+) -> crate::snapshot::Result<Vec<std::sync::Arc<Vec<[u8; 32]>>>> {
+    manifest.refuse_clone(&storage.url())?;
+    lists::load_lists(storage, manifest).await
+}
+
 /// Packs and lists uploaded or downloaded at once.
 pub(crate) const TRANSFER_CONCURRENCY: usize = 4;
 
