@@ -183,11 +183,17 @@ async fn read_files(
     Ok(out)
 }
 
-/// What a snapshot's catalogs name: databases by oid, relations by (database, file).
+/// A relation file: its database (`None`: global) and file number.
+type FileKey = (Option<u32>, u32);
+
+/// A relation's schema, name and kind (`pg_class.relkind`).
+type Named = (Option<String>, String, char);
+
+/// What a snapshot's catalogs name: databases by oid, relations by file.
 #[derive(Default)]
 struct Names {
     databases: HashMap<u32, String>,
-    relations: HashMap<(Option<u32>, u32), (Option<String>, String, char)>,
+    relations: HashMap<FileKey, Named>,
 }
 
 async fn catalog(
@@ -294,8 +300,7 @@ fn summarize(
     a: &Manifest,
     b: &Manifest,
 ) -> SnapshotDiff {
-    let mut relations: HashMap<(Option<u32>, u32), (RelationChange, HashSet<&'static str>)> =
-        HashMap::new();
+    let mut relations: HashMap<FileKey, (RelationChange, HashSet<&'static str>)> = HashMap::new();
     let mut other_files = Vec::new();
     for (path, changed, pages, how) in changes {
         let Some(key) = relations::relation_file(&path) else {
