@@ -15,7 +15,7 @@ use std::path::Path;
 use super::datadir::DirEntry;
 use super::error::{join_error, Result, SnapshotError};
 use super::manifest::{Entry, EntryKind, Manifest};
-use super::tree::{into_new_dir, sync_tree};
+use super::tree::{build_tree, into_new_dir, sync_tree};
 use crate::util::reflink;
 
 /// Clones `items` (parents before children) into the existing directory `root`. With
@@ -97,26 +97,10 @@ pub async fn restore(source: &Path, m: &Manifest, target: &Path) -> Result<()> {
 }
 
 fn restore_tree(source: &Path, m: &Manifest, root: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(root)
-        .map_err(|e| SnapshotError::io(root, "create", e))?;
-    for entry in &m.entries {
-        let path = root.join(&entry.path);
-        let mode = entry.mode & 0o777;
-        match entry.kind {
-            EntryKind::Dir => std::fs::DirBuilder::new()
-                .mode(mode | 0o700)
-                .create(&path)
-                .map_err(|e| SnapshotError::io(&path, "create", e))?,
-            EntryKind::File => {
-                let from = check_file(source, m, entry)?;
-                reflink::clone_file(&from, &path, mode | 0o600)
-                    .map_err(|e| clone_error(&from, &path, e))?;
-            }
-        }
-    }
+    build_tree(m, root, |entry, path, mode| {
+        let from = check_file(source, m, entry)?;
+        reflink::clone_file(&from, path, mode | 0o600).map_err(|e| clone_error(&from, path, e))
+    })?;
     sync_tree(m, root)
 }
 

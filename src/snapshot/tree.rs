@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::error::{Result, SnapshotError};
-use super::manifest::{EntryKind, Manifest};
+use super::manifest::{Entry, EntryKind, Manifest};
 use crate::util::tempdir::TempDir;
 
 /// Fills a temporary sibling of `target` with `fill` and renames it into place only when
@@ -56,7 +56,27 @@ where
 }
 
 pub(crate) fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
+    build_tree(manifest, root, |entry, path, mode| {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode | 0o600)
+            .open(path)
+            .map_err(|e| SnapshotError::io(path, "create", e))?;
+        file.set_len(entry.size)
+            .map_err(|e| SnapshotError::io(path, "size", e))
+    })
+}
+
+/// Creates `root` (0700) and the directories of `manifest` below it, parents first, and
+/// has `file` make each file at its path with its permission bits.
+pub(crate) fn build_tree(
+    manifest: &Manifest,
+    root: &Path,
+    mut file: impl FnMut(&Entry, &Path, u32) -> Result<()>,
+) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(root)
@@ -69,16 +89,7 @@ pub(crate) fn prepare_tree(manifest: &Manifest, root: &Path) -> Result<()> {
                 .mode(mode | 0o700)
                 .create(&path)
                 .map_err(|e| SnapshotError::io(&path, "create", e))?,
-            EntryKind::File => {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode | 0o600)
-                    .open(&path)
-                    .map_err(|e| SnapshotError::io(&path, "create", e))?;
-                file.set_len(entry.size)
-                    .map_err(|e| SnapshotError::io(&path, "size", e))?;
-            }
+            EntryKind::File => file(entry, &path, mode)?,
         }
     }
     Ok(())
