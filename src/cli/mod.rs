@@ -5,6 +5,7 @@
 //! answer "not implemented yet" with exit code 2 instead of pretending to work.
 
 mod client;
+mod inspect;
 mod local;
 mod pg;
 mod progress;
