@@ -53,15 +53,12 @@ fn help_shows_the_whole_command_surface() {
 }
 
 #[test]
-fn commands_not_built_yet_say_so_with_exit_code_2() {
-    let args = ["snapshot", "diff", "a", "b"];
-    let out = run(zenith().args(args));
-    assert_eq!(out.status.code(), Some(2), "{args:?}");
-    let (_, stderr) = text(&out);
-    assert!(
-        stderr.contains("is not implemented yet"),
-        "{args:?}: {stderr}"
-    );
+fn snapshot_diff_of_unknown_snapshots_says_so_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("s").display().to_string();
+    std::fs::create_dir_all(&url).unwrap();
+    let out = run(zenith().args(["snapshot", "diff", "a", "b", "--storage", &url]));
+    assert_clean_failure(&out, "\"a\"");
 }
 
 #[test]
