@@ -73,6 +73,15 @@ if [[ ${BENCH_CLONES:-} == 1 ]]; then
     sync; t0=$(now)
     "$zenith" --no-progress pg checkout main main@bench > /dev/null
     checkout=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@bench (after pgbench)" "$checkout"
+    sync; t0=$(now)
+    "$zenith" --no-progress pg checkout main main@HEAD{0} > /dev/null
+    quiet=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@HEAD{0} (nothing written since)" "$quiet"
+    sync; t0=$(now)
+    changed=$("$zenith" snapshot diff main@bench main@HEAD{0} --json | python3 -c 'import json, sys; d = json.load(sys.stdin); print(sum(r["pages_changed"] for r in d["relations"]), "pages in", len(d["relations"]), "relations")')
+    row "zenith snapshot diff main@bench main@HEAD{0} ($changed)" "$(secs "$t0" "$(now)")"
+    sync; t0=$(now)
+    "$zenith" snapshot verify main@bench --boot > /dev/null
+    row "zenith snapshot verify main@bench --boot (pg_amcheck)" "$(secs "$t0" "$(now)")"
 
     # Leaving the repo: a clone is packed straight into the destination; a second
     # snapshot's push reuses the block lists of files unchanged since the first.
@@ -174,6 +183,9 @@ echo
 sync; t0=$(now)
 "$zenith" --no-progress pg checkout main main@bench > /dev/null
 checkout=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@bench (after pgbench)" "$checkout"
+sync; t0=$(now)
+changed=$("$zenith" snapshot diff main@bench main@HEAD{0} --json | python3 -c 'import json, sys; d = json.load(sys.stdin); print(sum(r["pages_changed"] for r in d["relations"]), "pages in", len(d["relations"]), "relations")')
+row "zenith snapshot diff main@bench main@HEAD{0} ($changed)" "$(secs "$t0" "$(now)")"
 # pgBackRest's rollback: restore --delta over the copy, after the same pgbench ran on it.
 "$zenith" pg start copy > /dev/null
 copy_connstr=$("$zenith" pg show copy --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["connstr"])')

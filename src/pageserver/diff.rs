@@ -1,8 +1,10 @@
 //! `zenith snapshot diff A B`: which relations differ between two snapshots of one
 //! cluster, and by how many pages, without restoring either. Files with the same block
 //! list (or, for a repo's thin clones, cloned from the same unchanged original) are equal
-//! without being read; the others are compared block by block through their block lists
-//! (a clone's blocks are hashed from its files). Names come from each snapshot's own
+//! without being read; the others are compared block by block through their block lists,
+//! or, between two clones, by where their blocks lie on disk (a block both still share is
+//! equal unread; only the others are read and compared). A clone against a packed
+//! snapshot hashes the clone's file. Names come from each snapshot's own
 //! catalog files (`pg_database`, `pg_class`, `pg_namespace`), the only files restored, into
 //! a temporary directory: a relation dropped since A is named from A's catalog.
 
@@ -66,15 +68,38 @@ pub async fn diff(
             changes.push((path.clone(), ea.block_count(), ea.block_count(), "removed"));
         }
     }
-    let ha = hashes(storage, &sa, &compare).await?;
-    let hb = hashes(storage, &sb, &compare).await?;
-    for path in compare {
-        let (x, y) = (&ha[&path], &hb[&path]);
-        let changed = (0..x.len().max(y.len()))
-            .filter(|&i| x.get(i) != y.get(i))
-            .count() as u64;
-        if changed > 0 {
-            changes.push((path, changed, y.len() as u64, "changed"));
+    if let (Some(da), Some(db)) = (sa.clone.clone(), sb.clone.clone()) {
+        // Two clones: blocks that still share one place on disk are equal unread.
+        let counted = tokio::task::spawn_blocking(move || {
+            compare
+                .into_iter()
+                .map(|path| {
+                    let (x, y) = (da.join(&path), db.join(&path));
+                    let n = crate::util::reflink::count_differing_blocks(&x, &y, BLOCK_SIZE)
+                        .map_err(|e| OpError::io(y.display(), e))?;
+                    let pages = std::fs::metadata(&y).map(|m| m.len()).unwrap_or(0);
+                    Ok((path, n, pages.div_ceil(BLOCK_SIZE)))
+                })
+                .collect::<OpResult<Vec<_>>>()
+        })
+        .await
+        .map_err(join_error)??;
+        for (path, changed, pages) in counted {
+            if changed > 0 {
+                changes.push((path, changed, pages, "changed"));
+            }
+        }
+    } else {
+        let ha = hashes(storage, &sa, &compare).await?;
+        let hb = hashes(storage, &sb, &compare).await?;
+        for path in compare {
+            let (x, y) = (&ha[&path], &hb[&path]);
+            let changed = (0..x.len().max(y.len()))
+                .filter(|&i| x.get(i) != y.get(i))
+                .count() as u64;
+            if changed > 0 {
+                changes.push((path, changed, y.len() as u64, "changed"));
+            }
         }
     }
     let names_b = catalog(storage, &sb, work.path(), "b").await?;

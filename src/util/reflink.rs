@@ -132,19 +132,30 @@ struct Fiemap {
     extents: [FiemapExtent; EXTENTS_PER_CALL],
 }
 
-/// The shared and owned bytes of the file at `path` (its extents as the filesystem maps
-/// them; a filesystem without `FIEMAP` reports the whole file as owned).
-pub fn usage(path: &Path) -> std::io::Result<Usage> {
-    let file = File::open(path)?;
-    let size = file.metadata()?.len();
-    let mut out = Usage::default();
+/// One extent of a file, as `FIEMAP` maps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub logical: u64,
+    pub physical: u64,
+    pub length: u64,
+    pub shared: bool,
+    /// Its physical place is not known (delayed allocation, inline or encoded data).
+    pub unknown: bool,
+}
+
+/// Flags under which an extent's physical address says nothing about its content.
+const FIEMAP_EXTENT_UNKNOWN: u32 = 0x2 | 0x4 | 0x8 | 0x100 | 0x200 | 0x400 | 0x800;
+
+/// The extents of `file`; `None` where the filesystem does not map extents.
+pub fn extents(file: &File) -> std::io::Result<Option<Vec<Extent>>> {
+    let mut out = Vec::new();
     let mut start = 0u64;
     loop {
         let mut map = Box::new(Fiemap {
             start,
             length: u64::MAX - start,
             // No FIEMAP_FLAG_SYNC: flushing a running server's files to count them would
-            // cost writes; extents not allocated yet are reported (delalloc) and owned.
+            // cost writes; extents not allocated yet are reported (delalloc) as unknown.
             flags: 0,
             mapped_extents: 0,
             extent_count: EXTENTS_PER_CALL as u32,
@@ -157,33 +168,98 @@ pub fn usage(path: &Path) -> std::io::Result<Usage> {
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             return match err.raw_os_error() {
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(Usage {
-                    shared: 0,
-                    owned: size,
-                }),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(None),
                 _ => Err(err),
             };
         }
         let mapped = (map.mapped_extents as usize).min(EXTENTS_PER_CALL);
         if mapped == 0 {
-            return Ok(out);
+            return Ok(Some(out));
         }
         let mut last = false;
         let from = start;
         for e in &map.extents[..mapped] {
-            if e.flags & FIEMAP_EXTENT_SHARED != 0 {
-                out.shared += e.length;
-            } else {
-                out.owned += e.length;
-            }
+            out.push(Extent {
+                logical: e.logical,
+                physical: e.physical,
+                length: e.length,
+                shared: e.flags & FIEMAP_EXTENT_SHARED != 0,
+                unknown: e.flags & FIEMAP_EXTENT_UNKNOWN != 0,
+            });
             last |= e.flags & FIEMAP_EXTENT_LAST != 0;
             start = e.logical + e.length;
         }
-        // A filesystem that maps nothing further (or repeats itself) ends the count.
+        // A filesystem that maps nothing further (or repeats itself) ends the map.
         if last || start <= from {
-            return Ok(out);
+            return Ok(Some(out));
         }
     }
+}
+
+/// The shared and owned bytes of the file at `path` (its extents as the filesystem maps
+/// them; a filesystem without `FIEMAP` reports the whole file as owned).
+pub fn usage(path: &Path) -> std::io::Result<Usage> {
+    let file = File::open(path)?;
+    let Some(map) = extents(&file)? else {
+        return Ok(Usage {
+            shared: 0,
+            owned: file.metadata()?.len(),
+        });
+    };
+    let mut out = Usage::default();
+    for e in map {
+        if e.shared {
+            out.shared += e.length;
+        } else {
+            out.owned += e.length;
+        }
+    }
+    Ok(out)
+}
+
+/// Where the bytes `[offset, offset + len)` of a file lie on disk, when one known extent
+/// holds them all.
+pub fn physical(map: &[Extent], offset: u64, len: u64) -> Option<u64> {
+    let i = map.partition_point(|e| e.logical + e.length <= offset);
+    let e = map.get(i)?;
+    (!e.unknown && e.logical <= offset && offset + len <= e.logical + e.length)
+        .then(|| e.physical + (offset - e.logical))
+}
+
+/// How many `block`-sized blocks differ between two files, reading only blocks that do
+/// not share one place on disk: clones of one original that neither changed are equal
+/// without a read. A block beyond one file's end differs.
+pub fn count_differing_blocks(a: &Path, b: &Path, block: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let (fa, fb) = (File::open(a)?, File::open(b)?);
+    let (sa, sb) = (fa.metadata()?.len(), fb.metadata()?.len());
+    let (ma, mb) = (
+        extents(&fa)?.unwrap_or_default(),
+        extents(&fb)?.unwrap_or_default(),
+    );
+    let (mut xa, mut xb) = (vec![0u8; block as usize], vec![0u8; block as usize]);
+    let mut differing = 0;
+    for i in 0..sa.max(sb).div_ceil(block) {
+        let offset = i * block;
+        let (la, lb) = (
+            sa.saturating_sub(offset).min(block),
+            sb.saturating_sub(offset).min(block),
+        );
+        if la != lb {
+            differing += 1;
+            continue;
+        }
+        let here = physical(&ma, offset, la);
+        if here.is_some() && here == physical(&mb, offset, la) {
+            continue;
+        }
+        fa.read_exact_at(&mut xa[..la as usize], offset)?;
+        fb.read_exact_at(&mut xb[..la as usize], offset)?;
+        if xa[..la as usize] != xb[..la as usize] {
+            differing += 1;
+        }
+    }
+    Ok(differing)
 }
 
 /// [`usage`] summed over every file under `dir`.
@@ -219,6 +295,20 @@ mod tests {
             assert!(why.contains(&filesystem_name(dir.path())), "{why}");
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn blocks_are_compared_where_they_do_not_share_a_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mut bytes = vec![1u8; 8192 * 4];
+        std::fs::write(&a, &bytes).unwrap();
+        bytes[8192 * 2] = 9;
+        bytes.extend([5u8; 100]);
+        std::fs::write(&b, &bytes).unwrap();
+        // Block 2 differs, and b's short fifth block is beyond a's end.
+        assert_eq!(count_differing_blocks(&a, &b, 8192).unwrap(), 2);
+        assert_eq!(count_differing_blocks(&a, &a, 8192).unwrap(), 0);
     }
 
     #[test]
