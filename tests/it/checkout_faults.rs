@@ -81,9 +81,12 @@ fn a_checkout_killed_halfway_leaves_a_pg_that_says_so_and_comes_back() {
     ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));
     assert!(!marker.exists());
     ok(z(&repo.path).args(["pg", "start", "main"]));
+    // Its port is the next free one if another process held the old one at the start.
+    let main = connstr_of(&repo.path, "main");
     assert_eq!(psql(&main, "select array_agg(i) from t"), "{7}");
     // And the snapshot it was moving to is whole too.
     ok(z(&repo.path).args(["pg", "checkout", "main", "main@big"]));
+    let main = connstr_of(&repo.path, "main");
     assert_eq!(count(&main, "big"), (150 * 1024 * 1024 / 110).to_string());
     ok(z(&repo.path).args(["pg", "stop", "main"]));
 }
