@@ -23,15 +23,32 @@ impl Ops {
                 supervised: watched.is_some_and(|p| p.failed.is_none()),
                 restarts: watched.map(|p| p.restarts).unwrap_or(0),
                 failed: watched.and_then(|p| p.failed.clone()),
-                space: mode.on.then(|| self.pageserver.pg_space(&node)).flatten(),
+                space: None,
             });
         }
         let snapshots = self.pageserver.list_snapshots().await?;
-        let snapshots_owned = snapshots
-            .iter()
-            .filter_map(|m| self.pageserver.clone_space(&m.id))
-            .map(|s| s.owned)
-            .sum();
+        // Counting extents walks every file of every pg and clone: off the async threads.
+        let ps = self.pageserver.clone();
+        let ids: Vec<String> = snapshots.iter().map(|m| m.id.clone()).collect();
+        let names: Vec<String> = pgs.iter().map(|p| p.pg.name.clone()).collect();
+        let on = mode.on;
+        let (spaces, snapshots_owned) = tokio::task::spawn_blocking(move || {
+            let spaces: Vec<_> = names
+                .iter()
+                .map(|n| on.then(|| ps.pg_space(&ps.repo.node(n))).flatten())
+                .collect();
+            let owned: u64 = ids
+                .iter()
+                .filter_map(|id| ps.clone_space(id))
+                .map(|s| s.owned)
+                .sum();
+            (spaces, owned)
+        })
+        .await
+        .map_err(|e| crate::models::OpError::Failed(format!("counting space: {e}")))?;
+        for (pg, space) in pgs.iter_mut().zip(spaces) {
+            pg.space = space;
+        }
         let newest = snapshots
             .into_iter()
             .max_by(|a, b| a.id.cmp(&b.id))
