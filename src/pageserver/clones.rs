@@ -172,11 +172,9 @@ impl Pageserver {
         if !m.clone || !ours || target.url() == store.url() {
             return Ok(zenith::transfer(store, target, m, name, progress).await?);
         }
-        if zenith::list(target.as_ref())
-            .await?
-            .iter()
-            .any(|t| t.id == m.id)
-        {
+        // Already there: transfer says so (one existence check, not a listing of every
+        // manifest the target holds).
+        if zenith::contains(target.as_ref(), &m.id).await? {
             return Ok(zenith::transfer(store, target, m, name, progress).await?);
         }
         let source = self.clone_path(&m.id);

@@ -10,6 +10,11 @@ pub(crate) fn manifest_key(id: &str) -> String {
     format!("snapshots/{id}.json")
 }
 
+/// Whether `storage` holds snapshot `id` (its manifest).
+pub async fn contains(storage: &dyn Storage, id: &str) -> Result<bool> {
+    Ok(storage.exists(&manifest_key(id)).await?)
+}
+
 /// Makes snapshot `m` visible in `storage` by writing its manifest (everything it names
 /// must be stored already; for a repo's thin clone, its clone must be complete).
 pub async fn publish(storage: &dyn Storage, m: &Manifest) -> Result<()> {

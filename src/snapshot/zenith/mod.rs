@@ -42,7 +42,7 @@ mod writer;
 
 use std::collections::{HashMap, HashSet};
 
-pub use catalog::{list, publish, resolve};
+pub use catalog::{contains, list, publish, resolve};
 pub use gc::{collect_garbage, delete, DeleteReport, GcReport};
 pub(crate) use lock::with_export_lock;
 pub use restore::{unpack, unpack_over, verify, Basis};
