@@ -211,7 +211,11 @@ pub struct StorageDetail {
     pub url: String,
     pub snapshots: Vec<SnapshotSummary>,
     pub objects: u64,
+    /// Plaintext bytes of its objects.
     pub bytes: u64,
+    /// Whether its objects are sealed with its key (`zenith storage encrypt`).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// What moving one snapshot between storages did.

@@ -39,6 +39,15 @@ pub enum StorageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Encrypt a new, empty storage: from then on every object zenith stores there is
+    /// sealed (XChaCha20-Poly1305) with a random key kept in the storage, wrapped by the
+    /// passphrase in ZENITH_PASSPHRASE or the file ZENITH_PASSPHRASE_FILE names (argon2id).
+    /// Anyone who reads or writes it needs that passphrase; keep it somewhere safe.
+    Encrypt {
+        /// A storage name or URL (file:///path, a plain path, s3://bucket/prefix)
+        #[arg(value_name = "NAME|URL")]
+        storage: String,
+    },
     /// Probe a destination: write, read, list and delete under a temporary prefix,
     /// measure throughput, clean up; exit 1 if it is not usable
     Check(CheckArgs),
@@ -68,11 +77,28 @@ pub async fn run(
     if let StorageCommand::Check(args) = cmd {
         return check_cmd(args).await;
     }
+    if let StorageCommand::Encrypt { storage } = &cmd {
+        let url = if crate::pageserver::looks_like_url(storage) {
+            storage.clone()
+        } else {
+            Ops::direct(Repo::existing(repo_dir)?)
+                .pageserver
+                .storage_url(storage)?
+        };
+        let passphrase = storage::required_passphrase(&url)?;
+        storage::encrypt(storage::open_raw(&url).await?, &passphrase).await?;
+        println!(
+            "{url} is encrypted: what zenith stores there from now on is sealed with its key, which only the passphrase opens; without the passphrase nothing there can be read"
+        );
+        return Ok(());
+    }
     let repo = Repo::existing(repo_dir)?;
     let running = crate::local::running(&repo).is_some();
     let ps = Ops::direct(repo).pageserver;
     match cmd {
-        StorageCommand::Check(_) => unreachable!("handled above"),
+        StorageCommand::Check(_) | StorageCommand::Encrypt { .. } => {
+            unreachable!("handled above")
+        }
         StorageCommand::Attach { name, path } => {
             ps.attach_storage(&name, &path)?;
             println!("attached storage {name}: {path}");
@@ -101,7 +127,8 @@ pub async fn run(
             if json {
                 super::print_json(&shown);
             } else {
-                println!("{name}: {}", shown.url);
+                let sealed = if shown.encrypted { " (encrypted)" } else { "" };
+                println!("{name}: {}{sealed}", shown.url);
                 println!("{} objects, {}", shown.objects, format_size(shown.bytes));
                 for m in &shown.snapshots {
                     println!(

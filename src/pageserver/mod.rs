@@ -33,7 +33,7 @@ pub use markers::{incomplete, refuse_incomplete, swap_data};
 pub use names::{check_name, check_tag, split_reference};
 pub use pitr::At;
 pub use repo::Repo;
-pub use share::STORAGE_DEST;
+pub use share::{looks_like_url, STORAGE_DEST};
 pub use store::install;
 
 /// The pageserver of one repo. Clones share its per-pg locks.

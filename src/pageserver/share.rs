@@ -18,7 +18,7 @@ use crate::util::progress::ProgressHandle;
 /// The name `storage_dest` goes by wherever a storage name is accepted.
 pub const STORAGE_DEST: &str = "storage_dest";
 
-fn looks_like_url(text: &str) -> bool {
+pub fn looks_like_url(text: &str) -> bool {
     text.contains("://") || text.starts_with('/') || text.starts_with('.')
 }
 
@@ -89,6 +89,7 @@ impl Pageserver {
             snapshots: snapshots.iter().map(Manifest::summary).collect(),
             objects: objects.len() as u64,
             bytes: objects.iter().map(|o| o.size).sum(),
+            encrypted: storage.encrypted(),
         })
     }
 

@@ -70,6 +70,15 @@ pub enum Error {
     #[error("{url}: the object has at least {size} bytes, more than the {limit} expected of it; the storage is damaged or not zenith's")]
     TooLarge { url: String, size: u64, limit: u64 },
 
+    #[error("{url} is encrypted: set ZENITH_PASSPHRASE to its passphrase, or ZENITH_PASSPHRASE_FILE to a file holding it")]
+    Encrypted { url: String },
+
+    #[error("{url}: the passphrase does not open this storage's key; check ZENITH_PASSPHRASE or ZENITH_PASSPHRASE_FILE")]
+    WrongPassphrase { url: String },
+
+    #[error("{url} {detail}; zenith does not use it: restore the object from a copy, or delete the snapshots that need it")]
+    Tampered { url: String, detail: String },
+
     #[error("operation cancelled")]
     Cancelled,
 }

@@ -19,6 +19,7 @@
 pub(crate) mod error;
 mod local;
 mod s3;
+mod sealed;
 mod url;
 
 pub mod check;
@@ -37,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub use error::{Error, Result};
 pub use local::LocalStorage;
 pub use s3::{S3Options, S3Storage, StaticCredentials, TransferCounts};
+pub use sealed::{encrypt, required_passphrase, unlock, PASSPHRASE_ENV, PASSPHRASE_FILE_ENV};
 pub use url::StorageUrl;
 
 /// A byte stream read from or written to a storage.
@@ -69,6 +71,12 @@ pub struct ObjectMeta {
 pub trait Storage: Send + Sync + Debug {
     /// The destination's canonical URL, for messages. Never contains credentials.
     fn url(&self) -> String;
+
+    /// Whether objects are sealed with the storage's key on their way in (see
+    /// `sealed`).
+    fn encrypted(&self) -> bool {
+        false
+    }
 
     /// Stores `data` under `key`, replacing any previous object, atomically.
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
@@ -159,8 +167,14 @@ pub trait Storage: Send + Sync + Debug {
 }
 
 /// Opens the destination named by `url`, reading S3 settings and credentials from the
-/// environment (see `docs/storages.md`).
+/// environment (see `docs/storages.md`). An encrypted destination is opened with the
+/// passphrase from the environment, and fails in one line without it.
 pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
+    sealed::wrap_if_encrypted(open_raw(url).await?).await
+}
+
+/// Opens the destination named by `url` as it is stored, encrypted or not.
+pub async fn open_raw(url: &str) -> Result<Arc<dyn Storage>> {
     match StorageUrl::parse(url)? {
         StorageUrl::Local(path) => Ok(Arc::new(LocalStorage::new(path)?)),
         StorageUrl::S3 { bucket, prefix } => {

@@ -1,5 +1,6 @@
 //! One conformance suite, run unchanged against every storage backend: `file://`, s3s-fs
-//! and a 3-node Garage cluster (replication factor 3). Every case asserts what a user of
+//! and a 3-node Garage cluster (replication factor 3), and encrypted `file://` and s3s-fs
+//! storages (`zenith storage encrypt`). Every case asserts what a user of
 //! the storage relies on: the bytes that come back are the bytes that went in.
 
 use std::sync::Arc;
@@ -39,6 +40,30 @@ impl Backend {
             _dir: None,
             _server: Some(server),
         })
+    }
+
+    /// `inner` encrypted, as `zenith storage encrypt` does, and opened with its passphrase.
+    async fn sealed(inner: Backend) -> Option<Backend> {
+        zenith::storage::encrypt(Arc::clone(&inner.storage), "conformance")
+            .await
+            .unwrap();
+        let storage = zenith::storage::unlock(inner.storage, "conformance")
+            .await
+            .unwrap();
+        assert!(storage.encrypted());
+        Some(Backend {
+            storage,
+            _dir: inner._dir,
+            _server: inner._server,
+        })
+    }
+
+    pub async fn sealed_file() -> Option<Backend> {
+        Self::sealed(Self::file().await?).await
+    }
+
+    pub async fn sealed_s3s() -> Option<Backend> {
+        Self::sealed(Self::s3s().await?).await
     }
 
     pub async fn garage() -> Option<Backend> {
@@ -380,3 +405,5 @@ macro_rules! conformance {
 conformance!(file);
 conformance!(s3s);
 conformance!(garage);
+conformance!(sealed_file);
+conformance!(sealed_s3s);
