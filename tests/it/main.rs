@@ -11,6 +11,7 @@ mod defects;
 mod local;
 mod postgres;
 mod safekeeper;
+mod sealed;
 mod share;
 mod snapshots;
 mod storage_conformance;
