@@ -6,6 +6,9 @@
 # pgBackRest's full and incremental backup to the same Garage (its S3 repo type) and its
 # restore from there.
 #
+# BENCH_ENCRYPT=1 runs both encrypted: zenith pushes to a storage made with `zenith
+# storage encrypt` (XChaCha20-Poly1305), pgBackRest with repo1-cipher-type=aes-256-cbc.
+#
 # pgBackRest speaks S3 over TLS only, so it reaches Garage through a local TLS proxy
 # (socat, self-signed certificate); zenith talks to Garage directly. The proxy costs
 # pgBackRest some CPU on this machine: its figures are a little pessimistic.
@@ -13,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scale=${BENCH_SCALE:-100}
+encrypt=${BENCH_ENCRYPT:-0}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/zenith/target}"
 cargo build --release --quiet
 zenith="$CARGO_TARGET_DIR/release/zenith"
@@ -46,6 +50,13 @@ source "$work/garage/env"
 export AWS_ENDPOINT_URL="$GARAGE_ENDPOINT" AWS_REGION="$GARAGE_REGION" AWS_S3_FORCE_PATH_STYLE=true
 export AWS_ACCESS_KEY_ID="$GARAGE_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$GARAGE_SECRET_KEY"
 dest="s3://$GARAGE_BUCKET/zenith"
+mode="plain"
+if [[ $encrypt == 1 ]]; then
+    mode="both encrypted"
+    ZENITH_PASSPHRASE="bench-$(od -An -tx8 -N16 /dev/urandom | tr -d ' \n')"
+    export ZENITH_PASSPHRASE
+    "$zenith" storage encrypt "$dest" > /dev/null
+fi
 
 # The TLS proxy for pgBackRest.
 openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/key.pem" -out "$work/cert.pem" \
@@ -81,6 +92,8 @@ start-fast=y
 log-level-console=warn
 log-level-file=off
 
+$([[ $encrypt == 1 ]] && printf 'repo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=%s\n' "$ZENITH_PASSPHRASE")
+
 [bench]
 pg1-path=$main/data
 pg1-socket-path=$main
@@ -100,7 +113,7 @@ pgbr=(as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench)
 "$zenith" storage attach -n pgbr-backup --path "s3://$GARAGE_BUCKET/pgbackrest/backup" > /dev/null
 stored() { "$zenith" storage show -n "$1" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes"])'; }
 
-echo "== zenith sharing benchmark: pgbench scale $scale, 3-node Garage on loopback, $(nproc) cores, $(date -u +%FT%TZ)"
+echo "== zenith sharing benchmark ($mode): pgbench scale $scale, 3-node Garage on loopback, $(nproc) cores, $(date -u +%FT%TZ)"
 t0=$(now)
 "$pgbin/pgbench" -i -q -s "$scale" "$connstr" > /dev/null 2>&1
 "$pgbin/psql" -X -q "$connstr" -c "vacuum (freeze, analyze)" -c checkpoint

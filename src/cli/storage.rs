@@ -48,6 +48,15 @@ pub enum StorageCommand {
         #[arg(value_name = "NAME|URL")]
         storage: String,
     },
+    /// Change an encrypted storage's passphrase: the current one from ZENITH_PASSPHRASE
+    /// (or ZENITH_PASSPHRASE_FILE), the new one from ZENITH_NEW_PASSPHRASE (or
+    /// ZENITH_NEW_PASSPHRASE_FILE). The key stays the same, so everything stored stays
+    /// readable, with the new passphrase only.
+    Passphrase {
+        /// A storage name or URL
+        #[arg(value_name = "NAME|URL")]
+        storage: String,
+    },
     /// Probe a destination: write, read, list and delete under a temporary prefix,
     /// measure throughput, clean up; exit 1 if it is not usable
     Check(CheckArgs),
@@ -77,16 +86,32 @@ pub async fn run(
     if let StorageCommand::Check(args) = cmd {
         return check_cmd(args).await;
     }
-    if let StorageCommand::Encrypt { storage } = &cmd {
-        let url = if crate::pageserver::looks_like_url(storage) {
-            storage.clone()
+    if let StorageCommand::Encrypt { storage: target }
+    | StorageCommand::Passphrase { storage: target } = &cmd
+    {
+        let url = if crate::pageserver::looks_like_url(target) {
+            target.clone()
         } else {
-            Ops::direct(Repo::existing(repo_dir)?)
+            Ops::direct(Repo::existing(repo_dir.clone())?)
                 .pageserver
-                .storage_url(storage)?
+                .storage_url(target)?
         };
+        let raw = storage::open_raw(&url).await?;
+        if let StorageCommand::Passphrase { .. } = cmd {
+            let (old, new) = storage::passphrase_change(&url)?;
+            storage::change_passphrase(raw.as_ref(), &old, &new).await?;
+            println!(
+                "{url}: the new passphrase opens its key from now on; the old one no longer does"
+            );
+            return Ok(());
+        }
         let passphrase = storage::required_passphrase(&url)?;
-        storage::encrypt(storage::open_raw(&url).await?, &passphrase).await?;
+        storage::encrypt(raw, &passphrase).await?;
+        // The repo remembers it: should its key file ever go, nothing is written there in
+        // the clear.
+        if let Ok(repo) = Repo::existing(repo_dir) {
+            Ops::direct(repo).pageserver.open_storage(&url).await?;
+        }
         println!(
             "{url} is encrypted: what zenith stores there from now on is sealed with its key, which only the passphrase opens; without the passphrase nothing there can be read"
         );
@@ -96,7 +121,9 @@ pub async fn run(
     let running = crate::local::running(&repo).is_some();
     let ps = Ops::direct(repo).pageserver;
     match cmd {
-        StorageCommand::Check(_) | StorageCommand::Encrypt { .. } => {
+        StorageCommand::Check(_)
+        | StorageCommand::Encrypt { .. }
+        | StorageCommand::Passphrase { .. } => {
             unreachable!("handled above")
         }
         StorageCommand::Attach { name, path } => {

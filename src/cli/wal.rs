@@ -96,7 +96,7 @@ async fn resolve(args: &ArchiveArgs, repo_dir: Option<PathBuf>) -> Result<Resolv
         // Detached while the pg runs: the WAL stays with PostgreSQL (it retries) rather
         // than being dropped, until a storage_dest is attached or the pg restarts
         // without archiving.
-        let Some(url) = config.storage_dest else {
+        let Some(url) = config.storage_dest.clone() else {
             return Err(anyhow::anyhow!(
                 "{} names no storage_dest any more: the WAL stays here until one is attached again (`zenith storage attach -n storage_dest --path URL`), or the pg restarts without archiving",
                 target.config.display()
@@ -104,6 +104,7 @@ async fn resolve(args: &ArchiveArgs, repo_dir: Option<PathBuf>) -> Result<Resolv
             .into());
         };
         let storage = crate::storage::open(&url).await?;
+        config.refuse_unsealed(&url, storage.as_ref())?;
         return Ok(Resolved {
             archive: Archive::new(storage, target.system_identifier),
             history: target.history,

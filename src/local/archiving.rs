@@ -281,7 +281,7 @@ pub async fn record_branch(ps: &Pageserver, node: &Node, line: &WalLine) -> OpRe
         return Ok(());
     }
     let control = crate::snapshot::datadir::read_control(&node.data())?;
-    let archive = Archive::new(crate::storage::open(&url).await?, control.system_identifier);
+    let archive = Archive::new(ps.open_storage(&url).await?, control.system_identifier);
     let size = crate::compute::wal::DEFAULT_SEGMENT_SIZE;
     let parent = line.parent.as_ref().map(|f: &WalFork| Fork {
         history: f.history.clone(),

@@ -41,6 +41,29 @@ pub struct Config {
     /// How the repo keeps its own snapshots.
     #[serde(default)]
     pub snapshots: SnapshotsConfig,
+    /// Storages this repo found encrypted (`zenith storage encrypt`), by URL: one of them
+    /// without its key file is refused rather than written to in the clear.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub encrypted_storages: std::collections::BTreeSet<String>,
+}
+
+impl Config {
+    /// Refuses storage `url`, opened as `storage`, when this repo knows it as encrypted and
+    /// it no longer is: its key file was deleted, and whatever zenith wrote there would be
+    /// in the clear.
+    pub fn refuse_unsealed(
+        &self,
+        url: &str,
+        storage: &dyn crate::storage::Storage,
+    ) -> OpResult<()> {
+        if storage.encrypted() || !self.encrypted_storages.contains(url) {
+            return Ok(());
+        }
+        Err(OpError::Conflict(format!(
+            "{url} was encrypted when this repo last used it, but its key file ({}) is gone; zenith writes nothing there in the clear: put the key file back from a copy, or, if the storage is meant to be plain now, remove it from encrypted_storages in config.toml",
+            crate::storage::KEY_OBJECT
+        )))
+    }
 }
 
 /// `[snapshots]` of config.toml.
@@ -273,6 +296,7 @@ impl Default for Config {
             wal: WalConfig::default(),
             safekeeper: SafekeeperConfig::default(),
             snapshots: SnapshotsConfig::default(),
+            encrypted_storages: Default::default(),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::names::check_tag;
-use super::store::{install, open, refuse_taken_name};
+use super::store::{install, refuse_taken_name};
 use super::Pageserver;
 use crate::models::{ExportReport, Moved, OpError, OpResult};
 use crate::snapshot::{self, datadir, zenith, Format, Manifest, PackOptions};
@@ -56,7 +56,7 @@ impl Pageserver {
         }
         let store = self.store().await?;
         let m = zenith::resolve(store.as_ref(), reference).await?;
-        let target = open(url).await?;
+        let target = self.open_storage(url).await?;
         if format == Format::Zenith {
             let r = self
                 .send(store.as_ref(), &m, &target, name, &progress)
@@ -125,7 +125,7 @@ impl Pageserver {
             let report = super::capture::pack_online(&install()?, url, store, &options).await?;
             return Ok((report.manifest, false));
         }
-        let source = open(url).await?;
+        let source = self.open_storage(url).await?;
         if format == Format::Zenith {
             let m = zenith::resolve(source.as_ref(), reference).await?;
             let r = zenith::transfer(source.as_ref(), &store, &m, name, &progress).await?;

@@ -95,7 +95,7 @@ impl Pageserver {
                 "a point-in-time restore replays the WAL archived in storage_dest, and this repo has none; `zenith storage attach -n storage_dest --path URL` sets one (WAL is archived from then on)".into(),
             ));
         };
-        let dest = crate::storage::open(&url).await?;
+        let dest = self.open_storage(&url).await?;
         let archive = Archive::new(dest.clone(), system_identifier);
         let lineage: Lineage = archive.lineage(history).await.map_err(archive_error)?;
         // Every snapshot of the lineage, in the repo or storage_dest, oldest first.

@@ -255,7 +255,7 @@ impl Pusher {
             }
         }
         let url = &settings.storage_dest;
-        let dest = crate::storage::open(url).await?;
+        let dest = self.pageserver.open_storage(url).await?;
         let store = self.pageserver.store().await?;
         // Retention decides over the repo's and storage_dest's snapshots of main together,
         // so a snapshot it drops is neither pushed nor kept on either side.

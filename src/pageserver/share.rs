@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::config::Retention;
 use super::names::check_name;
-use super::store::open;
 use super::Pageserver;
 use crate::models::{
     Moved, OpError, OpResult, PullReport, PushReport, PushedSnapshot, StorageDetail, StorageInfo,
@@ -80,7 +79,7 @@ impl Pageserver {
             )));
         }
         let url = self.storage_url(name)?;
-        let storage = open(&url).await?;
+        let storage = self.open_storage(&url).await?;
         let snapshots = zenith::list(storage.as_ref()).await?;
         let objects = storage.list("").await?;
         Ok(StorageDetail {
@@ -183,8 +182,8 @@ impl Pageserver {
             Some(f) => self.storage_url(f)?,
             None => self.repo.store_url(),
         };
-        let store = open(&source).await?;
-        let target = open(&url).await?;
+        let store = self.open_storage(&source).await?;
+        let target = self.open_storage(&url).await?;
         if store.url() == target.url() {
             return Err(OpError::BadRequest(format!(
                 "{url} is both where the snapshots come from and where they go"
@@ -192,7 +191,7 @@ impl Pageserver {
         }
         // Compared as the storages name themselves: `/x` and `file:///x` are one place.
         let is_dest = match self.repo.config()?.storage_dest {
-            Some(d) => open(&d).await?.url() == target.url(),
+            Some(d) => self.open_storage(&d).await?.url() == target.url(),
             None => false,
         };
         let there = zenith::list(target.as_ref()).await?;
@@ -255,7 +254,7 @@ impl Pageserver {
         progress: ProgressHandle,
     ) -> OpResult<PullReport> {
         let url = self.storage_url(source)?;
-        let from = open(&url).await?;
+        let from = self.open_storage(&url).await?;
         let m = zenith::resolve(from.as_ref(), reference.unwrap_or("LATEST")).await?;
         let store = self.store().await?;
         let r = zenith::transfer(from.as_ref(), &store, &m, None, &progress).await?;
@@ -276,7 +275,7 @@ impl Pageserver {
         eligible: impl Fn(&Manifest) -> bool,
     ) -> OpResult<Vec<Manifest>> {
         let url = self.storage_url(storage)?;
-        let target = open(&url).await?;
+        let target = self.open_storage(&url).await?;
         let listed: Vec<Manifest> = zenith::list(target.as_ref())
             .await?
             .into_iter()
@@ -326,7 +325,7 @@ impl Pageserver {
         let Some(url) = self.repo.config()?.storage_dest else {
             return Ok(None);
         };
-        let from = open(&url).await?;
+        let from = self.open_storage(&url).await?;
         let all = zenith::list(from.as_ref()).await?;
         // The newest of the main pg; a storage_dest filled only by hand: its newest.
         let Some(mut m) = all

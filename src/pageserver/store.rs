@@ -14,11 +14,6 @@ use crate::snapshot::{zenith, Manifest, PackOptions};
 use crate::storage::Storage;
 use crate::util::progress::ProgressHandle;
 
-/// A storage by URL.
-pub(super) async fn open(url: &str) -> OpResult<Arc<dyn Storage>> {
-    Ok(crate::storage::open(url).await?)
-}
-
 /// The PostgreSQL installation zenith drives.
 pub fn install() -> OpResult<PgInstall> {
     Ok(crate::compute::find_postgres().map_err(crate::compute::Error::from)?)
@@ -41,7 +36,25 @@ pub(super) async fn refuse_taken_name(store: &dyn Storage, name: &str) -> OpResu
 impl Pageserver {
     /// The repo's own snapshot store.
     pub async fn store(&self) -> OpResult<Arc<dyn Storage>> {
-        open(&self.repo.store_url()).await
+        Ok(crate::storage::open(&self.repo.store_url()).await?)
+    }
+
+    /// A storage by URL. One found encrypted is remembered in config.toml, and one
+    /// remembered as encrypted that has lost its key file is refused (see
+    /// [`super::Config::refuse_unsealed`]).
+    pub async fn open_storage(&self, url: &str) -> OpResult<Arc<dyn Storage>> {
+        let storage = crate::storage::open(url).await?;
+        // A repo being made (`init` from a storage) has no config to remember in yet.
+        let Ok(mut config) = self.repo.config() else {
+            return Ok(storage);
+        };
+        config.refuse_unsealed(url, storage.as_ref())?;
+        if storage.encrypted() && config.encrypted_storages.insert(url.to_string()) {
+            if let Err(e) = self.repo.save_config(&config) {
+                tracing::warn!("cannot remember {url} as encrypted in config.toml: {e}");
+            }
+        }
+        Ok(storage)
     }
 
     /// An existing pg of the repo.

@@ -38,7 +38,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub use error::{Error, Result};
 pub use local::LocalStorage;
 pub use s3::{S3Options, S3Storage, StaticCredentials, TransferCounts};
-pub use sealed::{encrypt, required_passphrase, unlock, PASSPHRASE_ENV, PASSPHRASE_FILE_ENV};
+pub use sealed::{
+    change_passphrase, encrypt, passphrase_change, required_passphrase, unlock, KEY_OBJECT,
+    PASSPHRASE_ENV, PASSPHRASE_FILE_ENV,
+};
 pub use url::StorageUrl;
 
 /// A byte stream read from or written to a storage.

@@ -400,7 +400,7 @@ impl Inner {
                 .get_object()
                 .bucket(&self.bucket)
                 .key(full_key)
-                .range(format!("bytes={}-{}", range.start, range.end - 1));
+                .range(range_header(&range));
             if let Some(etag) = etag {
                 req = req.if_match(etag);
             }
@@ -934,6 +934,16 @@ where
             detail: detail(),
             attempts: 1,
         },
+    }
+}
+
+/// The HTTP range of `range`; one reaching past any object's possible size is left
+/// open-ended, since servers refuse a last byte beyond 2^63.
+fn range_header(range: &Range<u64>) -> String {
+    if range.end > i64::MAX as u64 {
+        format!("bytes={}-", range.start)
+    } else {
+        format!("bytes={}-{}", range.start, range.end - 1)
     }
 }
 

@@ -222,19 +222,54 @@ fn an_encrypted_storage_holds_no_plaintext_and_restores_byte_identical() {
     assert_eq!(rows(&connstr_of(&c.path, "main")), before);
     ok(zp(&c.path).arg("stop"));
 
-    // A flipped byte in a pack fails authentication, and the error names the object as
-    // it is stored.
-    let (rel, pack) = files(&sealed_dir)
+    // A flipped byte in every pack fails authentication, and the error names the object
+    // as it is stored.
+    let packs: Vec<(String, PathBuf)> = files(&sealed_dir)
         .into_iter()
-        .find(|(rel, _)| rel.starts_with("packs/"))
-        .unwrap();
-    let mut data = std::fs::read(&pack).unwrap();
-    let middle = data.len() / 2;
-    data[middle] ^= 0x01;
-    std::fs::write(&pack, data).unwrap();
+        .filter(|(rel, _)| rel.starts_with("packs/"))
+        .collect();
+    for (_, pack) in &packs {
+        let mut data = std::fs::read(pack).unwrap();
+        let middle = data.len() / 2;
+        data[middle] ^= 0x01;
+        std::fs::write(pack, data).unwrap();
+    }
     let said = assert_clean_failure(
         &run(zp(&b.path).args(["snapshot", "verify", "main@s1", "--storage", &dest])),
         "fails authentication",
     );
-    assert!(said.contains(&rel), "{said}");
+    assert!(packs.iter().any(|(rel, _)| said.contains(rel)), "{said}");
+
+    // A new passphrase wraps the same key: what is stored stays readable, with it only.
+    assert_clean_failure(
+        &run(zp(&b.path).args(["storage", "passphrase", &back_sealed])),
+        "ZENITH_NEW_PASSPHRASE",
+    );
+    ok(zp(&b.path)
+        .env("ZENITH_NEW_PASSPHRASE", "tr0ub4dor&3")
+        .args(["storage", "passphrase", &back_sealed]));
+    let verified = ok(z(&b.path).env("ZENITH_PASSPHRASE", "tr0ub4dor&3").args([
+        "snapshot",
+        "verify",
+        "main@s1",
+        "--storage",
+        &back_sealed,
+    ]));
+    assert!(verified.contains("intact"), "{verified}");
+    assert_clean_failure(
+        &run(zp(&b.path).args(["snapshot", "list", "--storage", &back_sealed])),
+        "passphrase does not open",
+    );
+
+    // The key file deleted (by whoever runs the storage): the repo that used the storage
+    // remembers it was encrypted and writes nothing there in the clear.
+    std::fs::remove_file(sealed_dir.join("zenith-key.json")).unwrap();
+    let objects = files(&sealed_dir).len();
+    ok(zp(&a.path).args(["snapshot", "create", "main@s2"]));
+    assert_clean_failure(&run(zp(&a.path).args(["push", "main@s2"])), "key file");
+    assert_eq!(
+        files(&sealed_dir).len(),
+        objects,
+        "something was written in the clear"
+    );
 }

@@ -224,6 +224,32 @@ pub async fn ranged_gets(s: &dyn Storage) {
     assert!(matches!(err, Error::InvalidRange { .. }), "{err:?}");
     let err = s.get_range("ranges/missing", 0..10).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+
+    // An object of exactly 128 KiB (two whole chunks of an encrypted storage): its end
+    // and past it, and an empty object.
+    let even = PseudoRandom::new(10, 128 << 10).to_vec();
+    s.put("ranges/even", Bytes::from(even.clone()))
+        .await
+        .unwrap();
+    let size = even.len() as u64;
+    assert_eq!(s.head("ranges/even").await.unwrap().size, size);
+    let tail = s
+        .get_range("ranges/even", size - 3..u64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(&tail[..], &even[(size - 3) as usize..]);
+    assert!(s
+        .get_range("ranges/even", size..size + 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let err = s
+        .get_range("ranges/even", size + 1..size + 10)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidRange { .. }), "{err:?}");
+    s.put("ranges/empty", Bytes::new()).await.unwrap();
+    assert!(s.get_range("ranges/empty", 0..10).await.unwrap().is_empty());
 }
 
 /// More than 1000 keys (S3's page size), listed completely and in order; prefixes are

@@ -3,7 +3,8 @@
 //! prefix, the chunk's index and a final-chunk flag (the STREAM construction), with the
 //! object's key as associated data. So a chunk cannot be altered, reordered, dropped or
 //! moved to another object, and the object cannot be cut short or swapped for another
-//! object of the same storage, without failing authentication. An empty object is one
+//! object of the same storage, without failing authentication (an older version of the
+//! same object is not told apart). An empty object is one
 //! empty final chunk.
 //!
 //! Sizes map both ways without reading (chunks have a fixed size), and a range of the
@@ -127,52 +128,101 @@ impl Sealer {
     /// The sealed bytes that hold plaintext `range`: the whole chunks it spans.
     pub fn sealed_range(range: &Range<u64>) -> Range<u64> {
         let first = range.start / CHUNK;
-        let end_chunk = range.end.max(range.start + 1).div_ceil(CHUNK);
-        HEADER + first * SEALED_CHUNK..HEADER + end_chunk * SEALED_CHUNK
+        let end_chunk = range.end.max(range.start.saturating_add(1)).div_ceil(CHUNK);
+        chunk_offset(first)..chunk_offset(end_chunk)
     }
 
-    /// Opens the chunks fetched for plaintext `range` ([`Sealer::sealed_range`]) of an
-    /// object with nonce `prefix` and returns the range, cut at the object's end. `None`
-    /// when the range starts past the end.
+    /// Opens `data`, the chunks fetched for plaintext `range` ([`Sealer::sealed_range`],
+    /// cut short where the object ends) of an object with nonce `prefix`.
     pub fn open_range(
         &self,
         key: &str,
         prefix: &[u8; PREFIX],
         range: &Range<u64>,
         data: &[u8],
-    ) -> Result<Option<Bytes>, Unsealed> {
+    ) -> Result<RangeRead, Unsealed> {
         let first = range.start / CHUNK;
+        let wanted = Sealer::sealed_range(range);
+        // Fewer bytes than asked for: the object ends here, and its last chunk must say so
+        // (a full chunk that opens as not-last would be an object cut short).
+        let ends = (data.len() as u64) < wanted.end - wanted.start;
+        if data.is_empty() {
+            return match first {
+                0 => Err(Unsealed("is cut short: it has no chunk".into())),
+                _ => Ok(RangeRead::PastChunks),
+            };
+        }
         let mut out = Vec::new();
         let chunks: Vec<&[u8]> = data.chunks(SEALED_CHUNK as usize).collect();
         for (n, chunk) in chunks.iter().enumerate() {
             let index = first + n as u64;
-            let short = (chunk.len() as u64) < SEALED_CHUNK;
+            let final_fetched = n + 1 == chunks.len();
             // A full chunk may be the object's last: only the flag tells, so both are
-            // tried. A chunk that opens as the last is the last, whatever follows.
-            let (plain, last) = match (short, self.open_chunk(key, prefix, index, short, chunk)) {
-                (_, Some(plain)) => (plain, short),
-                (false, None) => (
-                    self.open_chunk(key, prefix, index, true, chunk)
-                        .ok_or_else(|| failed(index))?,
-                    true,
-                ),
-                (true, None) => return Err(failed(index)),
-            };
-            out.extend_from_slice(&plain);
-            if last {
-                if n + 1 != chunks.len() {
+            // tried where the fetch does not settle it.
+            let plain = if final_fetched && ends {
+                self.open_chunk(key, prefix, index, true, chunk)
+                    .ok_or_else(|| failed(index))?
+            } else if let Some(plain) = self.open_chunk(key, prefix, index, false, chunk) {
+                out.extend_from_slice(&plain);
+                continue;
+            } else {
+                let plain = self
+                    .open_chunk(key, prefix, index, true, chunk)
+                    .ok_or_else(|| failed(index))?;
+                if !final_fetched {
                     return Err(Unsealed(format!("has data after its final chunk {index}")));
                 }
-                break;
+                plain
+            };
+            out.extend_from_slice(&plain);
+            // The last chunk: the object's size is known.
+            let size = first * CHUNK + out.len() as u64;
+            if range.start > size {
+                return Ok(RangeRead::Past { size });
             }
         }
-        let from = (range.start - first * CHUNK) as usize;
-        if from > out.len() {
-            return Ok(None);
-        }
+        let from = ((range.start - first * CHUNK) as usize).min(out.len());
         let to = (range.end.saturating_sub(first * CHUNK) as usize).min(out.len());
-        Ok(Some(Bytes::copy_from_slice(&out[from..to.max(from)])))
+        Ok(RangeRead::Data(Bytes::copy_from_slice(
+            &out[from..to.max(from)],
+        )))
     }
+
+    /// The plaintext size of an object whose chunk `index` was fetched as `chunk` and must
+    /// be its last (a range read found nothing after it).
+    pub fn size_from_last(
+        &self,
+        key: &str,
+        prefix: &[u8; PREFIX],
+        index: u64,
+        chunk: &[u8],
+    ) -> Result<u64, Unsealed> {
+        let plain = self
+            .open_chunk(key, prefix, index, true, chunk)
+            .ok_or_else(|| {
+                Unsealed(format!(
+                    "is cut short: chunk {index} is not its last, and nothing follows it"
+                ))
+            })?;
+        Ok(index * CHUNK + plain.len() as u64)
+    }
+}
+
+/// What a range read found.
+#[derive(Debug)]
+pub enum RangeRead {
+    /// The range's bytes, cut at the object's end.
+    Data(Bytes),
+    /// The range starts past the end of an object of `size` bytes.
+    Past { size: u64 },
+    /// The object has no chunk where the range starts: the caller checks that the chunk
+    /// before is its last ([`Sealer::size_from_last`]).
+    PastChunks,
+}
+
+/// Where chunk `index` starts in the stored object.
+pub fn chunk_offset(index: u64) -> u64 {
+    HEADER.saturating_add(index.saturating_mul(SEALED_CHUNK))
 }
 
 fn failed(index: u64) -> Unsealed {
@@ -392,25 +442,76 @@ mod tests {
                 0..1u64,
                 5..(len as u64).max(5),
                 CHUNK - 3..CHUNK + 9,
-                0..u64::MAX / 2,
+                0..u64::MAX,
+                u64::MAX - 1..u64::MAX,
             ];
             for range in ranges {
-                let fetch = Sealer::sealed_range(&range);
-                let end = (fetch.end as usize).min(whole.len());
-                let start = (fetch.start as usize).min(end);
-                let prefix = header(&whole).unwrap();
-                let got = s
-                    .open_range("packs/a", &prefix, &range, &whole[start..end])
-                    .unwrap();
+                let got = read_range(&s, "packs/a", &whole, &range).unwrap();
                 let start = range.start as usize;
-                if start > len {
-                    assert!(got.is_none(), "len {len} range {range:?}");
+                if range.start > len as u64 {
+                    assert!(
+                        matches!(got, RangeRead::Past { .. } | RangeRead::PastChunks),
+                        "len {len} range {range:?}: {got:?}"
+                    );
                     continue;
                 }
-                let want = &plain[start..(range.end as usize).min(len)];
-                assert_eq!(got.unwrap().as_ref(), want, "len {len} range {range:?}");
+                let RangeRead::Data(got) = got else {
+                    panic!("len {len} range {range:?}: {got:?}");
+                };
+                let want = &plain[start..(range.end.min(len as u64)) as usize];
+                assert_eq!(got.as_ref(), want, "len {len} range {range:?}");
             }
         }
+    }
+
+    /// A range read of the stored object `whole`, as the storage would serve it.
+    fn read_range(
+        s: &Sealer,
+        key: &str,
+        whole: &[u8],
+        range: &Range<u64>,
+    ) -> Result<RangeRead, Unsealed> {
+        let fetch = Sealer::sealed_range(range);
+        let end = (fetch.end.min(whole.len() as u64)) as usize;
+        let start = (fetch.start as usize).min(end);
+        s.open_range(key, &header(whole).unwrap(), range, &whole[start..end])
+    }
+
+    #[test]
+    fn range_reads_catch_an_object_cut_short() {
+        let s = sealer();
+        let plain = vec![3u8; 4 * CHUNK as usize];
+        let whole = s.seal("packs/b", &plain).unwrap();
+        let prefix = header(&whole).unwrap();
+        // Cut after two whole chunks: a range reaching past the cut must not pass.
+        let cut = &whole[..chunk_offset(2) as usize];
+        assert!(read_range(&s, "packs/b", cut, &(CHUNK..10 * CHUNK)).is_err());
+        assert!(read_range(&s, "packs/b", cut, &(0..3 * CHUNK)).is_err());
+        // Inside what is left, whole chunks still read (nothing there says otherwise).
+        assert!(matches!(
+            read_range(&s, "packs/b", cut, &(0..10)).unwrap(),
+            RangeRead::Data(_)
+        ));
+        // Past the cut: the caller must check the chunk before, and it is not the last.
+        assert!(matches!(
+            read_range(&s, "packs/b", cut, &(2 * CHUNK..3 * CHUNK)).unwrap(),
+            RangeRead::PastChunks
+        ));
+        let before = &cut[chunk_offset(1) as usize..];
+        assert!(s.size_from_last("packs/b", &prefix, 1, before).is_err());
+        let last = &whole[chunk_offset(3) as usize..];
+        assert_eq!(
+            s.size_from_last("packs/b", &prefix, 3, last).unwrap(),
+            4 * CHUNK
+        );
+        // Nothing at all after the header.
+        assert!(read_range(&s, "packs/b", &whole[..HEADER as usize], &(0..1)).is_err());
+        // A chunk of another object, or flipped, in a range read.
+        let other = s.seal("packs/c", &plain).unwrap();
+        assert!(read_range(&s, "packs/b", &other, &(0..10)).is_err());
+        let mut flipped = whole.clone();
+        flipped[chunk_offset(2) as usize + 5] ^= 1;
+        assert!(read_range(&s, "packs/b", &flipped, &(2 * CHUNK..2 * CHUNK + 1)).is_err());
     }
 
     #[tokio::test]

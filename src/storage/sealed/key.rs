@@ -6,7 +6,8 @@
 //! and an altered key file fail the same way: the key does not open.
 //!
 //! The key file is untrusted input: its size and argon2 parameters are bounded before
-//! anything is derived, so a hostile storage cannot make zenith allocate gigabytes.
+//! anything is derived (at most 256 MiB and 8 passes), so a hostile storage cannot make
+//! zenith allocate gigabytes or spin for minutes.
 //! The passphrase comes from the environment only (`ZENITH_PASSPHRASE`, or the file
 //! `ZENITH_PASSPHRASE_FILE` names) and is never printed; keys are wiped when dropped.
 
@@ -27,6 +28,8 @@ pub const MAX_KEY_FILE: u64 = 16 << 10;
 
 pub const PASSPHRASE_ENV: &str = "ZENITH_PASSPHRASE";
 pub const PASSPHRASE_FILE_ENV: &str = "ZENITH_PASSPHRASE_FILE";
+pub const NEW_PASSPHRASE_ENV: &str = "ZENITH_NEW_PASSPHRASE";
+pub const NEW_PASSPHRASE_FILE_ENV: &str = "ZENITH_NEW_PASSPHRASE_FILE";
 
 const FORMAT: &str = "zenith storage key";
 
@@ -109,17 +112,26 @@ struct Kdf {
 /// The passphrase from the environment, if one is set. A file named by
 /// `ZENITH_PASSPHRASE_FILE` loses one trailing newline.
 pub fn passphrase() -> Result<Option<Zeroizing<String>>> {
+    passphrase_from(PASSPHRASE_ENV, PASSPHRASE_FILE_ENV)
+}
+
+/// The new passphrase of `zenith storage passphrase`, if one is set.
+pub fn new_passphrase() -> Result<Option<Zeroizing<String>>> {
+    passphrase_from(NEW_PASSPHRASE_ENV, NEW_PASSPHRASE_FILE_ENV)
+}
+
+fn passphrase_from(var: &str, file_var: &str) -> Result<Option<Zeroizing<String>>> {
     let config = |reason: String| Error::Config { reason };
-    let text = if let Some(value) = std::env::var_os(PASSPHRASE_ENV) {
+    let text = if let Some(value) = std::env::var_os(var) {
         Zeroizing::new(
             value
                 .into_string()
-                .map_err(|_| config(format!("{PASSPHRASE_ENV} is not valid UTF-8")))?,
+                .map_err(|_| config(format!("{var} is not valid UTF-8")))?,
         )
-    } else if let Some(path) = std::env::var_os(PASSPHRASE_FILE_ENV) {
+    } else if let Some(path) = std::env::var_os(file_var) {
         let mut text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
             config(format!(
-                "{PASSPHRASE_FILE_ENV}: cannot read {}: {e}",
+                "{file_var}: cannot read {}: {e}",
                 std::path::Path::new(&path).display()
             ))
         })?);
@@ -135,7 +147,7 @@ pub fn passphrase() -> Result<Option<Zeroizing<String>>> {
     };
     if text.is_empty() {
         return Err(config(format!(
-            "the passphrase ({PASSPHRASE_ENV} or {PASSPHRASE_FILE_ENV}) is empty"
+            "the passphrase ({var} or {file_var}) is empty"
         )));
     }
     Ok(Some(text))
@@ -144,11 +156,24 @@ pub fn passphrase() -> Result<Option<Zeroizing<String>>> {
 /// A new random key wrapped by `passphrase`: the key file's bytes and the working keys.
 pub fn create(passphrase: &str) -> Result<(Vec<u8>, StorageKeys)> {
     let mut master = Zeroizing::new([0u8; 32]);
+    random(&mut master[..])?;
+    let file = wrap(&master, passphrase)?;
+    Ok((file, StorageKeys::derive(&master)))
+}
+
+/// The key file `bytes` of storage `url`, wrapped by `new` instead of `old`: the same key,
+/// so everything stored stays readable.
+pub fn rewrap(bytes: &[u8], old: &str, new: &str, url: &str) -> Result<Vec<u8>> {
+    let master = unwrap(bytes, old, url)?;
+    wrap(&master, new)
+}
+
+/// The key file of `master` wrapped by `passphrase` (a fresh salt and nonce).
+fn wrap(master: &[u8; 32], passphrase: &str) -> Result<Vec<u8>> {
     let mut salt = [0u8; 16];
     let mut nonce = [0u8; 24];
-    for buf in [&mut master[..], &mut salt[..], &mut nonce[..]] {
-        random(buf)?;
-    }
+    random(&mut salt)?;
+    random(&mut nonce)?;
     let kdf = Kdf {
         algorithm: "argon2id".into(),
         memory_kib: MEMORY_KIB,
@@ -166,7 +191,7 @@ pub fn create(passphrase: &str) -> Result<(Vec<u8>, StorageKeys)> {
             },
         )
         .map_err(|_| Error::Config {
-            reason: "cannot wrap the new key".into(),
+            reason: "cannot wrap the key".into(),
         })?;
     let file = KeyFile {
         format: FORMAT.into(),
@@ -176,12 +201,16 @@ pub fn create(passphrase: &str) -> Result<(Vec<u8>, StorageKeys)> {
         nonce: hex::encode(nonce),
         wrapped: hex::encode(wrapped),
     };
-    let bytes = serde_json::to_vec_pretty(&file).expect("a key file serializes");
-    Ok((bytes, StorageKeys::derive(&master)))
+    Ok(serde_json::to_vec_pretty(&file).expect("a key file serializes"))
 }
 
 /// Opens the key file `bytes` of storage `url` with `passphrase`.
 pub fn open(bytes: &[u8], passphrase: &str, url: &str) -> Result<StorageKeys> {
+    Ok(StorageKeys::derive(&*unwrap(bytes, passphrase, url)?))
+}
+
+/// The key in the key file `bytes` of storage `url`, unwrapped with `passphrase`.
+fn unwrap(bytes: &[u8], passphrase: &str, url: &str) -> Result<Zeroizing<[u8; 32]>> {
     let damaged = |what: &str| {
         Error::Config {
         reason: format!(
@@ -200,9 +229,9 @@ pub fn open(bytes: &[u8], passphrase: &str, url: &str) -> Result<StorageKeys> {
         return Err(damaged("an unknown cipher or key derivation"));
     }
     let k = &file.kdf;
-    if !(8 << 10..=1 << 20).contains(&k.memory_kib)
-        || !(1..=16).contains(&k.iterations)
-        || !(1..=16).contains(&k.parallelism)
+    if !(8 << 10..=256 << 10).contains(&k.memory_kib)
+        || !(1..=8).contains(&k.iterations)
+        || !(1..=8).contains(&k.parallelism)
     {
         return Err(damaged("argon2 parameters out of bounds"));
     }
@@ -221,11 +250,13 @@ pub fn open(bytes: &[u8], passphrase: &str, url: &str) -> Result<StorageKeys> {
                 aad: &associated_data(k),
             },
         )
+        .map(Zeroizing::new)
         .map_err(|_| Error::WrongPassphrase {
             url: url.to_string(),
         })?;
-    let master = Zeroizing::new(<[u8; 32]>::try_from(&master[..]).expect("length checked"));
-    Ok(StorageKeys::derive(&master))
+    let master =
+        <[u8; 32]>::try_from(&master[..]).map_err(|_| damaged("a key of the wrong length"))?;
+    Ok(Zeroizing::new(master))
 }
 
 /// The wrapped key is bound to its derivation: altered parameters do not open it.
@@ -272,7 +303,7 @@ mod tests {
         assert_ne!(keys.content, keys.name_mac);
         let wrong = open(&file, "battery staple", "file:///s").unwrap_err();
         assert!(matches!(wrong, Error::WrongPassphrase { .. }), "{wrong}");
-        // Parameters bound to the wrapped key: lowering the cost does not open it.
+        // Altered parameters (a lower cost) do not open it.
         let text = String::from_utf8(file).unwrap();
         let cheaper = text.replace("\"iterations\": 3", "\"iterations\": 1");
         assert_ne!(cheaper, text);
@@ -283,5 +314,20 @@ mod tests {
         let e = open(huge.as_bytes(), "correct horse", "file:///s").unwrap_err();
         assert!(e.to_string().contains("out of bounds"), "{e}");
         assert!(format!("{keys:?}").contains(".."));
+    }
+
+    #[test]
+    fn a_new_passphrase_keeps_the_key() {
+        let (file, keys) = create("old").unwrap();
+        let rewrapped = rewrap(&file, "old", "new", "file:///s").unwrap();
+        assert_eq!(
+            open(&rewrapped, "new", "file:///s").unwrap().content,
+            keys.content
+        );
+        assert!(open(&rewrapped, "old", "file:///s").is_err());
+        assert!(matches!(
+            rewrap(&file, "wrong", "new", "file:///s").unwrap_err(),
+            Error::WrongPassphrase { .. }
+        ));
     }
 }

@@ -11,11 +11,14 @@
 //!
 //! What it promises: each object is sealed in authenticated chunks bound to its name
 //! ([`chunks`]); names that are content digests are sealed too ([`names`]); a flipped
-//! byte, a truncated or swapped object fails with the object named; a wrong or missing
-//! passphrase fails in one line before anything is read or written. What it does not hide:
-//! how many objects there are, their approximate sizes, when they were written, snapshot
-//! ids and WAL segment names. If the key file itself is deleted, a plain zenith reading
-//! that storage fails on the first sealed index or manifest; it is not a way in.
+//! byte, a truncated object, or one moved under another name fails with the object named;
+//! a wrong or missing passphrase fails in one line before anything is read or written.
+//! What it does not hide: how many objects there are, their approximate sizes, when they
+//! were written, snapshot ids and WAL segment names. Nor does it stop someone with write
+//! access from putting back an older version of an object under the same name (a
+//! manifest, say): versions are not bound. A storage whose key file is deleted looks
+//! plain to [`wrap_if_encrypted`]; a repo that used it remembers it as encrypted and
+//! refuses it then (`Config::refuse_unsealed`).
 
 mod chunks;
 mod key;
@@ -29,7 +32,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{ByteReader, Error, ObjectMeta, Result, Storage};
-use chunks::{Sealer, Unsealed, PREFIX};
+use chunks::{RangeRead, Sealer, Unsealed, PREFIX};
 use key::{StorageKeys, MAX_KEY_FILE};
 pub use key::{KEY_OBJECT, PASSPHRASE_ENV, PASSPHRASE_FILE_ENV};
 
@@ -107,7 +110,48 @@ pub async fn encrypt(storage: Arc<dyn Storage>, passphrase: &str) -> Result<()> 
     }
     let passphrase = zeroize::Zeroizing::new(passphrase.to_string());
     let (file, _) = derive(move || key::create(&passphrase)).await?;
+    storage.put(KEY_OBJECT, Bytes::from(file.clone())).await?;
+    // Two `storage encrypt` at once: the last key written wins, and the other run says so
+    // before anything is sealed with its key.
+    if key_file(storage.as_ref()).await?.as_deref() != Some(&file[..]) {
+        return Err(Error::Config {
+            reason: format!("{url} was encrypted by another run at the same time; its key stands"),
+        });
+    }
+    Ok(())
+}
+
+/// Wraps the key of the encrypted `storage` by `new` instead of `old`: everything stored
+/// stays readable, with the new passphrase only. The key file is replaced atomically.
+pub async fn change_passphrase(storage: &dyn Storage, old: &str, new: &str) -> Result<()> {
+    let url = storage.url();
+    let bytes = key_file(storage).await?.ok_or_else(|| Error::Config {
+        reason: format!("{url} is not encrypted (it has no {KEY_OBJECT})"),
+    })?;
+    let (old, new) = (
+        zeroize::Zeroizing::new(old.to_string()),
+        zeroize::Zeroizing::new(new.to_string()),
+    );
+    let file = derive(move || key::rewrap(&bytes, &old, &new, &url)).await?;
     storage.put(KEY_OBJECT, Bytes::from(file)).await
+}
+
+/// The passphrases from the environment for `zenith storage passphrase`: the current one
+/// and the new one.
+pub fn passphrase_change(
+    url: &str,
+) -> Result<(zeroize::Zeroizing<String>, zeroize::Zeroizing<String>)> {
+    let old = key::passphrase()?.ok_or(Error::Encrypted {
+        url: url.to_string(),
+    })?;
+    let new = key::new_passphrase()?.ok_or_else(|| Error::Config {
+        reason: format!(
+            "set {} (or {}) to the new passphrase of {url}",
+            key::NEW_PASSPHRASE_ENV,
+            key::NEW_PASSPHRASE_FILE_ENV
+        ),
+    })?;
+    Ok((old, new))
 }
 
 /// The storage's key file, if it has one.
@@ -144,6 +188,12 @@ impl SealedStorage {
             return Err(Error::InvalidKey {
                 key: key.to_string(),
                 reason: "it names the storage's key file",
+            });
+        }
+        if names::looks_sealed(key) {
+            return Err(Error::InvalidKey {
+                key: key.to_string(),
+                reason: "in an encrypted storage, names of 96 hex digits are sealed names",
             });
         }
         Ok(names::seal_key(&self.keys, key))
@@ -219,13 +269,15 @@ impl SealedStorage {
         }
     }
 
+    /// Reads plaintext `range` of `key` (stored as `stored`); `Ok(Err)` when it does not
+    /// open, which may be a stale cached prefix (the caller tries once more, fresh).
     async fn try_range(
         &self,
         key: &str,
         stored: &str,
         range: &Range<u64>,
         fresh: bool,
-    ) -> Result<std::result::Result<Option<Bytes>, Unsealed>> {
+    ) -> Result<std::result::Result<Bytes, Unsealed>> {
         let prefix = self.prefix_of(key, stored, fresh).await?;
         let data = match self
             .inner
@@ -233,10 +285,52 @@ impl SealedStorage {
             .await
         {
             Ok(data) => data,
-            Err(Error::InvalidRange { .. }) => return Ok(Ok(None)),
+            Err(Error::InvalidRange { .. }) => Bytes::new(),
             Err(e) => return Err(self.plain_range_error(e, key)),
         };
-        Ok(self.sealer.open_range(key, &prefix, range, &data))
+        let read = match self.sealer.open_range(key, &prefix, range, &data) {
+            Ok(read) => read,
+            Err(why) => return Ok(Err(why)),
+        };
+        let size = match read {
+            RangeRead::Data(bytes) => return Ok(Ok(bytes)),
+            RangeRead::Past { size } => size,
+            RangeRead::PastChunks => {
+                // Nothing where the range starts: the object's last chunk must say it is
+                // the last, or the object was cut short.
+                let stored_size = self
+                    .inner
+                    .head(stored)
+                    .await
+                    .map_err(|e| self.plain_range_error(e, key))?
+                    .size;
+                let Some(body) = stored_size.checked_sub(chunks::HEADER + 1) else {
+                    return Ok(Err(Unsealed("is cut short: it has no chunk".into())));
+                };
+                let last = body / (chunks::CHUNK + chunks::TAG);
+                if last >= range.start / chunks::CHUNK {
+                    return Ok(Err(Unsealed("changed while it was read".into())));
+                }
+                let chunk = self
+                    .inner
+                    .get_range(stored, chunks::chunk_offset(last)..stored_size)
+                    .await
+                    .map_err(|e| self.plain_range_error(e, key))?;
+                match self.sealer.size_from_last(key, &prefix, last, &chunk) {
+                    Ok(size) => size,
+                    Err(why) => return Ok(Err(why)),
+                }
+            }
+        };
+        if range.start == size {
+            return Ok(Ok(Bytes::new()));
+        }
+        Err(Error::InvalidRange {
+            url: format!("{}/{key}", self.inner.url()),
+            start: range.start,
+            end: range.end,
+            size,
+        })
     }
 }
 
@@ -292,22 +386,7 @@ impl Storage for SealedStorage {
             // The object may have been replaced since its prefix was cached.
             opened = self.try_range(key, &stored, &range, true).await?;
         }
-        match opened.map_err(|why| self.tampered(key, why))? {
-            Some(data) => Ok(data),
-            None => {
-                // Past the chunks: empty at the very end, else out of range.
-                let size = self.head(key).await?.size;
-                if range.start == size {
-                    return Ok(Bytes::new());
-                }
-                Err(Error::InvalidRange {
-                    url: format!("{}/{key}", self.inner.url()),
-                    start: range.start,
-                    end: range.end,
-                    size,
-                })
-            }
-        }
+        opened.map_err(|why| self.tampered(key, why))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta> {
@@ -424,6 +503,15 @@ mod tests {
             .unwrap();
         let range = sealed.get_range(&pack, 10..20).await.unwrap();
         assert_eq!(range.as_ref(), &other[10..20]);
+        // A plain name that would read as a sealed one, and the key file, are refused.
+        for bad in [
+            "ab".repeat(48),
+            format!("x/{}.idx", "0".repeat(96)),
+            KEY_OBJECT.into(),
+        ] {
+            let e = sealed.put(&bad, Bytes::new()).await.unwrap_err();
+            assert!(matches!(e, Error::InvalidKey { .. }), "{e}");
+        }
         sealed.delete(&pack).await.unwrap();
         assert!(!sealed.exists(&pack).await.unwrap());
     }

@@ -51,6 +51,12 @@ pub fn open_key(keys: &StorageKeys, stored: &str) -> Result<String, &'static str
     }
 }
 
+/// Whether a plain `key` has a segment that would read as a sealed name.
+pub fn looks_sealed(key: &str) -> bool {
+    key.split('/')
+        .any(|segment| split(segment, SEALED_HEX).is_some())
+}
+
 /// A listing prefix's stored form: whole segments sealed, and the part after the last `/`
 /// left out (a partial name cannot be sealed); the caller filters the listing by the
 /// plain prefix.
