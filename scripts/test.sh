@@ -10,6 +10,12 @@ bash vendor/postgres/install.sh > /dev/null
 tools=$(bash scripts/tools.sh)
 export ZENITH_TEST_S3S_FS_BIN="$tools/s3s-fs"
 export ZENITH_TEST_GARAGE_BIN="$tools/garage"
+# The console's test drives a real browser; without one it skips (and fails under CI).
+if python=$(bash scripts/browser.sh); then
+    export ZENITH_TEST_PYTHON="$python" ZENITH_TEST_CHROMIUM="$(command -v chromium)"
+else
+    echo "could not install chromium and playwright for the console test" >&2
+fi
 # Never ask an instance metadata service: tests talk to 127.0.0.1 only.
 export AWS_EC2_METADATA_DISABLED=true
 

@@ -295,6 +295,16 @@ pub struct StatusReport {
     pub safekeeper: Option<SafekeeperState>,
     /// Whether the repo's snapshots, new pgs and checkouts are thin clones, and why (not).
     pub clones: ClonesStatus,
+    /// The web console, while zenith-local runs (`zenith console` logs in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_url: Option<String>,
+}
+
+/// `POST /console/codes`: a link that logs a browser into the console once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleLogin {
+    pub url: String,
+    pub expires_in_secs: u64,
 }
 
 /// The repo's clone mode.

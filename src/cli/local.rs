@@ -272,6 +272,26 @@ pub async fn stop(immediate: bool, repo_dir: Option<PathBuf>) -> Result<(), CliE
     Ok(())
 }
 
+/// `zenith console`: a one-time login link for the web console.
+pub async fn console(repo_dir: Option<PathBuf>) -> Result<(), CliError> {
+    let repo = Repo::locate(repo_dir)?;
+    let Some(client) = super::client::Client::for_repo(&repo)? else {
+        return Err(anyhow::anyhow!(
+            "zenith-local is not running in {}; `zenith start` first, then `zenith console`",
+            repo.root.display()
+        )
+        .into());
+    };
+    let login: crate::models::ConsoleLogin =
+        client.call("POST", "/console/codes", None::<&()>).await?;
+    println!("{}", login.url);
+    println!(
+        "(opens zenith console once, within {} s; `zenith console` again gives another link)",
+        login.expires_in_secs
+    );
+    Ok(())
+}
+
 pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliError> {
     let repo = Repo::locate(repo_dir)?;
     if !repo.exists() {
@@ -294,6 +314,9 @@ pub async fn status(json: bool, repo_dir: Option<PathBuf>) -> Result<(), CliErro
             local.api.as_deref().unwrap_or("")
         ),
         _ => println!("zenith-local: stopped, repo {}", repo.root.display()),
+    }
+    if let Some(url) = &out.console_url {
+        println!("console: {url} (`zenith console` prints a link that logs in)");
     }
     for pg in &out.pgs {
         print!(

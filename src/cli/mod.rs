@@ -74,6 +74,9 @@ pub enum Command {
         #[arg(long)]
         immediate: bool,
     },
+    /// Print a link that opens zenith console, the web UI, logged in (once, within two
+    /// minutes); zenith-local must run
+    Console,
     /// Show components, ports, pgs and the newest snapshot
     Status {
         #[arg(long)]
@@ -356,6 +359,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Start { foreground } => local::start(foreground, cli.repo_dir).await,
         Command::Stop { immediate } => local::stop(immediate, cli.repo_dir).await,
         Command::Status { json } => local::status(json, cli.repo_dir).await,
+        Command::Console => local::console(cli.repo_dir).await,
         Command::WalPush {
             path,
             archive,

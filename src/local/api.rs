@@ -15,8 +15,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
+use super::console::Sessions;
 use super::pgs::Ops;
-use crate::models::{Action, ActionReply, ErrorReply, NewPg, NewSnapshot, OpError, StorageInfo};
+use crate::models::{
+    Action, ActionReply, ConsoleLogin, ErrorReply, NewPg, NewSnapshot, OpError, StorageInfo,
+};
 
 /// The OpenAPI document, as committed under docs/.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -26,6 +29,7 @@ struct Api {
     ops: Ops,
     token: Arc<String>,
     gate: Arc<Gate>,
+    sessions: Arc<Sessions>,
 }
 
 /// Lets changes in while zenith-local serves, and none once it stops: [`Gate::close`]
@@ -111,6 +115,7 @@ pub fn router(ops: Ops, token: String, gate: Arc<Gate>) -> Router {
         ops,
         token: Arc::new(token),
         gate,
+        sessions: Arc::new(Sessions::default()),
     };
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -125,6 +130,7 @@ pub fn router(ops: Ops, token: String, gate: Arc<Gate>) -> Router {
         )
         .route("/storages", get(list_storages).put(attach_storage))
         .route("/storages/{name}", get(show_storage).delete(detach_storage))
+        .route("/console/codes", post(console_code))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource; see /openapi.json") })
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
@@ -169,6 +175,14 @@ where
 }
 
 async fn authorize(State(api): State<Api>, request: Request<Body>, next: Next) -> Response {
+    // The console's page, script and login need no token (see `console`).
+    let path = request.uri().path();
+    if (path == "/console" || path.starts_with("/console/")) && path != "/console/codes" {
+        return super::console::serve(&api.sessions, &request);
+    }
+    if api.sessions.admits(request.headers()) {
+        return next.run(request).await;
+    }
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -184,6 +198,19 @@ async fn authorize(State(api): State<Api>, request: Request<Body>, next: Next) -
     next.run(request).await
 }
 
+/// `POST /console/codes`: a one-time login link for the console.
+async fn console_code(State(api): State<Api>, headers: axum::http::HeaderMap) -> Reply {
+    let code = api.sessions.new_code().map_err(OpError::Failed)?;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    ok(ConsoleLogin {
+        url: format!("http://{host}/console/login?code={code}"),
+        expires_in_secs: 120,
+    })
+}
+
 /// The token of an `Authorization: Bearer TOKEN` header; the scheme is case-insensitive
 /// (RFC 7235).
 fn bearer_token(value: &str) -> Option<&str> {
@@ -194,7 +221,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// Compares in time that does not depend on where the first difference is.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -361,6 +388,7 @@ mod tests {
             "/storages",
             "/storages/{name}",
             "/status",
+            "/console/codes",
         ] {
             assert!(doc["paths"][path].is_object(), "{path}");
         }

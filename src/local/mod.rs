@@ -11,6 +11,7 @@
 
 pub mod api;
 mod archiving;
+mod console;
 pub mod control;
 mod keeper;
 pub mod lock;

@@ -71,6 +71,9 @@ impl Ops {
             newest_snapshot: newest,
             storage_dest: repo.config()?.storage_dest,
             safekeeper: local.as_ref().and_then(|l| l.safekeeper.clone()),
+            console_url: local
+                .as_ref()
+                .map(|l| format!("http://127.0.0.1:{}/console", l.api_port)),
             push: local.and_then(|l| l.push),
             wal: self.archive_status("main").await,
             clones: ClonesStatus {

@@ -7,6 +7,7 @@ mod support;
 mod checkout_faults;
 mod cli;
 mod clones;
+mod console;
 mod defects;
 mod local;
 mod postgres;
