@@ -300,6 +300,20 @@ pub struct StatusReport {
     pub console_url: Option<String>,
 }
 
+/// `GET /operations`: a long operation of zenith-local and how far it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationInfo {
+    pub id: u64,
+    /// What it does, e.g. `create pg feature`.
+    pub what: String,
+    pub started_unix: u64,
+    pub done_bytes: u64,
+    /// The amount of work, once known.
+    pub total_bytes: Option<u64>,
+    /// False for one finished (listed for a minute after).
+    pub running: bool,
+}
+
 /// `POST /console/codes`: a link that logs a browser into the console once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleLogin {

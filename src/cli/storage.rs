@@ -250,7 +250,8 @@ pub async fn pull(
 }
 
 async fn check_cmd(args: CheckArgs) -> Result<(), CliError> {
-    let storage = storage::open(&args.url)
+    // A probe of the destination itself: no key file is read, encrypted or not.
+    let storage = storage::open_raw(&args.url)
         .await
         .map_err(anyhow::Error::from)?;
     let json = args.json;

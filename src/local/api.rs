@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::console::Sessions;
+use super::operations::Operations;
 use super::pgs::Ops;
 use crate::models::{
     Action, ActionReply, ConsoleLogin, ErrorReply, NewPg, NewSnapshot, OpError, StorageInfo,
@@ -30,6 +31,7 @@ struct Api {
     token: Arc<String>,
     gate: Arc<Gate>,
     sessions: Arc<Sessions>,
+    operations: Arc<Operations>,
 }
 
 /// Lets changes in while zenith-local serves, and none once it stops: [`Gate::close`]
@@ -116,6 +118,7 @@ pub fn router(ops: Ops, token: String, gate: Arc<Gate>) -> Router {
         token: Arc::new(token),
         gate,
         sessions: Arc::new(Sessions::default()),
+        operations: Arc::new(Operations::default()),
     };
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -131,6 +134,7 @@ pub fn router(ops: Ops, token: String, gate: Arc<Gate>) -> Router {
         .route("/storages", get(list_storages).put(attach_storage))
         .route("/storages/{name}", get(show_storage).delete(detach_storage))
         .route("/console/codes", post(console_code))
+        .route("/operations", get(operations))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource; see /openapi.json") })
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
@@ -238,10 +242,16 @@ async fn list_pgs(State(api): State<Api>) -> Reply {
     ok(api.ops.list_pgs()?)
 }
 
+async fn operations(State(api): State<Api>) -> Reply {
+    ok(api.operations.list())
+}
+
 async fn create_pg(State(api): State<Api>, new: Result<Json<NewPg>, JsonRejection>) -> Reply {
     let new = body(new)?;
+    let (running, progress) = api.operations.start(format!("create pg {}", new.name));
     let pg = change(&api, move |ops| async move {
-        ops.create_pg(&new, Default::default()).await
+        let _running = running;
+        ops.create_pg(&new, progress).await
     })
     .await?;
     Ok((StatusCode::CREATED, Json(pg)).into_response())
@@ -262,7 +272,10 @@ async fn pg_action(
     action: Result<Json<Action>, JsonRejection>,
 ) -> Reply {
     let action = body(action)?;
+    let tracked = matches!(action, Action::Checkout { .. })
+        .then(|| api.operations.start(format!("checkout of {name}")));
     ok(change(&api, move |ops| async move {
+        let (_running, progress) = tracked.unzip();
         Ok(match action {
             Action::Start {
                 is_replica,
@@ -275,7 +288,7 @@ async fn pg_action(
                     &name,
                     snapshot.as_deref(),
                     at.as_deref(),
-                    Default::default(),
+                    progress.unwrap_or_default(),
                 )
                 .await?,
             )),
@@ -301,10 +314,15 @@ async fn create_snapshot(
     new: Result<Json<NewSnapshot>, JsonRejection>,
 ) -> Reply {
     let new = body(new)?;
+    let (running, progress) = api.operations.start(format!(
+        "snapshot of {}",
+        new.name.as_deref().unwrap_or("main")
+    ));
     let m = change(&api, move |ops| async move {
+        let _running = running;
         let m = ops
             .pageserver
-            .create_snapshot(new.name.as_deref(), Default::default())
+            .create_snapshot(new.name.as_deref(), progress)
             .await?;
         Ok(ops.pageserver.summary(&m))
     })
@@ -389,6 +407,7 @@ mod tests {
             "/storages/{name}",
             "/status",
             "/console/codes",
+            "/operations",
         ] {
             assert!(doc["paths"][path].is_object(), "{path}");
         }

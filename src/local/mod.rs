@@ -15,6 +15,7 @@ mod console;
 pub mod control;
 mod keeper;
 pub mod lock;
+mod operations;
 pub mod pgs;
 pub mod replica;
 mod status;

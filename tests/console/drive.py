@@ -129,6 +129,13 @@ def main():
         wait_done(page, "branch feature")
         assert "feature" in zenith("pg", "list")
         assert psql(connstr("feature"), "select count(*) from t") == "1000"
+        # zenith-local's own account of it, with the bytes it restored, in the panel too.
+        ops = page.evaluate(
+            """async () => (await fetch('/operations', {headers: {'X-Zenith-Console': '1'}})).json()"""
+        )
+        made = [o for o in ops if o["what"] == "create pg feature"]
+        assert made and not made[0]["running"] and made[0]["done_bytes"] > 0, ops
+        expect(page.locator('#ops-server li[data-what="create pg feature"]')).to_contain_text("finished")
 
         step("check out main to the snapshot")
         page.locator('tr[data-name="main@console"] button[data-act="checkout"]').click()

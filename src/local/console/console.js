@@ -117,6 +117,21 @@ async function operation(name, work) {
   }
 }
 
+// What zenith-local is doing, whoever asked (the CLI too), with progress in bytes.
+async function pollOperations() {
+  let ops;
+  try { ops = await api("GET", "/operations"); } catch (e) { return; }
+  const items = ops.filter((o) => o.running || o.total_bytes || o.done_bytes).map((o) => {
+    const pct = o.total_bytes ? Math.min(100, Math.floor((100 * o.done_bytes) / o.total_bytes)) : null;
+    const amount = o.total_bytes ? `${pct}% (${size(o.done_bytes)} of ${size(o.total_bytes)})` : size(o.done_bytes);
+    const text = o.running ? `${o.what}: ${amount}` : `${o.what}: finished, ${amount}`;
+    const item = el("li", { "data-what": o.what, class: o.running ? "" : "done" }, text);
+    if (o.running && pct !== null) item.append(el("progress", { max: "100", value: String(pct) }));
+    return item;
+  });
+  document.getElementById("ops-server").replaceChildren(...items);
+}
+
 // ---- dialogs ------------------------------------------------------------------------
 
 // Asks a question; with `input`, resolves to the text typed (or null), else to a bool.
@@ -355,4 +370,5 @@ window.addEventListener("DOMContentLoaded", () => {
   document.getElementById("error-close").addEventListener("click", clearError);
   route();
   scheduleRefresh();
+  setInterval(pollOperations, 1000);
 });

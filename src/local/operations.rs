@@ -1,0 +1,142 @@
+//! Long operations under way in zenith-local (new pgs, checkouts, snapshots), with their
+//! progress in bytes, for `GET /operations`: whichever client started one (the CLI
+//! through the API, or the console), the console shows how far it is. Each ends when its
+//! request does, failed or not, and stays listed for a minute after, as finished.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::models::OperationInfo;
+use crate::util::progress::{Progress, ProgressHandle};
+
+const KEPT: Duration = Duration::from_secs(60);
+
+/// The operations of one zenith-local.
+#[derive(Default)]
+pub struct Operations {
+    next: AtomicU64,
+    list: Mutex<Vec<Arc<Tracked>>>,
+}
+
+/// One operation's progress.
+pub struct Tracked {
+    id: u64,
+    what: String,
+    started_unix: u64,
+    /// The totals of the phases done (a checkout keeps the old state, then restores the
+    /// new), and the amount of the phase under way.
+    totals: Mutex<(u64, u64)>,
+    done: AtomicU64,
+    finished: AtomicBool,
+    ended: Mutex<Option<Instant>>,
+}
+
+impl Progress for Tracked {
+    fn set_total(&self, bytes: u64) {
+        let mut totals = self.totals.lock().expect("lock");
+        let (base, phase) = *totals;
+        // A total set once the phase under way is done starts the next phase.
+        if phase > 0 && self.done.load(Ordering::Relaxed) >= base + phase {
+            *totals = (base + phase, bytes);
+        } else {
+            totals.1 = bytes;
+        }
+    }
+    fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn finish(&self) {}
+}
+
+/// Ends its operation when dropped, however the request ended.
+pub struct Running(Arc<Tracked>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.finished.store(true, Ordering::Relaxed);
+        *self.0.ended.lock().expect("lock") = Some(Instant::now());
+    }
+}
+
+impl Operations {
+    /// Registers operation `what`: its guard, and the progress handle to pass down.
+    pub fn start(&self, what: String) -> (Running, ProgressHandle) {
+        let tracked = Arc::new(Tracked {
+            id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
+            what,
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            totals: Mutex::new((0, 0)),
+            done: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            ended: Mutex::new(None),
+        });
+        let mut list = self.list.lock().expect("lock");
+        list.retain(|t| {
+            t.ended
+                .lock()
+                .expect("lock")
+                .is_none_or(|e| e.elapsed() < KEPT)
+        });
+        list.push(Arc::clone(&tracked));
+        (
+            Running(Arc::clone(&tracked)),
+            ProgressHandle(tracked as Arc<dyn Progress>),
+        )
+    }
+
+    /// Operations under way, and those finished in the last minute, oldest first.
+    pub fn list(&self) -> Vec<OperationInfo> {
+        let mut list = self.list.lock().expect("lock");
+        list.retain(|t| {
+            t.ended
+                .lock()
+                .expect("lock")
+                .is_none_or(|e| e.elapsed() < KEPT)
+        });
+        list.iter()
+            .map(|t| OperationInfo {
+                id: t.id,
+                what: t.what.clone(),
+                started_unix: t.started_unix,
+                done_bytes: t.done.load(Ordering::Relaxed),
+                total_bytes: {
+                    let (base, phase) = *t.totals.lock().expect("lock");
+                    Some(base + phase).filter(|n| *n > 0)
+                },
+                running: !t.finished.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_listed_and_ends_with_its_guard() {
+        let ops = Operations::default();
+        let (guard, progress) = ops.start("create pg b".into());
+        progress.set_total(100);
+        progress.add(40);
+        let listed = ops.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].done_bytes, listed[0].total_bytes),
+            (40, Some(100))
+        );
+        assert!(listed[0].running);
+        // A second phase adds to the total once the first is done.
+        progress.add(60);
+        progress.set_total(50);
+        progress.add(10);
+        let listed = ops.list();
+        assert_eq!((listed[0].done_bytes, listed[0].total_bytes), (110, Some(150)));
+        drop(guard);
+        assert!(!ops.list()[0].running);
+    }
+}
