@@ -135,7 +135,10 @@ mod tests {
         progress.set_total(50);
         progress.add(10);
         let listed = ops.list();
-        assert_eq!((listed[0].done_bytes, listed[0].total_bytes), (110, Some(150)));
+        assert_eq!(
+            (listed[0].done_bytes, listed[0].total_bytes),
+            (110, Some(150))
+        );
         drop(guard);
         assert!(!ops.list()[0].running);
     }
