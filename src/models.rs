@@ -312,6 +312,9 @@ pub struct OperationInfo {
     pub total_bytes: Option<u64>,
     /// False for one finished (listed for a minute after).
     pub running: bool,
+    /// Why it failed, for one that did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /console/codes`: a link that logs a browser into the console once.

@@ -179,12 +179,14 @@ where
 }
 
 async fn authorize(State(api): State<Api>, request: Request<Body>, next: Next) -> Response {
-    // The console's page, script and login need no token (see `console`).
+    // The console's page, script and login need no token (see `console`); login codes
+    // are for the token's holder only, so a session cannot renew itself.
     let path = request.uri().path();
-    if (path == "/console" || path.starts_with("/console/")) && path != "/console/codes" {
-        return super::console::serve(&api.sessions, &request);
+    let codes = path == "/console/codes";
+    if (path == "/console" || path.starts_with("/console/")) && !codes {
+        return super::console::serve(&api.sessions, request).await;
     }
-    if api.sessions.admits(request.headers()) {
+    if !codes && api.sessions.admits(request.headers()) {
         return next.run(request).await;
     }
     let given = request
@@ -210,8 +212,8 @@ async fn console_code(State(api): State<Api>, headers: axum::http::HeaderMap) ->
         .and_then(|h| h.to_str().ok())
         .unwrap_or("127.0.0.1");
     ok(ConsoleLogin {
-        url: format!("http://{host}/console/login?code={code}"),
-        expires_in_secs: 120,
+        url: format!("http://{host}/console#code={code}"),
+        expires_in_secs: super::console::CODE_LIFETIME.as_secs(),
     })
 }
 
@@ -250,8 +252,7 @@ async fn create_pg(State(api): State<Api>, new: Result<Json<NewPg>, JsonRejectio
     let new = body(new)?;
     let (running, progress) = api.operations.start(format!("create pg {}", new.name));
     let pg = change(&api, move |ops| async move {
-        let _running = running;
-        ops.create_pg(&new, progress).await
+        running.outcome(ops.create_pg(&new, progress).await)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(pg)).into_response())
@@ -275,24 +276,31 @@ async fn pg_action(
     let tracked = matches!(action, Action::Checkout { .. })
         .then(|| api.operations.start(format!("checkout of {name}")));
     ok(change(&api, move |ops| async move {
-        let (_running, progress) = tracked.unzip();
-        Ok(match action {
-            Action::Start {
-                is_replica,
-                primary,
-            } => ActionReply::Pg(ops.start_pg(&name, is_replica, primary.as_deref()).await?),
-            Action::Stop { immediate } => ActionReply::Pg(ops.stop_pg(&name, immediate).await?),
-            Action::Promote => ActionReply::Pg(ops.promote_pg(&name).await?),
-            Action::Checkout { snapshot, at } => ActionReply::Checkout(Box::new(
-                ops.checkout(
-                    &name,
-                    snapshot.as_deref(),
-                    at.as_deref(),
-                    progress.unwrap_or_default(),
-                )
-                .await?,
-            )),
-        })
+        let (running, progress) = tracked.unzip();
+        let result = async {
+            Ok(match action {
+                Action::Start {
+                    is_replica,
+                    primary,
+                } => ActionReply::Pg(ops.start_pg(&name, is_replica, primary.as_deref()).await?),
+                Action::Stop { immediate } => ActionReply::Pg(ops.stop_pg(&name, immediate).await?),
+                Action::Promote => ActionReply::Pg(ops.promote_pg(&name).await?),
+                Action::Checkout { snapshot, at } => ActionReply::Checkout(Box::new(
+                    ops.checkout(
+                        &name,
+                        snapshot.as_deref(),
+                        at.as_deref(),
+                        progress.unwrap_or_default(),
+                    )
+                    .await?,
+                )),
+            })
+        }
+        .await;
+        match &running {
+            Some(running) => running.outcome(result),
+            None => result,
+        }
     })
     .await?)
 }
@@ -319,11 +327,11 @@ async fn create_snapshot(
         new.name.as_deref().unwrap_or("main")
     ));
     let m = change(&api, move |ops| async move {
-        let _running = running;
-        let m = ops
-            .pageserver
-            .create_snapshot(new.name.as_deref(), progress)
-            .await?;
+        let m = running.outcome(
+            ops.pageserver
+                .create_snapshot(new.name.as_deref(), progress)
+                .await,
+        )?;
         Ok(ops.pageserver.summary(&m))
     })
     .await?;

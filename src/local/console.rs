@@ -3,24 +3,27 @@
 //! REST API as the CLI; nothing is built with Node.
 //!
 //! Logging in never puts the repo's API token in a browser: `zenith console` (holding the
-//! token) asks for a one-time login code, valid for two minutes, and prints
-//! `/console/login?code=...`; opening it trades the code for a session cookie
-//! (`HttpOnly`, `SameSite=Strict`, random, held only in zenith-local's memory) and leads
-//! to the console. A page of another site cannot use that cookie: it is never sent
-//! cross-site, and API calls made with it must also carry the `X-Zenith-Console` header,
-//! which a cross-site request cannot send without a CORS preflight that zenith-local never
-//! answers. The `Host` header must name the loopback address (`127.0.0.1`, `localhost`,
-//! `[::1]`), so a DNS-rebound name reaches nothing. Pages are served with a strict
-//! Content-Security-Policy and may not be framed.
+//! token) asks for a one-time login code, valid for a minute, and prints
+//! `/console#code=...`. The fragment never reaches a server; the page's script trades the
+//! code for a session secret (`POST /console/session`), keeps it in the page origin's
+//! local storage and sends it with every API call in the `X-Zenith-Console` header. No
+//! cookie is involved, because cookies are shared by every port of 127.0.0.1, so a server
+//! another local user runs on another port could read one. Local storage is per origin
+//! (port included), and a page of another site or port can neither read it nor send the
+//! header without a CORS preflight, which zenith-local never answers. The `Host` header
+//! must name the loopback address (`127.0.0.1`, `localhost`, `[::1]`), so a DNS-rebound
+//! name reaches nothing, and an `Origin`, when sent, must be this very server. Pages are
+//! served with a strict Content-Security-Policy and may not be framed.
 //!
 //! Sessions end when zenith-local stops, or after 12 hours; `zenith console` again logs in.
+//! At most 64 codes and 64 sessions are kept (the oldest go first).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::api::same;
@@ -29,10 +32,12 @@ const PAGE: &str = include_str!("console/index.html");
 const SCRIPT: &str = include_str!("console/console.js");
 const STYLE: &str = include_str!("console/console.css");
 
-const CODE_LIFETIME: Duration = Duration::from_secs(120);
+/// How long a login code from `zenith console` works.
+pub const CODE_LIFETIME: Duration = Duration::from_secs(60);
 const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-const COOKIE: &str = "zenith_console";
-/// The header every API call of the console carries.
+/// Codes and sessions kept at most.
+const KEPT: usize = 64;
+/// The header every API call of the console carries its session in.
 pub const CONSOLE_HEADER: &str = "x-zenith-console";
 
 /// Login codes and sessions, in memory only.
@@ -46,9 +51,7 @@ impl Sessions {
     /// A new one-time login code.
     pub fn new_code(&self) -> Result<String, String> {
         let code = random_hex()?;
-        let mut codes = self.codes.lock().expect("lock");
-        codes.retain(|_, born| born.elapsed() < CODE_LIFETIME);
-        codes.insert(code.clone(), Instant::now());
+        insert(&self.codes, code.clone(), CODE_LIFETIME);
         Ok(code)
     }
 
@@ -59,20 +62,17 @@ impl Sessions {
             return None;
         }
         let session = random_hex().ok()?;
-        let mut sessions = self.sessions.lock().expect("lock");
-        sessions.retain(|_, born| born.elapsed() < SESSION_LIFETIME);
-        sessions.insert(session.clone(), Instant::now());
+        insert(&self.sessions, session.clone(), SESSION_LIFETIME);
         Some(session)
     }
 
-    /// Whether `headers` carry a live session of the console, from the loopback address,
-    /// with the console's own header (see the module's doc).
+    /// Whether `headers` carry a live session of the console, from the loopback address
+    /// and this server's own pages (see the module's doc).
     pub fn admits(&self, headers: &HeaderMap) -> bool {
-        if !loopback_host(headers) || !same_origin(headers) || !headers.contains_key(CONSOLE_HEADER)
-        {
+        if !loopback_host(headers) || !same_origin(headers) {
             return false;
         }
-        let Some(session) = cookie(headers) else {
+        let Some(session) = headers.get(CONSOLE_HEADER).and_then(|v| v.to_str().ok()) else {
             return false;
         };
         let sessions = self.sessions.lock().expect("lock");
@@ -82,42 +82,67 @@ impl Sessions {
     }
 }
 
-/// `GET /console/...`: the page, its script and style, and the login.
-pub fn serve(sessions: &Sessions, request: &Request<Body>) -> Response {
+/// Keeps `key` in `map` for `lifetime`, dropping expired entries and, past [`KEPT`], the
+/// oldest.
+fn insert(map: &Mutex<HashMap<String, Instant>>, key: String, lifetime: Duration) {
+    let mut map = map.lock().expect("lock");
+    map.retain(|_, born| born.elapsed() < lifetime);
+    while map.len() >= KEPT {
+        let oldest = map
+            .iter()
+            .min_by_key(|(_, born)| **born)
+            .map(|(k, _)| k.clone())
+            .expect("not empty");
+        map.remove(&oldest);
+    }
+    map.insert(key, Instant::now());
+}
+
+/// `GET /console/...`: the page, its script and style; `POST /console/session`: a login
+/// code traded for a session.
+pub async fn serve(sessions: &Sessions, request: Request<Body>) -> Response {
     if !loopback_host(request.headers()) {
         return plain(
             StatusCode::MISDIRECTED_REQUEST,
             "zenith console answers on 127.0.0.1 (or localhost) only",
         );
     }
-    let path = request.uri().path();
-    match path {
-        "/console" | "/console/" => asset(PAGE, "text/html; charset=utf-8"),
-        "/console/console.js" => asset(SCRIPT, "text/javascript; charset=utf-8"),
-        "/console/console.css" => asset(STYLE, "text/css; charset=utf-8"),
-        "/console/login" => login(sessions, request.uri().query().unwrap_or("")),
+    if !same_origin(request.headers()) {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "zenith console answers its own pages only",
+        );
+    }
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    match (path.as_str(), method) {
+        ("/console" | "/console/", Method::GET) => asset(PAGE, "text/html; charset=utf-8"),
+        ("/console/console.js", Method::GET) => asset(SCRIPT, "text/javascript; charset=utf-8"),
+        ("/console/console.css", Method::GET) => asset(STYLE, "text/css; charset=utf-8"),
+        ("/console/session", Method::POST) => login(sessions, request).await,
         _ => plain(StatusCode::NOT_FOUND, "no such page of zenith console"),
     }
 }
 
-fn login(sessions: &Sessions, query: &str) -> Response {
-    let code = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("code="))
-        .unwrap_or("");
-    let Some(session) = sessions.redeem(code) else {
+/// `POST /console/session` with `{"code": "..."}`: `{"session": "..."}`, once per code.
+async fn login(sessions: &Sessions, request: Request<Body>) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Code {
+        code: String,
+    }
+    let bytes = axum::body::to_bytes(request.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let session = serde_json::from_slice::<Code>(&bytes)
+        .ok()
+        .and_then(|c| sessions.redeem(&c.code));
+    let Some(session) = session else {
         return plain(
             StatusCode::UNAUTHORIZED,
             "this login link is used or expired: run `zenith console` again for a new one",
         );
     };
-    let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/console")]).into_response();
-    let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).expect("hex is a valid header value"),
-    );
-    harden(response)
+    harden(axum::Json(serde_json::json!({ "session": session })).into_response())
 }
 
 fn asset(body: &'static str, kind: &'static str) -> Response {
@@ -169,27 +194,16 @@ fn loopback_authority(authority: &str) -> bool {
     matches!(name, "127.0.0.1" | "localhost" | "::1")
 }
 
-/// A request with an `Origin` must come from a loopback page (the console itself).
+/// A request with an `Origin` must come from this very server (scheme, host and port).
 fn same_origin(headers: &HeaderMap) -> bool {
-    match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-        None => true,
-        Some(origin) => origin
-            .strip_prefix("http://")
-            .is_some_and(loopback_authority),
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin.to_str().ok(), host) {
+        (Some(origin), Some(host)) => origin.strip_prefix("http://") == Some(host),
+        _ => false,
     }
-}
-
-fn cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            pair.trim()
-                .strip_prefix(&format!("{COOKIE}="))
-                .map(str::to_string)
-        })
 }
 
 fn random_hex() -> Result<String, String> {
@@ -211,32 +225,37 @@ mod tests {
     }
 
     #[test]
-    fn a_code_logs_in_once_and_sessions_need_loopback_and_the_header() {
+    fn a_code_logs_in_once_and_sessions_need_loopback_and_their_origin() {
         let s = Sessions::default();
         let code = s.new_code().unwrap();
         let session = s.redeem(&code).unwrap();
         assert!(s.redeem(&code).is_none(), "a code works once");
-        let cookie = format!("other=1; {COOKIE}={session}");
         let good = [
             ("host", "127.0.0.1:3000"),
-            ("cookie", cookie.as_str()),
-            (CONSOLE_HEADER, "1"),
+            (CONSOLE_HEADER, session.as_str()),
         ];
         assert!(s.admits(&headers(&good)));
-        assert!(
-            !s.admits(&headers(&good[..2])),
-            "without the console's header"
-        );
+        assert!(!s.admits(&headers(&good[..1])), "without the session");
         let mut rebound = good;
         rebound[0] = ("host", "evil.example:3000");
         assert!(!s.admits(&headers(&rebound)), "a rebound host");
-        let mut with_origin = good.to_vec();
-        with_origin.push(("origin", "http://evil.example"));
-        assert!(!s.admits(&headers(&with_origin)), "another site");
-        let wrong = format!("{COOKIE}={}", "0".repeat(64));
-        let forged = [good[0], ("cookie", wrong.as_str()), good[2]];
-        assert!(!s.admits(&headers(&forged)));
+        for origin in ["http://evil.example", "http://127.0.0.1:4000", "null"] {
+            let mut with_origin = good.to_vec();
+            with_origin.push(("origin", origin));
+            assert!(!s.admits(&headers(&with_origin)), "{origin}");
+        }
+        let mut own = good.to_vec();
+        own.push(("origin", "http://127.0.0.1:3000"));
+        assert!(s.admits(&headers(&own)));
+        let forged = "0".repeat(64);
+        assert!(!s.admits(&headers(&[good[0], (CONSOLE_HEADER, forged.as_str())])));
         assert!(loopback_authority("localhost:1") && loopback_authority("[::1]:80"));
         assert!(!loopback_authority("127.0.0.1.evil.example"));
+        // Bounded: the oldest session goes once 64 more are made.
+        for _ in 0..KEPT {
+            let code = s.new_code().unwrap();
+            s.redeem(&code).unwrap();
+        }
+        assert!(!s.admits(&headers(&good)));
     }
 }

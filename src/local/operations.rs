@@ -1,7 +1,7 @@
 //! Long operations under way in zenith-local (new pgs, checkouts, snapshots), with their
 //! progress in bytes, for `GET /operations`: whichever client started one (the CLI
 //! through the API, or the console), the console shows how far it is. Each ends when its
-//! request does, failed or not, and stays listed for a minute after, as finished.
+//! work does, and stays listed for a minute after, finished or failed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,24 +24,22 @@ pub struct Tracked {
     id: u64,
     what: String,
     started_unix: u64,
-    /// The totals of the phases done (a checkout keeps the old state, then restores the
-    /// new), and the amount of the phase under way.
+    /// The work of the phases done (a checkout keeps the old state, then restores the
+    /// new), and the total of the phase under way (revised as it becomes known).
     totals: Mutex<(u64, u64)>,
     done: AtomicU64,
     finished: AtomicBool,
+    error: Mutex<Option<String>>,
     ended: Mutex<Option<Instant>>,
 }
 
 impl Progress for Tracked {
     fn set_total(&self, bytes: u64) {
+        self.totals.lock().expect("lock").1 = bytes;
+    }
+    fn next_phase(&self) {
         let mut totals = self.totals.lock().expect("lock");
-        let (base, phase) = *totals;
-        // A total set once the phase under way is done starts the next phase.
-        if phase > 0 && self.done.load(Ordering::Relaxed) >= base + phase {
-            *totals = (base + phase, bytes);
-        } else {
-            totals.1 = bytes;
-        }
+        *totals = (self.done.load(Ordering::Relaxed), 0);
     }
     fn add(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
@@ -49,8 +47,18 @@ impl Progress for Tracked {
     fn finish(&self) {}
 }
 
-/// Ends its operation when dropped, however the request ended.
+/// Ends its operation when dropped, however the work ended.
 pub struct Running(Arc<Tracked>);
+
+impl Running {
+    /// Records how the work ended and passes its result on.
+    pub fn outcome<T, E: std::fmt::Display>(&self, result: Result<T, E>) -> Result<T, E> {
+        if let Err(e) = &result {
+            *self.0.error.lock().expect("lock") = Some(e.to_string());
+        }
+        result
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -72,6 +80,7 @@ impl Operations {
             totals: Mutex::new((0, 0)),
             done: AtomicU64::new(0),
             finished: AtomicBool::new(false),
+            error: Mutex::new(None),
             ended: Mutex::new(None),
         });
         let mut list = self.list.lock().expect("lock");
@@ -98,16 +107,20 @@ impl Operations {
                 .is_none_or(|e| e.elapsed() < KEPT)
         });
         list.iter()
-            .map(|t| OperationInfo {
-                id: t.id,
-                what: t.what.clone(),
-                started_unix: t.started_unix,
-                done_bytes: t.done.load(Ordering::Relaxed),
-                total_bytes: {
-                    let (base, phase) = *t.totals.lock().expect("lock");
-                    Some(base + phase).filter(|n| *n > 0)
-                },
-                running: !t.finished.load(Ordering::Relaxed),
+            .map(|t| {
+                let (base, phase) = *t.totals.lock().expect("lock");
+                let total = Some(base + phase).filter(|_| phase > 0);
+                // Whole blocks are counted; the last block of a file may be partial.
+                let done = t.done.load(Ordering::Relaxed);
+                OperationInfo {
+                    id: t.id,
+                    what: t.what.clone(),
+                    started_unix: t.started_unix,
+                    done_bytes: total.map_or(done, |total| done.min(total)),
+                    total_bytes: total,
+                    running: !t.finished.load(Ordering::Relaxed),
+                    error: t.error.lock().expect("lock").clone(),
+                }
             })
             .collect()
     }
@@ -130,16 +143,21 @@ mod tests {
             (40, Some(100))
         );
         assert!(listed[0].running);
-        // A second phase adds to the total once the first is done.
-        progress.add(60);
+        // A revised total replaces the last; a second phase adds its own.
+        progress.set_total(110);
+        progress.add(70);
+        progress.next_phase();
         progress.set_total(50);
         progress.add(10);
         let listed = ops.list();
         assert_eq!(
             (listed[0].done_bytes, listed[0].total_bytes),
-            (110, Some(150))
+            (120, Some(160))
         );
+        assert!(guard.outcome(Err::<(), _>("disk full")).is_err());
         drop(guard);
-        assert!(!ops.list()[0].running);
+        let listed = ops.list();
+        assert!(!listed[0].running);
+        assert_eq!(listed[0].error.as_deref(), Some("disk full"));
     }
 }

@@ -36,6 +36,7 @@ impl Pageserver {
             })?,
             None => self.keep_head(node, state, progress.clone()).await?,
         };
+        progress.next_phase();
         let fresh = node.dir.join("data.checkout");
         let _ = std::fs::remove_dir_all(&fresh);
         // A thin clone target is cloned beside the old data, and one kept as a clone has no

@@ -12,6 +12,9 @@ pub trait Progress: Send + Sync {
     fn add(&self, bytes: u64);
     /// The operation ended (successfully or not).
     fn finish(&self);
+    /// The work so far is done and another part begins, with a total of its own (a
+    /// checkout keeps the old state, then restores the new). Ignored by default.
+    fn next_phase(&self) {}
 }
 
 /// Reports nothing.

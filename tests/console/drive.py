@@ -16,7 +16,8 @@ import urllib.request
 from playwright.sync_api import expect, sync_playwright
 
 LOGIN, SHOTS = sys.argv[1], sys.argv[2]
-BASE = LOGIN.split("/console/")[0]
+BASE = LOGIN.split("/console")[0]
+HOST = BASE.removeprefix("http://")
 ZENITH = json.loads(os.environ["ZENITH_CMD"])
 PSQL = os.environ["PSQL"]
 TIMEOUT = 90_000
@@ -38,12 +39,18 @@ def connstr(pg):
     return json.loads(zenith("pg", "show", pg, "--json"))["connstr"]
 
 
-def http_status(url, headers=None):
+def http(url, headers=None, method="GET", data=None):
+    """The status and headers of one request."""
+    request = urllib.request.Request(url, headers=headers or {}, method=method, data=data)
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
-            return r.status
+        with urllib.request.urlopen(request) as r:
+            return r.status, r.headers
     except urllib.error.HTTPError as e:
-        return e.code
+        return e.code, e.headers
+
+
+def http_status(url, headers=None, method="GET", data=None):
+    return http(url, headers, method, data)[0]
 
 
 def step(name):
@@ -73,6 +80,11 @@ def answer(page, text=None):
 
 
 def shot(page, name):
+    # The operations panel polls each second: settled, it shows nothing still running.
+    page.wait_for_function(
+        "() => !document.querySelector('#ops-server li:not(.done):not(.failed)')",
+        timeout=TIMEOUT,
+    )
     os.makedirs(SHOTS, exist_ok=True)
     page.screenshot(path=os.path.join(SHOTS, name), full_page=True)
 
@@ -81,7 +93,8 @@ def main():
     step("without a session or the token, the API refuses")
     assert http_status(f"{BASE}/status") == 401
     assert http_status(f"{BASE}/status", {"X-Zenith-Console": "1"}) == 401
-    assert http_status(f"{BASE}/console/login?code=forged") == 401
+    forged = json.dumps({"code": "ab" * 32}).encode()
+    assert http_status(f"{BASE}/console/session", method="POST", data=forged) == 401
     # A DNS-rebound name reaches nothing.
     assert http_status(f"{BASE}/console", {"Host": "evil.example"}) == 421
 
@@ -99,13 +112,28 @@ def main():
 
         step("the login link logs in once and shows main running")
         page.goto(LOGIN)
-        assert page.url.endswith("/console"), page.url
         main_row = page.locator('tr[data-pg="main"]')
         expect(main_row.locator('[data-field="status"]')).to_have_text("running")
+        assert page.url.endswith("/console#/pgs"), f"the code stays in the address: {page.url}"
         other = browser.new_context().new_page()
         other.goto(LOGIN)
-        assert "used or expired" in other.content()
+        expect(other.locator("#error-text")).to_contain_text("used or expired")
         other.context.close()
+
+        step("the session works from the console's own origin only, and no cookie holds it")
+        session = page.evaluate("localStorage.getItem('zenith-console-session')")
+        assert session and len(session) == 64, session
+        assert context.cookies() == [], context.cookies()
+        own = {"X-Zenith-Console": session}
+        assert http_status(f"{BASE}/status", own) == 200
+        assert http_status(f"{BASE}/status", {**own, "Origin": "http://127.0.0.1:1"}) == 401
+        assert http_status(f"{BASE}/status", {**own, "Origin": f"http://{HOST}"}) == 200
+        assert http_status(f"{BASE}/status", {**own, "Host": "evil.example"}) == 401
+        assert http_status(f"{BASE}/status", own, method="OPTIONS") != 200
+        assert http_status(f"{BASE}/console/codes", own, method="POST") == 401
+        status, headers = http(f"{BASE}/console")
+        assert status == 200 and headers["X-Frame-Options"] == "DENY", headers
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], headers
         main = main_row.locator('[data-field="connstr"]').get_attribute("data-connstr")
         assert psql(main, "select count(*) from t") == "1000"
         shown = main_row.locator('[data-field="connstr"]').inner_text()
@@ -130,11 +158,14 @@ def main():
         assert "feature" in zenith("pg", "list")
         assert psql(connstr("feature"), "select count(*) from t") == "1000"
         # zenith-local's own account of it, with the bytes it restored, in the panel too.
-        ops = page.evaluate(
-            """async () => (await fetch('/operations', {headers: {'X-Zenith-Console': '1'}})).json()"""
-        )
+        fetch = """async (path) => (await fetch(path, {headers: {'X-Zenith-Console':
+            localStorage.getItem('zenith-console-session')}})).json()"""
+        ops = page.evaluate(fetch, "/operations")
         made = [o for o in ops if o["what"] == "create pg feature"]
-        assert made and not made[0]["running"] and made[0]["done_bytes"] > 0, ops
+        assert made and not made[0]["running"] and not made[0].get("error"), ops
+        snap = [s for s in page.evaluate(fetch, "/snapshots") if s["name"] == "main@console"][0]
+        total, done = made[0]["total_bytes"], made[0]["done_bytes"]
+        assert done == total and 0.9 <= total / snap["total_size"] <= 1.1, (made, snap)
         expect(page.locator('#ops-server li[data-what="create pg feature"]')).to_contain_text("finished")
 
         step("check out main to the snapshot")

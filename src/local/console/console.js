@@ -1,6 +1,7 @@
 // zenith console: the pgs, snapshots and storages of one repo, through zenith-local's
-// REST API (the same as the CLI's). Logged in by a session cookie; every call carries the
-// X-Zenith-Console header (see src/local/console.rs). No framework, no build step.
+// REST API (the same as the CLI's). Logged in by the one-time code in the link `zenith
+// console` prints, traded for a session kept in this origin's local storage and sent in
+// the X-Zenith-Console header (see src/local/console.rs). No framework, no build step.
 "use strict";
 
 // The view, with `nodes` as its content (nulls left out).
@@ -14,8 +15,28 @@ let refreshTimer = null;
 
 class ApiError extends Error {}
 
+const SESSION = "zenith-console-session";
+
+// Trades the login code in the address (`#code=...`) for a session, once, and takes the
+// code out of the address and the history.
+async function login() {
+  const match = location.hash.match(/^#code=([0-9a-f]+)$/);
+  if (!match) return false;
+  history.replaceState(null, "", "/console#/pgs");
+  const response = await fetch("/console/session", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ code: match[1] }),
+  });
+  if (!response.ok) {
+    throw new ApiError("this login link is used or expired: run `zenith console` again for a new one");
+  }
+  localStorage.setItem(SESSION, (await response.json()).session);
+  return true;
+}
+
 async function api(method, path, body) {
-  const init = { method, credentials: "same-origin", headers: { "X-Zenith-Console": "1" } };
+  const init = { method, credentials: "omit", headers: { "X-Zenith-Console": localStorage.getItem(SESSION) || "none" } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -119,13 +140,15 @@ async function operation(name, work) {
 
 // What zenith-local is doing, whoever asked (the CLI too), with progress in bytes.
 async function pollOperations() {
+  if (!localStorage.getItem(SESSION)) return;
   let ops;
   try { ops = await api("GET", "/operations"); } catch (e) { return; }
   const items = ops.filter((o) => o.running || o.total_bytes || o.done_bytes).map((o) => {
     const pct = o.total_bytes ? Math.min(100, Math.floor((100 * o.done_bytes) / o.total_bytes)) : null;
     const amount = o.total_bytes ? `${pct}% (${size(o.done_bytes)} of ${size(o.total_bytes)})` : size(o.done_bytes);
-    const text = o.running ? `${o.what}: ${amount}` : `${o.what}: finished, ${amount}`;
-    const item = el("li", { "data-what": o.what, class: o.running ? "" : "done" }, text);
+    const text = o.running ? `${o.what}: ${amount}`
+      : o.error ? `${o.what}: failed after ${amount}` : `${o.what}: finished, ${amount}`;
+    const item = el("li", { "data-what": o.what, class: o.running ? "" : o.error ? "failed" : "done" }, text);
     if (o.running && pct !== null) item.append(el("progress", { max: "100", value: String(pct) }));
     return item;
   });
@@ -337,9 +360,11 @@ async function storagesView() {
 // ---- routing ------------------------------------------------------------------------
 
 let routing = false;
+let again = false;
 
 async function route() {
-  if (routing) return;
+  // One load at a time; a route asked for meanwhile runs once the load ends.
+  if (routing) { again = true; return; }
   routing = true;
   const hash = location.hash || "#/pgs";
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("on", hash.startsWith(`#/${a.dataset.nav}`));
@@ -353,6 +378,7 @@ async function route() {
     showError(e.message);
   } finally {
     routing = false;
+    if (again) { again = false; route(); }
   }
 }
 
@@ -365,10 +391,21 @@ function scheduleRefresh() {
   }, 4000);
 }
 
-window.addEventListener("hashchange", route);
-window.addEventListener("DOMContentLoaded", () => {
+// A login link opened in a console already open only changes the address's fragment: the
+// code is taken on every change of it, not only on loading.
+async function start() {
+  try {
+    if (await login()) clearError();
+    route();
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+window.addEventListener("hashchange", start);
+window.addEventListener("DOMContentLoaded", async () => {
   document.getElementById("error-close").addEventListener("click", clearError);
-  route();
+  await start();
   scheduleRefresh();
   setInterval(pollOperations, 1000);
 });
