@@ -84,12 +84,7 @@ impl Operations {
             ended: Mutex::new(None),
         });
         let mut list = self.list.lock().expect("lock");
-        list.retain(|t| {
-            t.ended
-                .lock()
-                .expect("lock")
-                .is_none_or(|e| e.elapsed() < KEPT)
-        });
+        prune(&mut list);
         list.push(Arc::clone(&tracked));
         (
             Running(Arc::clone(&tracked)),
@@ -100,12 +95,7 @@ impl Operations {
     /// Operations under way, and those finished in the last minute, oldest first.
     pub fn list(&self) -> Vec<OperationInfo> {
         let mut list = self.list.lock().expect("lock");
-        list.retain(|t| {
-            t.ended
-                .lock()
-                .expect("lock")
-                .is_none_or(|e| e.elapsed() < KEPT)
-        });
+        prune(&mut list);
         list.iter()
             .map(|t| {
                 let (base, phase) = *t.totals.lock().expect("lock");
@@ -124,6 +114,16 @@ impl Operations {
             })
             .collect()
     }
+}
+
+/// Drops operations that ended more than a minute ago.
+fn prune(list: &mut Vec<Arc<Tracked>>) {
+    list.retain(|t| {
+        t.ended
+            .lock()
+            .expect("lock")
+            .is_none_or(|e| e.elapsed() < KEPT)
+    });
 }
 
 #[cfg(test)]
