@@ -106,11 +106,12 @@ pub async fn run(
             return Ok(());
         }
         let passphrase = storage::required_passphrase(&url)?;
+        let canonical = raw.url();
         storage::encrypt(raw, &passphrase).await?;
         // The repo remembers it: should its key file ever go, nothing is written there in
         // the clear.
         if let Ok(repo) = Repo::existing(repo_dir) {
-            Ops::direct(repo).pageserver.open_storage(&url).await?;
+            Ops::direct(repo).pageserver.remember_encrypted(&canonical);
         }
         println!(
             "{url} is encrypted: what zenith stores there from now on is sealed with its key, which only the passphrase opens; without the passphrase nothing there can be read"

@@ -104,7 +104,7 @@ async fn resolve(args: &ArchiveArgs, repo_dir: Option<PathBuf>) -> Result<Resolv
             .into());
         };
         let storage = crate::storage::open(&url).await?;
-        config.refuse_unsealed(&url, storage.as_ref())?;
+        config.refuse_unsealed(storage.as_ref())?;
         return Ok(Resolved {
             archive: Archive::new(storage, target.system_identifier),
             history: target.history,

@@ -41,29 +41,10 @@ pub struct Config {
     /// How the repo keeps its own snapshots.
     #[serde(default)]
     pub snapshots: SnapshotsConfig,
-    /// Storages this repo found encrypted (`zenith storage encrypt`), by URL: one of them
+    /// Storages this repo found encrypted (`zenith storage encrypt`), by canonical URL: one
     /// without its key file is refused rather than written to in the clear.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub encrypted_storages: std::collections::BTreeSet<String>,
-}
-
-impl Config {
-    /// Refuses storage `url`, opened as `storage`, when this repo knows it as encrypted and
-    /// it no longer is: its key file was deleted, and whatever zenith wrote there would be
-    /// in the clear.
-    pub fn refuse_unsealed(
-        &self,
-        url: &str,
-        storage: &dyn crate::storage::Storage,
-    ) -> OpResult<()> {
-        if storage.encrypted() || !self.encrypted_storages.contains(url) {
-            return Ok(());
-        }
-        Err(OpError::Conflict(format!(
-            "{url} was encrypted when this repo last used it, but its key file ({}) is gone; zenith writes nothing there in the clear: put the key file back from a copy, or, if the storage is meant to be plain now, remove it from encrypted_storages in config.toml",
-            crate::storage::KEY_OBJECT
-        )))
-    }
 }
 
 /// `[snapshots]` of config.toml.
@@ -276,6 +257,20 @@ fn port_from_env(var: &str, default: u16) -> u16 {
 }
 
 impl Config {
+    /// Refuses `storage` when this repo knows it as encrypted and it no longer is: its key
+    /// file was deleted, and whatever zenith wrote there would be in the clear. Storages
+    /// are known by their canonical URL (`/x` and `file:///x` are one).
+    pub fn refuse_unsealed(&self, storage: &dyn crate::storage::Storage) -> OpResult<()> {
+        let url = storage.url();
+        if storage.encrypted() || !self.encrypted_storages.contains(&url) {
+            return Ok(());
+        }
+        Err(OpError::Conflict(format!(
+            "{url} was encrypted when this repo last used it, but its key file ({}) is gone; zenith writes nothing there in the clear: put the key file back from a copy, or, if the storage is meant to be plain now, remove it from encrypted_storages in config.toml",
+            crate::storage::KEY_OBJECT
+        )))
+    }
+
     /// Checks the settings zenith-local reads again while it runs.
     pub fn check(&self) -> OpResult<()> {
         self.push.check()?;

@@ -189,9 +189,10 @@ impl Pageserver {
                 "{url} is both where the snapshots come from and where they go"
             )));
         }
-        // Compared as the storages name themselves: `/x` and `file:///x` are one place.
+        // Compared in canonical form, without opening storage_dest: `/x` and `file:///x`
+        // are one place.
         let is_dest = match self.repo.config()?.storage_dest {
-            Some(d) => self.open_storage(&d).await?.url() == target.url(),
+            Some(d) => crate::storage::StorageUrl::parse(&d)?.to_string() == target.url(),
             None => false,
         };
         let there = zenith::list(target.as_ref()).await?;

@@ -45,16 +45,27 @@ impl Pageserver {
     pub async fn open_storage(&self, url: &str) -> OpResult<Arc<dyn Storage>> {
         let storage = crate::storage::open(url).await?;
         // A repo being made (`init` from a storage) has no config to remember in yet.
-        let Ok(mut config) = self.repo.config() else {
-            return Ok(storage);
-        };
-        config.refuse_unsealed(url, storage.as_ref())?;
-        if storage.encrypted() && config.encrypted_storages.insert(url.to_string()) {
-            if let Err(e) = self.repo.save_config(&config) {
-                tracing::warn!("cannot remember {url} as encrypted in config.toml: {e}");
+        if let Ok(config) = self.repo.config() {
+            config.refuse_unsealed(storage.as_ref())?;
+            if storage.encrypted() && !config.encrypted_storages.contains(&storage.url()) {
+                self.remember_encrypted(&storage.url());
             }
         }
         Ok(storage)
+    }
+
+    /// Records the storage of canonical URL `url` as encrypted in config.toml (best
+    /// effort: a failure is logged).
+    pub fn remember_encrypted(&self, url: &str) {
+        let saved = self.repo.config().and_then(|mut config| {
+            if config.encrypted_storages.insert(url.to_string()) {
+                self.repo.save_config(&config)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = saved {
+            tracing::warn!("cannot remember {url} as encrypted in config.toml: {e}");
+        }
     }
 
     /// An existing pg of the repo.

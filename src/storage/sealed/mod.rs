@@ -43,7 +43,7 @@ const PREFIX_CACHE: usize = 4096;
 /// An encrypted storage: objects sealed on the way in and opened on the way out.
 pub struct SealedStorage {
     inner: Arc<dyn Storage>,
-    keys: StorageKeys,
+    keys: Arc<StorageKeys>,
     sealer: Sealer,
     prefixes: Mutex<HashMap<String, [u8; PREFIX]>>,
 }
@@ -64,7 +64,7 @@ pub async fn wrap_if_encrypted(storage: Arc<dyn Storage>) -> Result<Arc<dyn Stor
     let Some(passphrase) = key::passphrase()? else {
         return Err(Error::Encrypted { url });
     };
-    let keys = derive(move || key::open(&bytes, &passphrase, &url)).await?;
+    let keys = open_key(bytes, passphrase, url).await?;
     Ok(Arc::new(SealedStorage::new(storage, keys)))
 }
 
@@ -77,8 +77,34 @@ pub async fn unlock(storage: Arc<dyn Storage>, passphrase: &str) -> Result<Arc<d
             reason: format!("{url} is not encrypted (it has no {KEY_OBJECT})"),
         })?;
     let passphrase = zeroize::Zeroizing::new(passphrase.to_string());
-    let keys = derive(move || key::open(&bytes, &passphrase, &url)).await?;
+    let keys = open_key(bytes, passphrase, url).await?;
     Ok(Arc::new(SealedStorage::new(storage, keys)))
+}
+
+/// Keys derived in this process, by key file and passphrase: argon2 runs once per storage
+/// and process, however often it opens the storage (zenith-local's pushes, a push that
+/// opens its target twice).
+type Derived = Mutex<HashMap<[u8; 32], Arc<StorageKeys>>>;
+
+/// The working keys of key file `bytes` (of storage `url`) under `passphrase`.
+async fn open_key(
+    bytes: Bytes,
+    passphrase: zeroize::Zeroizing<String>,
+    url: String,
+) -> Result<Arc<StorageKeys>> {
+    static DERIVED: std::sync::OnceLock<Derived> = std::sync::OnceLock::new();
+    let derived = DERIVED.get_or_init(Default::default);
+    let id = key::hmac(&bytes, &[passphrase.as_bytes()]);
+    if let Some(keys) = derived.lock().expect("lock").get(&id) {
+        return Ok(Arc::clone(keys));
+    }
+    let keys = Arc::new(derive(move || key::open(&bytes, &passphrase, &url)).await?);
+    let mut derived = derived.lock().expect("lock");
+    if derived.len() >= 16 {
+        derived.clear();
+    }
+    derived.insert(id, Arc::clone(&keys));
+    Ok(keys)
 }
 
 /// The passphrase from the environment, for commands that need one.
@@ -173,7 +199,7 @@ async fn derive<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'stati
 }
 
 impl SealedStorage {
-    fn new(inner: Arc<dyn Storage>, keys: StorageKeys) -> SealedStorage {
+    fn new(inner: Arc<dyn Storage>, keys: Arc<StorageKeys>) -> SealedStorage {
         SealedStorage {
             sealer: Sealer::new(&keys.content),
             keys,
@@ -441,7 +467,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inner: Arc<dyn Storage> =
             Arc::new(LocalStorage::new(dir.path().to_path_buf()).unwrap());
-        let keys = key::create("pw").unwrap().1;
+        let keys = Arc::new(key::create("pw").unwrap().1);
         let sealed = SealedStorage::new(Arc::clone(&inner), keys);
         let digest = "cd".repeat(32);
         let pack = format!("packs/{digest}");
