@@ -298,6 +298,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    quiet_on_closed_stdout();
     if matches!(cli.command, Command::WalFetch { .. }) {
         // PostgreSQL reads exit codes up to 125 as "not in the archive": a bug must stop
         // recovery, not end it early.
@@ -334,6 +335,27 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `zenith … | head`: once the reader of stdout goes away, `println!` panics with "failed
+/// printing to stdout". Like any Unix tool, zenith then stops quietly, with the status a
+/// SIGPIPE gives (141); every other panic is reported as before.
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout")
+            && message.contains(&format!("(os error {})", libc::EPIPE))
+        {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
 }
 
 /// Runs one parsed command.

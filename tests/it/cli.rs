@@ -53,6 +53,26 @@ fn help_shows_the_whole_command_surface() {
 }
 
 #[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    // `zenith … | head`: stdout is a pipe whose reader is already gone, so every write
+    // fails with EPIPE, deterministically.
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    let stdout = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let dir = tempfile::tempdir().unwrap();
+    let out = zenith()
+        .args(["storage", "check", "--size", "1MiB"])
+        .arg(dir.path())
+        .stdout(stdout)
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
+
+#[test]
 fn snapshot_diff_of_unknown_snapshots_says_so_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let url = dir.path().join("s").display().to_string();
