@@ -13,6 +13,7 @@ mod error;
 mod install;
 pub mod node;
 pub mod wal;
+pub mod wal_end;
 
 pub use account::{hand_to_postgres_user, is_root, lookup, postgres_account, Account};
 pub use error::{Error, Result};

@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::compute::node::{run_as, Node, NodeState, RecoveryTarget, Status, WalFork, WalLine};
+use crate::compute::wal::WalFile;
 use crate::compute::PgInstall;
 use crate::models::{OpError, OpResult};
 use crate::pageserver::{Pageserver, Repo};
@@ -393,6 +394,58 @@ pub async fn complete_recovery(
     // restarts, and never reads them outside recovery.
     let _ = std::fs::remove_file(node.dir.join("restore.json"));
     record_branch(ps, node, &line).await
+}
+
+/// Archives the WAL files a pg stopped in immediate mode left ready to archive (its
+/// archiver had no last round), in order, marking each done as PostgreSQL would: its
+/// history then has no gap. A failure is logged and leaves the rest ready, as a failed
+/// last round of a clean stop would.
+pub async fn archive_leftovers(ps: &Pageserver, node: &Node) {
+    if let Err(e) = push_leftovers(ps, node).await {
+        tracing::warn!(
+            "pg {}: archiving the WAL it left ready: {}",
+            node.name,
+            e.full_message()
+        );
+    }
+}
+
+async fn push_leftovers(ps: &Pageserver, node: &Node) -> OpResult<()> {
+    let Some(target) = WalTarget::read(&node.dir.join("wal.json")).map_err(OpError::Failed)? else {
+        return Ok(());
+    };
+    let Some(url) = ps.repo.config()?.storage_dest else {
+        return Ok(());
+    };
+    let pg_wal = node.data().join("pg_wal");
+    let status = pg_wal.join("archive_status");
+    let mut ready: Vec<String> = std::fs::read_dir(&status)
+        .map_err(|e| OpError::io(status.display(), e))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".ready")?
+                .to_string();
+            WalFile::parse(&name, crate::compute::wal::DEFAULT_SEGMENT_SIZE).map(|_| name)
+        })
+        .collect();
+    if ready.is_empty() {
+        return Ok(());
+    }
+    ready.sort();
+    let archive = Archive::new(ps.open_storage(&url).await?, target.system_identifier);
+    for name in ready {
+        crate::safekeeper::push::push(&archive, &target.history, &pg_wal.join(&name), 1)
+            .await
+            .map_err(|e| OpError::Failed(e.to_string()))?;
+        let done = status.join(format!("{name}.done"));
+        std::fs::rename(status.join(format!("{name}.ready")), &done)
+            .map_err(|e| OpError::io(done.display(), e))?;
+        tracing::info!("pg {}: archived {name}, left ready by its stop", node.name);
+    }
+    Ok(())
 }
 
 /// Makes what `node` wrote up to now archived: a commit (so a target just before now has

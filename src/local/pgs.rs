@@ -454,7 +454,21 @@ impl Ops {
             }
         };
         let was_running = node.status() == Status::Running;
-        self.halt_node(&node, false).await?;
+        // A clone keeps the state the pg leaves as it is, crashed or not, so the pg stops
+        // at once rather than write its dirty pages in a shutdown checkpoint (most of a
+        // checkout's time after writes). The kept state is then consistent once its WAL
+        // is replayed: the snapshot records where that WAL ends, and a pg made from it
+        // replays it when it starts. Unlogged relations would be emptied by that
+        // replay, and a pg in recovery has not reached its own end yet: those stop cleanly.
+        let at_once = was_running
+            && state.recovery.is_none()
+            && self.pageserver.clone_mode().on
+            && !crate::snapshot::datadir::has_unlogged_relations(&node.data());
+        self.halt_node(&node, at_once).await?;
+        if at_once {
+            // What the archiver would have sent in a clean stop's last round.
+            archiving::archive_leftovers(&self.pageserver, &node).await;
+        }
         let result = self
             .pageserver
             .checkout_stopped(&node, &mut state, &target, progress)

@@ -328,7 +328,8 @@ async fn clone_stopped(data: &Path, root: &Path) -> OpResult<Made> {
         }
         make_root(&root)?;
         let entries = clone::clone_entries(&walked, &root, false)?;
-        Ok((entries, pg_version, control, None))
+        let lsns = datadir::crash_lsns(&data, &control);
+        Ok((entries, pg_version, control, lsns))
     })
     .await
     .map_err(join_error)??;

@@ -53,13 +53,28 @@ pub async fn diff(
             .collect()
     };
     let (fa, fb) = (files(a), files(b));
+    // Pages either snapshot's WAL changes when it is restored: its files may not hold them
+    // yet (a state kept without a shutdown checkpoint, an online snapshot's backup).
+    let replay = {
+        let (ra, rb) = (replayed(&sa), replayed(&sb));
+        tokio::task::spawn_blocking(move || -> OpResult<HashMap<String, HashSet<u64>>> {
+            let mut all = ra()?;
+            for (path, blocks) in rb()? {
+                all.entry(path).or_default().extend(blocks);
+            }
+            Ok(all)
+        })
+        .await
+        .map_err(join_error)??
+    };
     // Per file: pages changed, pages in the newer (or older, when removed), and how.
     let mut changes: Vec<(String, u64, u64, &'static str)> = Vec::new();
     let mut compare: Vec<String> = Vec::new();
+    let mut unread: Vec<String> = Vec::new();
     for (path, eb) in &fb {
         match fa.get(path) {
             None => changes.push((path.clone(), eb.block_count(), eb.block_count(), "added")),
-            Some(ea) if same(ea, eb, &sa, &sb) => {}
+            Some(ea) if same(ea, eb, &sa, &sb) => unread.push(path.clone()),
             Some(_) => compare.push(path.clone()),
         }
     }
@@ -68,14 +83,16 @@ pub async fn diff(
             changes.push((path.clone(), ea.block_count(), ea.block_count(), "removed"));
         }
     }
+    // Per file compared: the blocks that differ, and its pages in the newer snapshot.
+    let mut differing: Vec<(String, Vec<u64>, u64)> = Vec::new();
     if let (Some(da), Some(db)) = (sa.clone.clone(), sb.clone.clone()) {
         // Two clones: blocks that still share one place on disk are equal unread.
-        let counted = tokio::task::spawn_blocking(move || {
+        differing = tokio::task::spawn_blocking(move || {
             compare
                 .into_iter()
                 .map(|path| {
                     let (x, y) = (da.join(&path), db.join(&path));
-                    let n = crate::util::reflink::count_differing_blocks(&x, &y, BLOCK_SIZE)
+                    let n = crate::util::reflink::differing_blocks(&x, &y, BLOCK_SIZE)
                         .map_err(|e| OpError::io(y.display(), e))?;
                     let pages = std::fs::metadata(&y).map(|m| m.len()).unwrap_or(0);
                     Ok((path, n, pages.div_ceil(BLOCK_SIZE)))
@@ -84,27 +101,54 @@ pub async fn diff(
         })
         .await
         .map_err(join_error)??;
-        for (path, changed, pages) in counted {
-            if changed > 0 {
-                changes.push((path, changed, pages, "changed"));
-            }
-        }
     } else {
         let ha = hashes(storage, &sa, &compare).await?;
         let hb = hashes(storage, &sb, &compare).await?;
         for path in compare {
             let (x, y) = (&ha[&path], &hb[&path]);
-            let changed = (0..x.len().max(y.len()))
-                .filter(|&i| x.get(i) != y.get(i))
-                .count() as u64;
-            if changed > 0 {
-                changes.push((path, changed, y.len() as u64, "changed"));
-            }
+            let blocks = (0..x.len().max(y.len()) as u64)
+                .filter(|&i| x.get(i as usize) != y.get(i as usize))
+                .collect();
+            differing.push((path, blocks, y.len() as u64));
+        }
+    }
+    // Files equal on disk may still differ by what their WAL replays.
+    differing.extend(unread.into_iter().map(|path| {
+        let pages = fb[&path].block_count();
+        (path, Vec::new(), pages)
+    }));
+    for (path, blocks, pages) in differing {
+        let mut changed: HashSet<u64> = blocks.into_iter().collect();
+        if let Some(replayed) = replay.get(&path) {
+            changed.extend(replayed);
+        }
+        if !changed.is_empty() {
+            changes.push((path, changed.len() as u64, pages, "changed"));
         }
     }
     let names_b = catalog(storage, &sb, work.path(), "b").await?;
     let names_a = catalog(storage, &sa, work.path(), "a").await?;
     Ok(summarize(changes, &names_a, &names_b, a, b))
+}
+
+/// The blocks, by file, that replaying a clone's WAL (from its start to its stop position)
+/// changes; none for a packed snapshot (its WAL is not at hand) or a clean shutdown's.
+fn replayed(side: &Side) -> impl FnOnce() -> OpResult<HashMap<String, HashSet<u64>>> {
+    use crate::compute::wal::parse_lsn;
+    let range = (parse_lsn(&side.m.start_lsn), parse_lsn(&side.m.stop_lsn));
+    let wal = side.clone.as_ref().map(|dir| dir.join("pg_wal"));
+    move || {
+        let mut by_file: HashMap<String, HashSet<u64>> = HashMap::new();
+        let (Some(wal), (Some(from), Some(to))) = (wal, range) else {
+            return Ok(by_file);
+        };
+        let touched = crate::compute::wal_end::touched_blocks(&wal, from, to)
+            .map_err(|e| OpError::Failed(format!("reading the WAL a snapshot replays: {e}")))?;
+        for (path, block) in touched.iter().filter_map(|r| r.file()) {
+            by_file.entry(path).or_default().insert(block);
+        }
+        Ok(by_file)
+    }
 }
 
 fn side_of<'a>(m: &'a Manifest, repo: Option<&super::Pageserver>) -> Side<'a> {

@@ -89,6 +89,44 @@ pub fn zero_after_checkpoint(
     Ok(())
 }
 
+/// Start and stop LSN of a stopped data directory that was not shut down cleanly (killed,
+/// or stopped in immediate mode) and carries no backup label: from its last checkpoint's
+/// redo position to where its WAL ends, which a restore replays to before it is
+/// consistent. `None` for a clean shutdown, and when the end cannot be found (then the
+/// WAL is damaged, and PostgreSQL's own recovery will say so at start).
+pub fn crash_lsns(dir: &Path, control: &ControlInfo) -> Option<(String, String)> {
+    if control.is_shut_down() || dir.join("backup_label").exists() {
+        return None;
+    }
+    match crate::compute::wal_end::wal_end(&dir.join("pg_wal"), control.checkpoint_lsn) {
+        Ok(end) => Some((
+            crate::compute::wal::format_lsn(control.redo_lsn),
+            crate::compute::wal::format_lsn(end),
+        )),
+        Err(e) => {
+            tracing::warn!("{}: {e}", dir.display());
+            None
+        }
+    }
+}
+
+/// Whether the data directory holds an unlogged relation (one with an `_init` fork),
+/// whose contents survive only a clean shutdown; also when that cannot be told.
+pub fn has_unlogged_relations(dir: &Path) -> bool {
+    let places = [(dir.join("base"), 2), (dir.join("pg_tblspc"), 4)];
+    places.into_iter().any(|(place, depth)| {
+        place.exists()
+            && walkdir::WalkDir::new(&place)
+                .follow_links(true)
+                .max_depth(depth)
+                .into_iter()
+                .any(|e| match e {
+                    Ok(e) => e.file_name().to_string_lossy().ends_with("_init"),
+                    Err(_) => true,
+                })
+    })
+}
+
 impl ControlInfo {
     /// Cleanly shut down (as a primary or as a standby).
     pub fn is_shut_down(&self) -> bool {

@@ -42,6 +42,16 @@ pub(crate) async fn survey_for(
     if format == Format::Zenith && lsns.is_none() && survey.control.state == datadir::SHUT_DOWN {
         survey.entries = datadir::without_stale_wal(survey.entries, &survey.control);
     }
+    // A directory left by a killed server stands for where its WAL ends.
+    let lsns = match lsns {
+        Some(l) => Some(l),
+        None => {
+            let (dir, control) = (dir.to_path_buf(), survey.control);
+            tokio::task::spawn_blocking(move || datadir::crash_lsns(&dir, &control))
+                .await
+                .map_err(super::error::join_error)?
+        }
+    };
     options
         .progress
         .set_total(survey.entries.iter().map(|e| e.size).sum());

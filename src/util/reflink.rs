@@ -226,10 +226,10 @@ pub fn physical(map: &[Extent], offset: u64, len: u64) -> Option<u64> {
         .then(|| e.physical + (offset - e.logical))
 }
 
-/// How many `block`-sized blocks differ between two files, reading only blocks that do
-/// not share one place on disk: clones of one original that neither changed are equal
-/// without a read. A block beyond one file's end differs.
-pub fn count_differing_blocks(a: &Path, b: &Path, block: u64) -> std::io::Result<u64> {
+/// Which `block`-sized blocks differ between two files (their numbers), reading only
+/// blocks that do not share one place on disk: clones of one original that neither
+/// changed are equal without a read. A block beyond one file's end differs.
+pub fn differing_blocks(a: &Path, b: &Path, block: u64) -> std::io::Result<Vec<u64>> {
     use std::os::unix::fs::FileExt;
     let (fa, fb) = (File::open(a)?, File::open(b)?);
     let (sa, sb) = (fa.metadata()?.len(), fb.metadata()?.len());
@@ -238,7 +238,7 @@ pub fn count_differing_blocks(a: &Path, b: &Path, block: u64) -> std::io::Result
         extents(&fb)?.unwrap_or_default(),
     );
     let (mut xa, mut xb) = (vec![0u8; block as usize], vec![0u8; block as usize]);
-    let mut differing = 0;
+    let mut differing = Vec::new();
     for i in 0..sa.max(sb).div_ceil(block) {
         let offset = i * block;
         let (la, lb) = (
@@ -246,7 +246,7 @@ pub fn count_differing_blocks(a: &Path, b: &Path, block: u64) -> std::io::Result
             sb.saturating_sub(offset).min(block),
         );
         if la != lb {
-            differing += 1;
+            differing.push(i);
             continue;
         }
         let here = physical(&ma, offset, la);
@@ -256,7 +256,7 @@ pub fn count_differing_blocks(a: &Path, b: &Path, block: u64) -> std::io::Result
         fa.read_exact_at(&mut xa[..la as usize], offset)?;
         fb.read_exact_at(&mut xb[..la as usize], offset)?;
         if xa[..la as usize] != xb[..la as usize] {
-            differing += 1;
+            differing.push(i);
         }
     }
     Ok(differing)
@@ -307,8 +307,8 @@ mod tests {
         bytes.extend([5u8; 100]);
         std::fs::write(&b, &bytes).unwrap();
         // Block 2 differs, and b's short fifth block is beyond a's end.
-        assert_eq!(count_differing_blocks(&a, &b, 8192).unwrap(), 2);
-        assert_eq!(count_differing_blocks(&a, &a, 8192).unwrap(), 0);
+        assert_eq!(differing_blocks(&a, &b, 8192).unwrap().len(), 2);
+        assert!(differing_blocks(&a, &a, 8192).unwrap().is_empty());
     }
 
     #[test]

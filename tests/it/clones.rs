@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use zenith::compute::find_postgres;
 
-use crate::local::{connstr_of, ok, psql, rows, status, z, TestRepo};
+use crate::local::{connstr_of, eventually, ok, psql, rows, status, z, TestRepo};
 use crate::support::{assert_clean_failure, require, run};
 
 /// A directory on the XFS filesystem scripts/test.sh mounted, that PostgreSQL's account can
@@ -170,6 +170,128 @@ fn clones_on_xfs_branch_check_out_and_outlive_their_snapshot() {
     let out = run(z(&repo.path).args(["pg", "create", "bad", "--snapshot", "b1@out"]));
     assert_clean_failure(&out, "lacks PG_VERSION");
     assert!(!repo.path.join("pgs/bad/data").exists());
+    ok(z(&repo.path).args(["stop"]));
+}
+
+/// The `.ready` files PostgreSQL left in `data`'s archive status.
+fn ready_files(data: &std::path::Path) -> usize {
+    std::fs::read_dir(data.join("pg_wal/archive_status"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+        .count()
+}
+
+fn lsn(text: &str) -> u64 {
+    zenith::compute::wal::parse_lsn(text).unwrap_or_else(|| panic!("not an LSN: {text}"))
+}
+
+/// In clone mode a checkout stops the pg at once (no shutdown checkpoint): the state it
+/// keeps has every commit, records where its WAL ends (exactly where PostgreSQL's own
+/// recovery ends when that state is checked out), and what the archiver had not sent is
+/// archived by zenith. A pg with an unlogged table stops cleanly and keeps its rows.
+#[test]
+fn a_checkout_stops_at_once_and_keeps_every_commit() {
+    let Some(dir) = xfs_tempdir() else {
+        return;
+    };
+    let repo = TestRepo::at(dir.path().join("repo"));
+    let url = crate::wal::init_archiving(&repo.path);
+    ok(z(&repo.path).arg("start"));
+    let main = connstr_of(&repo.path, "main");
+    psql(
+        &main,
+        "create table t (i int primary key); insert into t values (1), (2), (3);
+         create table big (g int primary key, v text)",
+    );
+    ok(z(&repo.path).args(["snapshot", "create", "main@a"]));
+
+    // With storage_dest away for a while, the segments written meanwhile wait as .ready.
+    ok(z(&repo.path).args(["storage", "detach", "-n", "storage_dest"]));
+    psql(
+        &main,
+        "insert into big select g, repeat(md5(g::text), 8) from generate_series(1, 200000) g",
+    );
+    psql(&main, "insert into t values (4)");
+    let committed = lsn(&psql(&main, "select pg_current_wal_insert_lsn()"));
+    // The archiver's retries (a second apart) are over: it waits for a new segment.
+    eventually("the archiver stopped retrying", || {
+        psql(
+            &main,
+            "select coalesce(now() - last_failed_time > interval '3.5 s', false) from pg_stat_archiver",
+        ) == "t"
+    });
+    let data = repo.path.join("pgs/main/data");
+    let waiting = ready_files(&data);
+    assert!(waiting >= 2, "only {waiting} segments wait to be archived");
+    ok(z(&repo.path).args(["storage", "attach", "-n", "storage_dest", "--path", &url]));
+
+    let stops = |how: &str| {
+        std::fs::read_to_string(repo.path.join("pgs/main/postgres.log"))
+            .unwrap()
+            .matches(&format!("received {how} shutdown request"))
+            .count()
+    };
+    let (immediate, fast) = (stops("immediate"), stops("fast"));
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@a"]));
+    assert_eq!(rows(&main), "{1,2,3}");
+    assert_eq!((stops("immediate"), stops("fast")), (immediate + 1, fast));
+    let zlog = std::fs::read_to_string(repo.path.join("logs/zenith-local.log")).unwrap();
+    assert_eq!(
+        zlog.matches("left ready by its stop").count(),
+        waiting,
+        "{zlog}"
+    );
+    let head = snapshot_json(&repo.path, "main@HEAD{0}");
+    let (start, end) = (
+        lsn(head["start_lsn"].as_str().unwrap()),
+        lsn(head["stop_lsn"].as_str().unwrap()),
+    );
+    assert!(end >= committed && start < end, "{head}");
+    let verified = ok(z(&repo.path).args(["wal", "verify"]));
+    assert!(!verified.contains("GAP"), "{verified}");
+    // A diff counts what the kept state's WAL replays, not only what its files hold.
+    let diff: serde_json::Value = serde_json::from_str(&ok(z(&repo.path).args([
+        "snapshot",
+        "diff",
+        "main@a",
+        "main@HEAD{0}",
+        "--json",
+    ])))
+    .unwrap();
+    let changed = |name: &str| {
+        diff["relations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["pages_changed"].as_u64().unwrap())
+    };
+    assert_eq!(changed("t"), Some(1), "{diff}");
+    assert!(changed("big").unwrap() > 1000, "{diff}");
+
+    // Checked out, the kept state replays its WAL: PostgreSQL's end-of-recovery
+    // checkpoint is exactly where the snapshot says the WAL ends.
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));
+    assert_eq!(rows(&main), "{1,2,3,4}");
+    assert_eq!(psql(&main, "select count(*) from big"), "200000");
+    assert_eq!(
+        lsn(&psql(&main, "select redo_lsn from pg_control_checkpoint()")),
+        end
+    );
+    amcheck_clean(&main);
+
+    // An unlogged table would be emptied by that replay: the pg stops cleanly instead.
+    psql(
+        &main,
+        "create unlogged table u (i int); insert into u values (7)",
+    );
+    let (immediate, fast) = (stops("immediate"), stops("fast"));
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@a"]));
+    assert_eq!((stops("immediate"), stops("fast")), (immediate, fast + 1));
+    ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{2}"]));
+    assert_eq!(psql(&main, "select i from u"), "7");
+    assert_eq!(rows(&main), "{1,2,3,4}");
     ok(z(&repo.path).args(["stop"]));
 }
 

@@ -328,11 +328,18 @@ fn server_now(connstr: &str) -> String {
 /// A repo archiving to a storage_dest on this machine.
 fn archiving_repo() -> Option<(TestRepo, String)> {
     let repo = TestRepo::new()?;
-    let dest = repo.path.with_file_name("dest");
+    let url = init_archiving(&repo.path);
+    ok(z(&repo.path).arg("start"));
+    Some((repo, url))
+}
+
+/// Makes a repo at `repo` (not started) whose storage_dest is a directory beside it, with
+/// background pushes only when a test asks; the storage's URL.
+pub(crate) fn init_archiving(repo: &Path) -> String {
+    let dest = repo.with_file_name("dest");
     let url = format!("file://{}", dest.display());
-    ok(z(&repo.path).args(["init", "--storage_dest", &url]));
-    // Background pushes only when a test asks.
-    let config = repo.path.join("config.toml");
+    ok(z(repo).args(["init", "--storage_dest", &url]));
+    let config = repo.join("config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("interval = \"5m\""), "{text}");
     std::fs::write(
@@ -340,8 +347,7 @@ fn archiving_repo() -> Option<(TestRepo, String)> {
         text.replace("interval = \"5m\"", "interval = \"0\""),
     )
     .unwrap();
-    ok(z(&repo.path).arg("start"));
-    Some((repo, url))
+    url
 }
 
 #[test]
