@@ -75,7 +75,7 @@ if [[ ${BENCH_CLONES:-} == 1 ]]; then
     checkout=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@bench (after pgbench)" "$checkout"
     sync; t0=$(now)
     "$zenith" --no-progress pg checkout main main@HEAD{0} > /dev/null
-    quiet=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@HEAD{0} (nothing written since)" "$quiet"
+    quiet=$(secs "$t0" "$(now)"); row "zenith pg checkout main main@HEAD{0} (back: replays pgbench's WAL)" "$quiet"
     sync; t0=$(now)
     changed=$("$zenith" snapshot diff main@bench main@HEAD{0} --json | python3 -c 'import json, sys; d = json.load(sys.stdin); print(sum(r["pages_changed"] for r in d["relations"]), "pages in", len(d["relations"]), "relations")')
     row "zenith snapshot diff main@bench main@HEAD{0} ($changed)" "$(secs "$t0" "$(now)")"

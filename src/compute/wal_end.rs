@@ -16,7 +16,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::wal::{format_lsn, segment_header};
+use super::wal::format_lsn;
 
 const PAGE: u64 = 8192;
 const RECORD_HEADER: usize = 24;
@@ -24,30 +24,41 @@ const RECORD_HEADER: usize = 24;
 const CRC_AT: usize = 20;
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const XLP_LONG_HEADER: u16 = 0x0002;
+const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
 const RM_XLOG_ID: u8 = 0;
 const XLOG_SWITCH: u8 = 0x40;
 /// No record is larger (PostgreSQL's own bound is just under 1 GiB).
 const MAX_RECORD: usize = 1 << 30;
 
-/// The position just past the last whole record (as PostgreSQL reports the end of WAL),
-/// reading `pg_wal` from the record at `from`. An error when that first record cannot be
-/// read: then the WAL is damaged, and so is the data directory.
-pub fn wal_end(pg_wal: &Path, from: u64) -> Result<u64, String> {
+/// Where the WAL ends: the position just past the last whole record (as PostgreSQL
+/// reports the end of WAL), and the timeline that record is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalEnd {
+    pub lsn: u64,
+    pub timeline: u32,
+}
+
+/// Where the WAL in `pg_wal` ends, reading from the record at `from`. An error when that
+/// first record cannot be read: then the WAL is damaged, and so is the data directory.
+pub fn wal_end(pg_wal: &Path, from: u64) -> Result<WalEnd, String> {
     walk(pg_wal, from, u64::MAX, |_| {})
 }
 
-/// Every block the records from `from` (a record's start) up to `to` refer to: the
-/// pages a restore of a snapshot whose WAL spans that range changes by replaying it,
-/// which its files may not show yet.
+/// Every block the records from `start` (a record's start) up to `to` refer to, of those
+/// records whose start `keep` accepts: the pages a restore of a snapshot whose WAL spans
+/// that range changes by replaying it, which its files may not show yet.
 pub fn touched_blocks(
     pg_wal: &Path,
-    from: u64,
+    start: u64,
     to: u64,
+    keep: impl Fn(u64) -> bool,
 ) -> Result<std::collections::BTreeSet<BlockRef>, String> {
     let mut touched = std::collections::BTreeSet::new();
-    if from < to {
-        walk(pg_wal, from, to, |record| {
-            touched.extend(block_refs(&record.bytes, record.magic))
+    if start < to {
+        walk(pg_wal, start, to, |record| {
+            if keep(record.start) {
+                touched.extend(block_refs(&record.bytes, record.magic))
+            }
         })?;
     }
     Ok(touched)
@@ -159,7 +170,12 @@ fn block_refs(bytes: &[u8], magic: u16) -> Vec<BlockRef> {
 
 /// Reads the records from `from` on, handing each whole one to `visit`, until the WAL
 /// ends or a record would begin at or past `to`; returns where the last one ends.
-fn walk(pg_wal: &Path, from: u64, to: u64, mut visit: impl FnMut(&Record)) -> Result<u64, String> {
+fn walk(
+    pg_wal: &Path,
+    from: u64,
+    to: u64,
+    mut visit: impl FnMut(&Record),
+) -> Result<WalEnd, String> {
     let mut reader = Reader::open(pg_wal)?;
     let mut pos = from;
     let mut prev: Option<u64> = None;
@@ -182,7 +198,10 @@ fn walk(pg_wal: &Path, from: u64, to: u64, mut visit: impl FnMut(&Record)) -> Re
         } else {
             maxalign(record.end)
         };
-        end = Some(pos);
+        end = Some(WalEnd {
+            lsn: pos,
+            timeline: record.timeline,
+        });
     }
     end.ok_or_else(|| {
         format!(
@@ -209,6 +228,8 @@ fn crc_matches(bytes: &[u8]) -> bool {
 struct Record {
     /// The page magic (it names the PostgreSQL version).
     magic: u16,
+    /// The timeline of the segment file it begins in.
+    timeline: u32,
     /// Where the record begins (past a page header, if it begins a page).
     start: u64,
     /// Where its last byte ends (not aligned).
@@ -222,7 +243,8 @@ struct Reader {
     dir: PathBuf,
     segment_size: u64,
     segments: BTreeMap<u64, String>,
-    open: Option<(u64, File)>,
+    /// The segment read from: its number, file and timeline.
+    open: Option<(u64, File, u32)>,
     /// The page magic of this PostgreSQL version, from the first page read.
     magic: Option<u16>,
 }
@@ -236,17 +258,20 @@ impl Reader {
             .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
             .collect();
         names.sort();
-        let first = names
-            .first()
+        // Every segment file has the segment size (PostgreSQL makes them whole): the
+        // most common length, so one damaged file does not mislead.
+        let mut lengths: BTreeMap<u64, usize> = BTreeMap::new();
+        for name in &names {
+            if let Ok(m) = std::fs::metadata(dir.join(name)) {
+                *lengths.entry(m.len()).or_default() += 1;
+            }
+        }
+        let segment_size = lengths
+            .into_iter()
+            .filter(|(size, _)| size.is_power_of_two() && *size >= 1 << 20 && *size <= 1 << 30)
+            .max_by_key(|(_, count)| *count)
+            .map(|(size, _)| size)
             .ok_or_else(|| format!("{} holds no WAL segment", dir.display()))?;
-        let mut head = [0u8; 40];
-        File::open(dir.join(first))
-            .and_then(|f| f.read_exact_at(&mut head, 0))
-            .map_err(|e| format!("{}: {e}", dir.join(first).display()))?;
-        let segment_size = segment_header(&head)
-            .map(|(_, size)| size)
-            .filter(|s| s.is_power_of_two() && *s >= 1 << 20)
-            .ok_or_else(|| format!("{} does not start like a WAL segment", first))?;
         let per = 0x1_0000_0000 / segment_size;
         let mut segments = BTreeMap::new();
         for name in names {
@@ -268,16 +293,18 @@ impl Reader {
         })
     }
 
-    /// The page at `at` (a multiple of the page size) and its header's length, if its
-    /// header is one PostgreSQL wrote there; `None` past the WAL written.
-    fn page(&mut self, at: u64) -> Option<(Vec<u8>, u64)> {
+    /// The page at `at` (a multiple of the page size), its header's length and its file's
+    /// timeline, if its header is one PostgreSQL wrote there; `None` past the WAL written.
+    fn page(&mut self, at: u64) -> Option<(Vec<u8>, u64, u32)> {
         let segno = at / self.segment_size;
-        if self.open.as_ref().map(|(s, _)| *s) != Some(segno) {
+        if self.open.as_ref().map(|(s, _, _)| *s) != Some(segno) {
             let name = self.segments.get(&segno)?;
+            let timeline = u32::from_str_radix(&name[..8], 16).ok()?;
             let file = File::open(self.dir.join(name)).ok()?;
-            self.open = Some((segno, file));
+            self.open = Some((segno, file, timeline));
         }
-        let (_, file) = self.open.as_ref()?;
+        let (_, file, timeline) = self.open.as_ref()?;
+        let timeline = *timeline;
         let mut page = vec![0u8; PAGE as usize];
         file.read_exact_at(&mut page, at % self.segment_size).ok()?;
         let magic = u16::from_le_bytes([page[0], page[1]]);
@@ -290,7 +317,7 @@ impl Reader {
         if long != (info & XLP_LONG_HEADER != 0) {
             return None;
         }
-        Some((page, if long { 40 } else { 24 }))
+        Some((page, if long { 40 } else { 24 }, timeline))
     }
 
     /// The record at `pos` (aligned; at a page boundary it begins past the header), if it
@@ -300,13 +327,19 @@ impl Reader {
         let mut start = pos;
         let mut bytes: Vec<u8> = Vec::new();
         let mut total: Option<usize> = None;
+        let mut timeline = 0;
         loop {
             let page_at = pos - pos % PAGE;
-            let (page, header) = self.page(page_at)?;
+            let (page, header, page_timeline) = self.page(page_at)?;
             if pos == page_at {
                 let info = u16::from_le_bytes([page[2], page[3]]);
                 let rem_len = u32::from_le_bytes(page[16..20].try_into().ok()?) as usize;
                 let continued = info & XLP_FIRST_IS_CONTRECORD != 0;
+                if total.is_some() && info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0 {
+                    // A recovery ended inside this record and wrote on over its missing
+                    // part: as PostgreSQL does, read on from this page's first record.
+                    (bytes, total) = (Vec::new(), None);
+                }
                 match total {
                     // A record begins here: the page must not continue another.
                     None if continued => return None,
@@ -315,6 +348,9 @@ impl Reader {
                     Some(_) => {}
                 }
                 pos += header;
+            }
+            if bytes.is_empty() {
+                timeline = page_timeline;
             }
             let want = total.unwrap_or(RECORD_HEADER) - bytes.len();
             let take = want.min((page_at + PAGE - pos) as usize);
@@ -332,6 +368,7 @@ impl Reader {
             if total == Some(bytes.len()) {
                 return Some(Record {
                     magic: self.magic.unwrap_or(0),
+                    timeline,
                     start,
                     end: pos,
                     bytes,
@@ -384,23 +421,8 @@ mod tests {
             }
         };
         for (i, len) in lengths.iter().enumerate() {
-            let total = RECORD_HEADER + len;
-            let mut rec = vec![0u8; total];
-            rec[..4].copy_from_slice(&(total as u32).to_le_bytes());
-            rec[8..16].copy_from_slice(&prev.to_le_bytes());
-            if switch == Some(i) {
-                (rec[16], rec[17]) = (XLOG_SWITCH, RM_XLOG_ID);
-            } else {
-                rec[17] = 10;
-            }
-            for (j, b) in rec[RECORD_HEADER..].iter_mut().enumerate() {
-                *b = (i * 31 + j * 7) as u8;
-            }
-            let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-            digest.update(&rec[RECORD_HEADER..]);
-            digest.update(&rec[..CRC_AT]);
-            let crc = digest.finalize() as u32;
-            rec[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            let rec = record_bytes(i, *len, prev, switch == Some(i));
+            let total = rec.len();
             if pos % PAGE == 0 {
                 pos += page_header(&mut seg, pos, 0);
             }
@@ -427,12 +449,34 @@ mod tests {
         (seg, spans)
     }
 
+    /// Record number `i` with `len` bytes of data after the one at `prev`.
+    fn record_bytes(i: usize, len: usize, prev: u64, switch: bool) -> Vec<u8> {
+        let total = RECORD_HEADER + len;
+        let mut rec = vec![0u8; total];
+        rec[..4].copy_from_slice(&(total as u32).to_le_bytes());
+        rec[8..16].copy_from_slice(&prev.to_le_bytes());
+        if switch {
+            (rec[16], rec[17]) = (XLOG_SWITCH, RM_XLOG_ID);
+        } else {
+            rec[17] = 10;
+        }
+        for (j, b) in rec[RECORD_HEADER..].iter_mut().enumerate() {
+            *b = (i * 31 + j * 7) as u8;
+        }
+        let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+        digest.update(&rec[RECORD_HEADER..]);
+        digest.update(&rec[..CRC_AT]);
+        let crc = digest.finalize() as u32;
+        rec[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        rec
+    }
+
     fn end_of(seg: &[u8]) -> Result<u64, String> {
         let dir = tempfile::tempdir().unwrap();
         let (one, two) = seg.split_at(SEGMENT as usize);
         std::fs::write(dir.path().join("000000010000000000000001"), one).unwrap();
         std::fs::write(dir.path().join("000000010000000000000002"), two).unwrap();
-        wal_end(dir.path(), BASE + 40)
+        wal_end(dir.path(), BASE + 40).map(|e| e.lsn)
     }
 
     /// Records small and large, some crossing pages, one ending right at a page end.
@@ -496,6 +540,29 @@ mod tests {
         let (seg, spans) = layout_switching(&[30, 0], Some(1));
         assert_eq!(end_of(&seg).unwrap(), spans[1].1);
         assert_eq!(spans[1].1, BASE + SEGMENT);
+    }
+
+    #[test]
+    fn a_record_overwritten_by_a_recovery_is_skipped_as_postgresql_does() {
+        // Record 1 lost its second page in a crash; recovery wrote on from that page,
+        // marked so, with a record that points back at record 0.
+        let (mut seg, spans) = layout(&[30, 9000]);
+        let page = spans[1].0 / PAGE * PAGE + PAGE;
+        let o = (page - BASE) as usize;
+        seg[o..].fill(0);
+        seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
+        seg[o + 2..o + 4].copy_from_slice(&XLP_FIRST_IS_OVERWRITE_CONTRECORD.to_le_bytes());
+        seg[o + 4..o + 8].copy_from_slice(&1u32.to_le_bytes());
+        seg[o + 8..o + 16].copy_from_slice(&page.to_le_bytes());
+        let rec = record_bytes(7, 100, spans[0].0, false);
+        seg[o + 24..o + 24 + rec.len()].copy_from_slice(&rec);
+        assert_eq!(
+            end_of(&seg).unwrap(),
+            maxalign(page + 24 + rec.len() as u64)
+        );
+        // Without the mark, the WAL ends after record 0.
+        seg[o + 2] = 0;
+        assert_eq!(end_of(&seg).unwrap(), spans[0].1);
     }
 
     #[test]

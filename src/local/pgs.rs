@@ -463,11 +463,20 @@ impl Ops {
         let at_once = was_running
             && state.recovery.is_none()
             && self.pageserver.clone_mode().on
-            && !crate::snapshot::datadir::has_unlogged_relations(&node.data());
+            && !crate::snapshot::datadir::has_unlogged_relations(&node.data())
+            && flushed_for_immediate_stop(&node, &state).await;
         self.halt_node(&node, at_once).await?;
         if at_once {
-            // What the archiver would have sent in a clean stop's last round.
-            archiving::archive_leftovers(&self.pageserver, &node).await;
+            if let Err(e) = wal_end_found(&node).await {
+                // The kept state could not say where it stands: a clean stop makes it
+                // self-contained.
+                tracing::warn!("pg {name}: {e}; starting it again to stop it cleanly");
+                self.run_node(&node, &mut state).await?;
+                self.halt_node(&node, false).await?;
+            } else {
+                // What the archiver would have sent in a clean stop's last round.
+                archiving::archive_leftovers(&self.pageserver, &node).await;
+            }
         }
         let result = self
             .pageserver
@@ -524,6 +533,49 @@ impl Ops {
             pg: was_running.then(|| describe(&node, &state)),
         })
     }
+}
+
+/// The WAL a pg may leave to be replayed at its next start, instead of writing its dirty
+/// pages in a shutdown checkpoint: replaying more than this would make that start slow.
+const MAX_REPLAY: u64 = 1 << 30;
+
+/// Prepares running `node` to stop without its shutdown checkpoint; whether it may. A
+/// transaction that writes WAL (a logical decoding message, which nothing reads) commits
+/// with a local flush, writing out all WAL before it: commits made with
+/// `synchronous_commit = off` are kept too. And the WAL since the last checkpoint must be
+/// short enough to replay at the next start.
+async fn flushed_for_immediate_stop(node: &Node, state: &NodeState) -> bool {
+    let sql = "SET synchronous_commit = local; \
+               SELECT pg_logical_emit_message(true, 'zenith', 'checkout'), \
+               (pg_current_wal_insert_lsn() - redo_lsn)::bigint FROM pg_control_checkpoint()";
+    let Ok(install) = install() else {
+        return false;
+    };
+    match node.query(&install, state, sql).await {
+        Ok(out) => out
+            .lines()
+            .last()
+            .and_then(|l| l.split('|').nth(1))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .is_some_and(|since_checkpoint| since_checkpoint <= MAX_REPLAY),
+        Err(e) => {
+            tracing::info!("pg {}: stopping it cleanly ({e})", node.name);
+            false
+        }
+    }
+}
+
+/// Checks that the WAL of `node`, stopped without its shutdown checkpoint, shows where
+/// it ends (what its kept state records).
+async fn wal_end_found(node: &Node) -> OpResult<()> {
+    let data = node.data();
+    tokio::task::spawn_blocking(move || {
+        let mut control = crate::snapshot::datadir::read_control(&data)?;
+        crate::snapshot::datadir::crash_lsns(&data, &mut control).map(|_| ())
+    })
+    .await
+    .map_err(crate::snapshot::join_error)?
+    .map_err(OpError::from)
 }
 
 /// Refuses to act on a pg that replicas follow (`why` says what they could not follow).

@@ -319,7 +319,8 @@ async fn clone_stopped(data: &Path, root: &Path) -> OpResult<Made> {
     let made = tokio::task::spawn_blocking(move || -> crate::snapshot::Result<Made> {
         datadir::check_not_running(&data)?;
         let pg_version = datadir::read_pg_version(&data)?;
-        let control = datadir::read_control(&data)?;
+        let mut control = datadir::read_control(&data)?;
+        let lsns = datadir::crash_lsns(&data, &mut control)?;
         let mut walked = datadir::walk(&data)?;
         // As a packed snapshot of a stopped pg: of a clean shutdown's WAL, only the
         // segment of its last checkpoint is needed.
@@ -328,7 +329,6 @@ async fn clone_stopped(data: &Path, root: &Path) -> OpResult<Made> {
         }
         make_root(&root)?;
         let entries = clone::clone_entries(&walked, &root, false)?;
-        let lsns = datadir::crash_lsns(&data, &control);
         Ok((entries, pg_version, control, lsns))
     })
     .await

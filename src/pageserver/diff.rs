@@ -56,7 +56,7 @@ pub async fn diff(
     // Pages either snapshot's WAL changes when it is restored: its files may not hold them
     // yet (a state kept without a shutdown checkpoint, an online snapshot's backup).
     let replay = {
-        let (ra, rb) = (replayed(&sa), replayed(&sb));
+        let (ra, rb) = (replayed(&sa, &sb), replayed(&sb, &sa));
         tokio::task::spawn_blocking(move || -> OpResult<HashMap<String, HashSet<u64>>> {
             let mut all = ra()?;
             for (path, blocks) in rb()? {
@@ -131,24 +131,38 @@ pub async fn diff(
     Ok(summarize(changes, &names_a, &names_b, a, b))
 }
 
-/// The blocks, by file, that replaying a clone's WAL (from its start to its stop position)
-/// changes; none for a packed snapshot (its WAL is not at hand) or a clean shutdown's.
-fn replayed(side: &Side) -> impl FnOnce() -> OpResult<HashMap<String, HashSet<u64>>> {
-    use crate::compute::wal::parse_lsn;
-    let range = (parse_lsn(&side.m.start_lsn), parse_lsn(&side.m.stop_lsn));
+/// The blocks, by file, that replaying a clone's WAL (from its start to its stop
+/// position) changes, leaving out the WAL `other` replays too (the same history's WAL
+/// over the same positions changes both alike); none for a packed snapshot (its WAL is
+/// not at hand) or a clean shutdown's.
+fn replayed(side: &Side, other: &Side) -> impl FnOnce() -> OpResult<HashMap<String, HashSet<u64>>> {
+    let range = lsn_range(side.m);
+    let shared = (side.m.wal_history.is_some()
+        && side.m.wal_history == other.m.wal_history
+        && side.m.timeline == other.m.timeline)
+        .then(|| lsn_range(other.m))
+        .flatten();
     let wal = side.clone.as_ref().map(|dir| dir.join("pg_wal"));
     move || {
         let mut by_file: HashMap<String, HashSet<u64>> = HashMap::new();
-        let (Some(wal), (Some(from), Some(to))) = (wal, range) else {
+        let (Some(wal), Some((from, to))) = (wal, range) else {
             return Ok(by_file);
         };
-        let touched = crate::compute::wal_end::touched_blocks(&wal, from, to)
+        let unshared = |lsn: u64| shared.is_none_or(|(a, b)| lsn < a || lsn >= b);
+        let touched = crate::compute::wal_end::touched_blocks(&wal, from, to, unshared)
             .map_err(|e| OpError::Failed(format!("reading the WAL a snapshot replays: {e}")))?;
         for (path, block) in touched.iter().filter_map(|r| r.file()) {
             by_file.entry(path).or_default().insert(block);
         }
         Ok(by_file)
     }
+}
+
+/// The WAL a snapshot's restore replays: from its start to its stop position.
+fn lsn_range(m: &Manifest) -> Option<(u64, u64)> {
+    use crate::compute::wal::parse_lsn;
+    let (from, to) = (parse_lsn(&m.start_lsn)?, parse_lsn(&m.stop_lsn)?);
+    (from < to).then_some((from, to))
 }
 
 fn side_of<'a>(m: &'a Manifest, repo: Option<&super::Pageserver>) -> Side<'a> {

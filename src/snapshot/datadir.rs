@@ -92,22 +92,26 @@ pub fn zero_after_checkpoint(
 /// Start and stop LSN of a stopped data directory that was not shut down cleanly (killed,
 /// or stopped in immediate mode) and carries no backup label: from its last checkpoint's
 /// redo position to where its WAL ends, which a restore replays to before it is
-/// consistent. `None` for a clean shutdown, and when the end cannot be found (then the
-/// WAL is damaged, and PostgreSQL's own recovery will say so at start).
-pub fn crash_lsns(dir: &Path, control: &ControlInfo) -> Option<(String, String)> {
+/// consistent; `control`'s timeline becomes that of the WAL's end (a promotion since the
+/// last checkpoint moved it on). `None` for a clean shutdown. Refused when the end cannot
+/// be found: recording the checkpoint instead would let a point-in-time restore start
+/// from this state for a target before its consistent point.
+pub fn crash_lsns(dir: &Path, control: &mut ControlInfo) -> Result<Option<(String, String)>> {
     if control.is_shut_down() || dir.join("backup_label").exists() {
-        return None;
+        return Ok(None);
     }
-    match crate::compute::wal_end::wal_end(&dir.join("pg_wal"), control.checkpoint_lsn) {
-        Ok(end) => Some((
-            crate::compute::wal::format_lsn(control.redo_lsn),
-            crate::compute::wal::format_lsn(end),
-        )),
-        Err(e) => {
-            tracing::warn!("{}: {e}", dir.display());
-            None
-        }
-    }
+    let end = crate::compute::wal_end::wal_end(&dir.join("pg_wal"), control.checkpoint_lsn)
+        .map_err(|e| SnapshotError::Refused {
+            reason: format!(
+                "{} was not shut down cleanly, and where its WAL ends cannot be told ({e}); start its server once and stop it cleanly, then take the snapshot",
+                dir.display()
+            ),
+        })?;
+    control.timeline = control.timeline.max(end.timeline);
+    Ok(Some((
+        crate::compute::wal::format_lsn(control.redo_lsn),
+        crate::compute::wal::format_lsn(end.lsn),
+    )))
 }
 
 /// Whether the data directory holds an unlogged relation (one with an `_init` fork),

@@ -46,10 +46,14 @@ pub(crate) async fn survey_for(
     let lsns = match lsns {
         Some(l) => Some(l),
         None => {
-            let (dir, control) = (dir.to_path_buf(), survey.control);
-            tokio::task::spawn_blocking(move || datadir::crash_lsns(&dir, &control))
-                .await
-                .map_err(super::error::join_error)?
+            let (dir, mut control) = (dir.to_path_buf(), survey.control);
+            let lsns = tokio::task::spawn_blocking(move || {
+                datadir::crash_lsns(&dir, &mut control).map(|l| (l, control))
+            })
+            .await
+            .map_err(super::error::join_error)??;
+            survey.control = lsns.1;
+            lsns.0
         }
     };
     options

@@ -225,6 +225,11 @@ fn a_checkout_stops_at_once_and_keeps_every_commit() {
     let waiting = ready_files(&data);
     assert!(waiting >= 2, "only {waiting} segments wait to be archived");
     ok(z(&repo.path).args(["storage", "attach", "-n", "storage_dest", "--path", &url]));
+    // A commit that did not wait for its WAL to reach the disk is kept all the same.
+    psql(
+        &main,
+        "set synchronous_commit = off; insert into t values (5)",
+    );
 
     let stops = |how: &str| {
         std::fs::read_to_string(repo.path.join("pgs/main/postgres.log"))
@@ -268,12 +273,22 @@ fn a_checkout_stops_at_once_and_keeps_every_commit() {
             .map(|r| r["pages_changed"].as_u64().unwrap())
     };
     assert_eq!(changed("t"), Some(1), "{diff}");
+    // Against itself, the WAL both replay cancels out.
+    let same: serde_json::Value = serde_json::from_str(&ok(z(&repo.path).args([
+        "snapshot",
+        "diff",
+        "main@HEAD{0}",
+        "main@HEAD{0}",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(same["relations"], serde_json::json!([]), "{same}");
     assert!(changed("big").unwrap() > 1000, "{diff}");
 
     // Checked out, the kept state replays its WAL: PostgreSQL's end-of-recovery
     // checkpoint is exactly where the snapshot says the WAL ends.
     ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));
-    assert_eq!(rows(&main), "{1,2,3,4}");
+    assert_eq!(rows(&main), "{1,2,3,4,5}");
     assert_eq!(psql(&main, "select count(*) from big"), "200000");
     assert_eq!(
         lsn(&psql(&main, "select redo_lsn from pg_control_checkpoint()")),
@@ -291,7 +306,7 @@ fn a_checkout_stops_at_once_and_keeps_every_commit() {
     assert_eq!((stops("immediate"), stops("fast")), (immediate, fast + 1));
     ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{2}"]));
     assert_eq!(psql(&main, "select i from u"), "7");
-    assert_eq!(rows(&main), "{1,2,3,4}");
+    assert_eq!(rows(&main), "{1,2,3,4,5}");
     ok(z(&repo.path).args(["stop"]));
 }
 
