@@ -432,6 +432,13 @@ impl Node {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()));
+        if install.major >= 14 {
+            // Starting after a crash, or from a state kept without a shutdown checkpoint,
+            // PostgreSQL first makes the whole data directory durable: by default with an
+            // fsync per file (0.1 s for the thousand files of a 2.5 GB database on XFS),
+            // with syncfs in one call per filesystem.
+            cmd.args(["-c", "recovery_init_sync_method=syncfs"]);
+        }
         for setting in settings {
             cmd.arg("-c").arg(setting);
         }
@@ -471,7 +478,9 @@ impl Node {
                     self.log().display()
                 )));
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // A read of a small file: often enough that a checkout or a new pg is not
+            // kept waiting (pgs start in about 0.1 s).
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 
