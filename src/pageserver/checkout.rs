@@ -27,22 +27,43 @@ impl Pageserver {
         let store = self.store().await?;
         // After a checkout that failed halfway, the state it kept is all there is.
         let interrupted = incomplete(node);
-        let kept = match &interrupted {
-            Some(id) => zenith::resolve(store.as_ref(), id).await.map_err(|e| {
-                OpError::Conflict(format!(
-                    "pg {name}'s data is incomplete and the snapshot that held its state is unreadable ({e}); to give that state up, delete {} and run the checkout again",
-                    node.incomplete_marker().display()
-                ))
-            })?,
-            None => self.keep_head(node, state, progress.clone()).await?,
-        };
-        progress.next_phase();
         let fresh = node.dir.join("data.checkout");
         let _ = std::fs::remove_dir_all(&fresh);
+        // A thin clone target is cloned beside the old data while the old state is kept:
+        // the two touch different files.
+        let (kept, cloned) = match &interrupted {
+            Some(id) => {
+                let kept = zenith::resolve(store.as_ref(), id).await.map_err(|e| {
+                    OpError::Conflict(format!(
+                        "pg {name}'s data is incomplete and the snapshot that held its state is unreadable ({e}); to give that state up, delete {} and run the checkout again",
+                        node.incomplete_marker().display()
+                    ))
+                })?;
+                (kept, None)
+            }
+            None if target.clone => {
+                let quiet = ProgressHandle::default();
+                let (kept, cloned) = tokio::join!(
+                    self.keep_head(node, state, progress.clone()),
+                    self.materialize(target, &fresh, &quiet)
+                );
+                match kept {
+                    Ok(kept) => (kept, Some(cloned)),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&fresh);
+                        return Err(e);
+                    }
+                }
+            }
+            None => (self.keep_head(node, state, progress.clone()).await?, None),
+        };
+        progress.next_phase();
         // A thin clone target is cloned beside the old data, and one kept as a clone has no
         // blocks to take over: both leave the old data untouched.
         let untouched = interrupted.is_none() && (target.clone || kept.clone);
-        let restored = if interrupted.is_some() || untouched {
+        let restored = if let Some(cloned) = cloned {
+            cloned
+        } else if interrupted.is_some() || untouched {
             self.materialize(target, &fresh, &progress).await
         } else {
             // The new data next to the old, swapped only when complete. Files move over

@@ -296,6 +296,30 @@ fn a_checkout_stops_at_once_and_keeps_every_commit() {
     );
     amcheck_clean(&main);
 
+    // A pg promoted a moment ago writes on a new timeline that no checkpoint may name
+    // yet: the state a checkout keeps is on the timeline its WAL ends on.
+    ok(z(&repo.path).args(["pg", "create", "r1", "--no-start"]));
+    ok(z(&repo.path).args(["pg", "start", "r1", "--replica"]));
+    let r1 = connstr_of(&repo.path, "r1");
+    eventually("r1 caught up with main", || rows(&r1) == rows(&main));
+    ok(z(&repo.path).args(["pg", "promote", "r1"]));
+    psql(&r1, "insert into t values (100)");
+    let timeline = u64::from_str_radix(
+        &psql(
+            &r1,
+            "select substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+        ),
+        16,
+    )
+    .unwrap();
+    assert!(timeline >= 2, "{timeline}");
+    ok(z(&repo.path).args(["pg", "checkout", "r1", "main@a"]));
+    let kept = snapshot_json(&repo.path, "r1@HEAD{0}");
+    assert_eq!(kept["timeline"].as_u64(), Some(timeline), "{kept}");
+    ok(z(&repo.path).args(["pg", "checkout", "r1", "r1@HEAD{0}"]));
+    assert_eq!(rows(&r1), "{1,2,3,4,5,100}");
+    ok(z(&repo.path).args(["pg", "destroy", "r1"]));
+
     // An unlogged table would be emptied by that replay: the pg stops cleanly instead.
     psql(
         &main,
