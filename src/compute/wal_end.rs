@@ -60,26 +60,23 @@ pub fn wal_end(pg_wal: &Path, from: u64) -> Result<WalEnd, String> {
 }
 
 /// What identifies the WAL read from `from` in `pg_wal`: the directory, the position, and
-/// every file's name, length and modification time.
+/// every file's name, inode, length and change time (which, unlike the modification
+/// time, nobody can set back).
 fn listing(pg_wal: &Path, from: u64) -> Option<Vec<u8>> {
     use std::os::unix::fs::MetadataExt;
-    let mut files: Vec<(String, u64, i64, i64)> = std::fs::read_dir(pg_wal)
-        .ok()?
-        .map(|e| {
-            let e = e.ok()?;
-            let m = e.metadata().ok()?;
-            Some((
-                e.file_name().to_string_lossy().to_string(),
-                m.len(),
-                m.mtime(),
-                m.mtime_nsec(),
-            ))
-        })
-        .collect::<Option<_>>()?;
+    let mut files: Vec<(String, u64, u64, u64, i64, i64)> = Vec::new();
+    for e in std::fs::read_dir(pg_wal).ok()? {
+        let e = e.ok()?;
+        let m = e.metadata().ok()?;
+        if m.is_file() {
+            let name = e.file_name().to_string_lossy().to_string();
+            files.push((name, m.dev(), m.ino(), m.len(), m.ctime(), m.ctime_nsec()));
+        }
+    }
     files.sort();
     let mut key = format!("{}\0{from}", std::fs::canonicalize(pg_wal).ok()?.display());
-    for (name, len, s, ns) in files {
-        key.push_str(&format!("\0{name} {len} {s}.{ns}"));
+    for (name, dev, ino, len, s, ns) in files {
+        key.push_str(&format!("\0{name} {dev}:{ino} {len} {s}.{ns}"));
     }
     Some(key.into_bytes())
 }

@@ -536,26 +536,42 @@ impl Ops {
 }
 
 /// The WAL a pg may leave to be replayed at its next start, instead of writing its dirty
-/// pages in a shutdown checkpoint: replaying more than this would make that start slow.
-const MAX_REPLAY: u64 = 1 << 30;
+/// pages in a shutdown checkpoint: replaying much more would make that start slow (and a
+/// start has two minutes).
+const MAX_REPLAY: u64 = 512 << 20;
 
-/// Prepares running `node` to stop without its shutdown checkpoint; whether it may. A
-/// transaction that writes WAL (a logical decoding message, which nothing reads) commits
-/// with a local flush, writing out all WAL before it: commits made with
-/// `synchronous_commit = off` are kept too. And the WAL since the last checkpoint must be
-/// short enough to replay at the next start.
+/// Prepares running `node` to stop without its shutdown checkpoint; whether it may. As a
+/// clean stop would, it ends the client sessions (a commit either made it or is rolled
+/// back), then commits a transaction that writes WAL (a logical decoding message, which
+/// nothing reads) with a local flush: all WAL before it is written out, commits made with
+/// `synchronous_commit = off` included. It waits (up to 2 s) for the safekeeper to have
+/// stored that WAL, as a clean stop waits for its WAL senders. And the WAL since the last
+/// checkpoint must be short enough to replay at the next start.
 async fn flushed_for_immediate_stop(node: &Node, state: &NodeState) -> bool {
-    let sql = "SET synchronous_commit = local; \
-               SELECT pg_logical_emit_message(true, 'zenith', 'checkout'), \
-               (pg_current_wal_insert_lsn() - redo_lsn)::bigint FROM pg_control_checkpoint()";
+    let wait_for_safekeeper = format!(
+        "DO $$ DECLARE flushed pg_lsn := pg_current_wal_flush_lsn(); \
+         deadline timestamptz := clock_timestamp() + interval '2 s'; BEGIN \
+         WHILE clock_timestamp() < deadline AND EXISTS (SELECT 1 FROM pg_stat_replication \
+         WHERE application_name = '{}' AND (flush_lsn IS NULL OR flush_lsn < flushed)) \
+         LOOP PERFORM pg_sleep(0.002); END LOOP; END $$",
+        crate::safekeeper::receiver::NAME
+    );
+    let steps = [
+        "SET synchronous_commit = local",
+        "SELECT count(pg_terminate_backend(pid, 1000)) FROM pg_stat_activity \
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        "SELECT pg_logical_emit_message(true, 'zenith', 'checkout')",
+        wait_for_safekeeper.as_str(),
+        "SELECT (pg_current_wal_insert_lsn() - redo_lsn)::bigint FROM pg_control_checkpoint()",
+    ];
     let Ok(install) = install() else {
         return false;
     };
-    match node.query(&install, state, sql).await {
+    let limit = std::time::Duration::from_secs(10);
+    match node.query_steps(&install, state, &steps, limit).await {
         Ok(out) => out
             .lines()
             .last()
-            .and_then(|l| l.split('|').nth(1))
             .and_then(|n| n.trim().parse::<u64>().ok())
             .is_some_and(|since_checkpoint| since_checkpoint <= MAX_REPLAY),
         Err(e) => {
