@@ -460,9 +460,16 @@ impl Ops {
         // is replayed: the snapshot records where that WAL ends, and a pg made from it
         // replays it when it starts. Unlogged relations would be emptied by that
         // replay, and a pg in recovery has not reached its own end yet: those stop cleanly.
+        let clones = self.pageserver.clone_mode().on;
+        if was_running && clones {
+            // The pg's files are cloned once it stops; what it wrote and the kernel has
+            // not yet written out goes to disk meanwhile.
+            let data = node.data();
+            tokio::task::spawn_blocking(move || crate::util::reflink::start_writeback(&data));
+        }
         let at_once = was_running
             && state.recovery.is_none()
-            && self.pageserver.clone_mode().on
+            && clones
             && !crate::snapshot::datadir::has_unlogged_relations(&node.data())
             && flushed_for_immediate_stop(&node, &state).await;
         self.halt_node(&node, at_once).await?;
