@@ -467,11 +467,13 @@ impl Ops {
             let data = node.data();
             tokio::task::spawn_blocking(move || crate::util::reflink::start_writeback(&data));
         }
+        // (Unlogged relations are looked for once the sessions are ended: none can
+        // appear after that but from a new session in the moment before the stop.)
         let at_once = was_running
             && state.recovery.is_none()
             && clones
-            && !crate::snapshot::datadir::has_unlogged_relations(&node.data())
-            && flushed_for_immediate_stop(&node, &state).await;
+            && flushed_for_immediate_stop(&node, &state).await
+            && !crate::snapshot::datadir::has_unlogged_relations(&node.data());
         self.halt_node(&node, at_once).await?;
         if at_once {
             if let Err(e) = wal_end_found(&node).await {
