@@ -371,13 +371,13 @@ impl Node {
 
     /// Runs SQL texts through the local socket as the superuser, each in its own
     /// transaction, and returns psql's unaligned, tuples-only output; an error past
-    /// `limit`, when psql is ended.
+    /// `limit` (if any), when psql is ended.
     pub async fn query_steps(
         &self,
         install: &PgInstall,
         state: &NodeState,
         steps: &[&str],
-        limit: std::time::Duration,
+        limit: Option<std::time::Duration>,
     ) -> Result<String> {
         let mut cmd = tokio::process::Command::new(install.bin("psql"));
         cmd.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
@@ -386,10 +386,13 @@ impl Node {
             cmd.arg("-c").arg(step);
         }
         let run = cmd.stdin(Stdio::null()).kill_on_drop(true).output();
-        let out = tokio::time::timeout(limit, run)
-            .await
-            .map_err(|_| Error::Failed(format!("pg {}: no answer in {limit:?}", self.name)))?
-            .map_err(|e| Error::io(install.bin("psql").display(), e))?;
+        let out = match limit {
+            Some(limit) => tokio::time::timeout(limit, run)
+                .await
+                .map_err(|_| Error::Failed(format!("pg {}: no answer in {limit:?}", self.name)))?,
+            None => run.await,
+        }
+        .map_err(|e| Error::io(install.bin("psql").display(), e))?;
         if !out.status.success() {
             return Err(Error::Failed(format!(
                 "pg {}: {}",
@@ -403,23 +406,7 @@ impl Node {
     /// Runs one SQL text through the local socket as the superuser and returns psql's
     /// unaligned, tuples-only output.
     pub async fn query(&self, install: &PgInstall, state: &NodeState, sql: &str) -> Result<String> {
-        let out = tokio::process::Command::new(install.bin("psql"))
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
-            .arg(self.local_connstr(state))
-            .arg("-c")
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| Error::io(install.bin("psql").display(), e))?;
-        if !out.status.success() {
-            return Err(Error::Failed(format!(
-                "pg {}: {}",
-                self.name,
-                last_line(&out.stderr)
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        self.query_steps(install, state, &[sql], None).await
     }
 
     /// Starts the server as a child process (its output appended to the log) and waits

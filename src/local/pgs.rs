@@ -577,7 +577,7 @@ async fn flushed_for_immediate_stop(node: &Node, state: &NodeState) -> bool {
         return false;
     };
     let limit = std::time::Duration::from_secs(10);
-    match node.query_steps(&install, state, &steps, limit).await {
+    match node.query_steps(&install, state, &steps, Some(limit)).await {
         Ok(out) => out
             .lines()
             .last()
