@@ -4,14 +4,23 @@
 //! the pg's `synchronous_standby_names` naming it, a commit returns once its WAL is on
 //! the storage, which survives losing the machine.
 //!
-//! What arrived since the last store goes out as one new piece; up to
-//! [`IN_FLIGHT`] stores run at once, and the flushed position moves over those that
+//! On a storage of files (`file://`, unencrypted) it writes the segment in place, the way
+//! `pg_receivewal` does: what arrived since the last write is appended to the segment's
+//! file and fdatasynced, then reported flushed; WAL that arrives meanwhile waits in the
+//! socket and goes out with the next write (group commit). A write or sync that fails
+//! ends the process (after a failed fsync the kernel may have dropped the pages), and the
+//! next run writes the segment again from the start of its file.
+//!
+//! On a storage of objects, what arrived since the last store goes out as one new piece;
+//! up to [`IN_FLIGHT`] stores run at once, and the flushed position moves over those that
 //! completed in order (group commit over the network, with the storage's latency
 //! overlapped). Every [`WINDOW`] bytes, and when a segment is full, the small pieces of
 //! that stretch are stored again as one and deleted, so a segment is a few pieces when it
-//! is read back. It streams through a replication slot, so the pg keeps every segment it
-//! has not reported yet, and resumes after a restart where the storage's pieces end. A
-//! store that keeps failing ends the process; zenith-local starts it again.
+//! is read back. A store that keeps failing ends the process; zenith-local starts it
+//! again.
+//!
+//! It streams through a replication slot, so the pg keeps every segment it has not
+//! reported yet, and resumes after a restart where the storage's pieces end.
 //!
 //! It writes what it does to a small JSON report (about every 200 ms and at least once a
 //! second), which zenith-local reads to tell a healthy safekeeper from a stalled one.
@@ -103,6 +112,8 @@ pub async fn run(
         server_end: 0,
         pending: VecDeque::new(),
         cleanup: None,
+        in_place: None,
+        file: None,
     };
     let result = r.stream(&socket).await;
     r.report.streaming = false;
@@ -140,6 +151,18 @@ struct Receiver {
     /// Ends of received batches not stored yet, and when they came.
     pending: VecDeque<(u64, u64)>,
     cleanup: Option<tokio::task::JoinHandle<()>>,
+    /// Whether the storage takes segments written in place (known at the first write).
+    in_place: Option<bool>,
+    /// The file the current segment is written to, in place.
+    file: Option<InPlace>,
+}
+
+/// A segment's file written in place: bytes `from..` of segment `segno`.
+struct InPlace {
+    segno: u64,
+    from: u64,
+    file: std::fs::File,
+    key: String,
 }
 
 /// A store running: the piece it stores ends at `end` (an LSN).
@@ -312,7 +335,7 @@ impl Receiver {
                 }
             }
             if self.in_flight.len() < IN_FLIGHT && self.stored_at.elapsed() >= self.batch {
-                self.send(self.position());
+                flushed |= self.send(self.position())?;
             }
             if flushed || last_status.elapsed() >= Duration::from_secs(10) {
                 conn.status(self.flushed, self.flushed)
@@ -353,7 +376,15 @@ impl Receiver {
                 .filter(|p| p.segment == name)
                 .cloned()
                 .collect();
-            let end = cover(&of_it).last().map(|p| p.to)?;
+            let last = cover(&of_it).last().cloned()?;
+            // A file written in place is written again from its start (its tail may not
+            // have been synced), unless it was written to the segment's end: a run moves
+            // on to the next segment only once that end is synced.
+            let end = if last.in_place && last.to < self.segment_size {
+                last.from
+            } else {
+                last.to
+            };
             Some(segno * self.segment_size + end)
         });
         let start = match start {
@@ -439,7 +470,7 @@ impl Receiver {
             data = &data[take..];
             if take == room {
                 self.pending.push_back((self.position(), now_ms()));
-                self.send(self.position());
+                self.send(self.position())?;
                 self.compact(self.segment_size);
                 self.segno += 1;
                 self.origin = 0;
@@ -455,11 +486,15 @@ impl Receiver {
         Ok(())
     }
 
-    /// Starts storing what was received up to `end` (an LSN in the current segment) and
-    /// not sent yet, as a new piece.
-    fn send(&mut self, end: u64) {
+    /// Writes what was received up to `end` (an LSN in the current segment) and not sent
+    /// yet: in place and synced (then true: the flushed position moved), or as a new
+    /// piece whose store starts now.
+    fn send(&mut self, end: u64) -> Result<bool, String> {
         if end <= self.sent {
-            return;
+            return Ok(false);
+        }
+        if self.in_place != Some(false) && self.write_in_place(end)? {
+            return Ok(true);
         }
         let from = self.sent - self.segment_start();
         let to = end - self.segment_start();
@@ -491,6 +526,54 @@ impl Receiver {
         if to - self.window >= WINDOW {
             self.compact(to);
         }
+        Ok(false)
+    }
+
+    /// Appends what was received up to `end` to the current segment's file and syncs it;
+    /// false if the storage keeps objects only.
+    fn write_in_place(&mut self, end: u64) -> Result<bool, String> {
+        use std::os::unix::fs::FileExt;
+        let segment = segment_name(self.timeline, self.segno, self.segment_size);
+        if self.file.as_ref().map(|f| f.segno) != Some(self.segno) {
+            // This segment's file begins where this run's bytes of it do.
+            let key = self
+                .archive
+                .in_place_key(&self.history, &segment, self.origin);
+            match self.archive.storage().open_in_place(&key) {
+                None => {
+                    self.in_place = Some(false);
+                    return Ok(false);
+                }
+                Some(Err(e)) => return Err(format!("writing WAL of {segment}: {e}")),
+                Some(Ok(file)) => {
+                    self.in_place = Some(true);
+                    self.file = Some(InPlace {
+                        segno: self.segno,
+                        from: self.origin,
+                        file,
+                        key,
+                    });
+                }
+            }
+        }
+        let file = self.file.as_ref().expect("opened above");
+        let from = self.sent - self.segment_start();
+        let to = end - self.segment_start();
+        let bytes = &self.data[(from - self.origin) as usize..(to - self.origin) as usize];
+        file.file
+            .write_all_at(bytes, from - file.from)
+            .and_then(|()| file.file.sync_data())
+            .map_err(|e| {
+                format!(
+                    "writing WAL of {segment} to {}/{}: {e}",
+                    self.archive.storage().url(),
+                    file.key
+                )
+            })?;
+        self.sent = end;
+        self.stored_at = Instant::now();
+        self.flushed_to(end);
+        Ok(true)
     }
 
     /// A store completed (the first in flight): the flushed position moves to its end.
@@ -502,11 +585,15 @@ impl Receiver {
         {
             self.small.push(piece);
         }
-        self.flushed = self.flushed.max(store.end);
+        self.flushed_to(store.end);
+        Ok(())
+    }
+
+    fn flushed_to(&mut self, end: u64) {
+        self.flushed = self.flushed.max(end);
         self.report.error = None;
         let flushed = self.flushed;
         self.pending.retain(|(e, _)| *e > flushed);
-        Ok(())
     }
 
     /// Stores bytes `window..to` of the current segment again as one piece, in the
@@ -515,6 +602,9 @@ impl Receiver {
     fn compact(&mut self, to: u64) {
         let from = self.window;
         self.window = to;
+        if self.in_place == Some(true) {
+            return;
+        }
         let small: Vec<Piece> = std::mem::take(&mut self.small)
             .into_iter()
             .filter(|p| p.to <= to)

@@ -2,14 +2,26 @@
 //! whole yet, so that a commit it acknowledged is on the storage before the segment is
 //! full.
 //!
+//! On a storage of objects (S3, an encrypted storage),
 //! `wal/<sysid>/<history>/stream/<segment>-<from>-<to>.zst` holds bytes `from..to`
 //! (offsets in the segment, 8 hex digits each) of the segment, in the archive's object
-//! format (checksummed). Objects are never overwritten: a longer piece with the same start
-//! supersedes a shorter one, which is deleted after it, and a piece written again after a
-//! restart only adds. A segment reads back as the contiguous run of pieces from its
-//! start, zero-filled to the segment's size, the way PostgreSQL keeps a segment it is
-//! still writing: recovery replays it to its last whole record, then finds nothing after.
-//! Once the segment itself is archived, its pieces are deleted.
+//! format (checksummed). Such objects are never overwritten: a longer piece with the same
+//! start supersedes a shorter one, which is deleted after it, and a piece written again
+//! after a restart only adds.
+//!
+//! On a storage of files (`file://`, unencrypted), the safekeeper writes
+//! `wal/<sysid>/<history>/stream/<segment>-<from>.wal` in place instead, the way
+//! `pg_receivewal` writes its partial segment: the segment's bytes from `from` on, raw,
+//! appended and fdatasynced before they are acknowledged; the file's size says how far it
+//! goes. Those bytes carry no checksum of zenith's: PostgreSQL's own record checksums
+//! guard them at replay. After a restart the safekeeper writes the file again from its
+//! start, over the same bytes, so a tail a crash of the machine left unsynced (zeros, or
+//! worse) is overwritten before anything after it is acknowledged.
+//!
+//! A segment reads back as the contiguous run of pieces from its start, zero-filled to
+//! the segment's size, the way PostgreSQL keeps a segment it is still writing: recovery
+//! replays it to its last whole record, then finds nothing after. Once the segment itself
+//! is archived, its pieces are deleted.
 
 use bytes::Bytes;
 
@@ -23,6 +35,8 @@ pub struct Piece {
     pub from: u64,
     pub to: u64,
     pub key: String,
+    /// Written in place (raw bytes, `to` from the file's size), not an object.
+    pub in_place: bool,
 }
 
 impl Archive {
@@ -49,7 +63,13 @@ impl Archive {
             from,
             to,
             key,
+            in_place: false,
         })
+    }
+
+    /// The key of the piece of `segment` of `history` written in place from `from`.
+    pub fn in_place_key(&self, history: &str, segment: &str, from: u64) -> String {
+        format!("{}{segment}-{from:08X}.wal", self.stream_prefix(history))
     }
 
     /// Every piece of `history`, by segment and start.
@@ -61,17 +81,29 @@ impl Archive {
             .await?
             .into_iter()
             .filter_map(|o| {
-                let name = o.key.strip_prefix(&prefix)?.strip_suffix(".zst")?;
+                let name = o.key.strip_prefix(&prefix)?;
+                let (name, in_place) = match name.strip_suffix(".wal") {
+                    Some(name) => (name, true),
+                    None => (name.strip_suffix(".zst")?, false),
+                };
                 let (segment, range) = name.split_once('-')?;
-                let (from, to) = range.split_once('-')?;
                 WalFile::parse(segment, crate::compute::wal::DEFAULT_SEGMENT_SIZE)?;
-                let from = u64::from_str_radix(from, 16).ok()?;
-                let to = u64::from_str_radix(to, 16).ok()?;
+                let (from, to) = if in_place {
+                    let from = u64::from_str_radix(range, 16).ok()?;
+                    (from, from.checked_add(o.size)?)
+                } else {
+                    let (from, to) = range.split_once('-')?;
+                    (
+                        u64::from_str_radix(from, 16).ok()?,
+                        u64::from_str_radix(to, 16).ok()?,
+                    )
+                };
                 (from < to).then(|| Piece {
                     segment: segment.to_string(),
                     from,
                     to,
                     key: o.key.clone(),
+                    in_place,
                 })
             })
             .collect();
@@ -129,16 +161,34 @@ impl Archive {
                 object: format!("{}/{}", self.storage().url(), piece.key),
                 what,
             };
-            let (_, data) = decode(&bytes).map_err(corrupt)?;
-            if data.len() as u64 != piece.to - piece.from || piece.to > segment_size {
-                return Err(corrupt(format!(
-                    "it holds {} bytes, its name says {}",
-                    data.len(),
-                    piece.to - piece.from
-                )));
-            }
-            let skip = (out.len() as u64 - piece.from) as usize;
-            out.extend_from_slice(&data[skip..]);
+            let data = if piece.in_place {
+                // Listed earlier, it may have grown since.
+                let data = bytes.to_vec();
+                if (data.len() as u64) < piece.to - piece.from
+                    || piece.from + data.len() as u64 > segment_size
+                {
+                    return Err(corrupt(format!(
+                        "it holds {} bytes from offset {:X} of a {segment_size}-byte segment, and was listed with {}",
+                        data.len(),
+                        piece.from,
+                        piece.to - piece.from
+                    )));
+                }
+                data
+            } else {
+                let (_, data) = decode(&bytes).map_err(corrupt)?;
+                if data.len() as u64 != piece.to - piece.from || piece.to > segment_size {
+                    return Err(corrupt(format!(
+                        "it holds {} bytes, its name says {}",
+                        data.len(),
+                        piece.to - piece.from
+                    )));
+                }
+                data
+            };
+            // (A piece written in place may reach past the next one's start by now.)
+            let skip = (out.len() as u64).saturating_sub(piece.from) as usize;
+            out.extend_from_slice(data.get(skip..).unwrap_or_default());
         }
         if out.is_empty() || (whole && (out.len() as u64) < segment_size) {
             return Ok(None);
@@ -197,7 +247,67 @@ mod tests {
             from,
             to,
             key: format!("{from}-{to}"),
+            in_place: false,
         }
+    }
+
+    #[tokio::test]
+    async fn a_segment_reads_back_from_objects_and_a_file_written_in_place() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = std::sync::Arc::new(
+            crate::storage::LocalStorage::new(dir.path().to_path_buf()).unwrap(),
+        );
+        let archive = Archive::new(storage.clone(), 7);
+        let segment = "000000010000000000000003";
+        let size = 64;
+        archive.put_piece("h", segment, 0, &[1; 10]).await.unwrap();
+        // Written in place from 10 on, and grown after it was listed.
+        let key = archive.in_place_key("h", segment, 10);
+        let file = crate::storage::Storage::open_in_place(storage.as_ref(), &key)
+            .unwrap()
+            .unwrap();
+        file.write_all_at(&[2; 20], 0).unwrap();
+        let pieces = archive.pieces("h").await.unwrap();
+        assert_eq!(
+            pieces
+                .iter()
+                .map(|p| (p.from, p.to, p.in_place))
+                .collect::<Vec<_>>(),
+            [(0, 10, false), (10, 30, true)]
+        );
+        file.write_all_at(&[3; 4], 20).unwrap();
+        let data = archive
+            .streamed("h", segment, size, false)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut want = [vec![1; 10], vec![2; 20], vec![3; 4]].concat();
+        want.resize(size as usize, 0);
+        assert_eq!(data, want);
+        // Not the whole segment: a restore does not take it for one.
+        assert!(archive
+            .streamed("h", segment, size, true)
+            .await
+            .unwrap()
+            .is_none());
+        // Reopened, it is not truncated.
+        drop(file);
+        let again = crate::storage::Storage::open_in_place(storage.as_ref(), &key)
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.metadata().unwrap().len(), 24);
+        // Longer than its segment: refused in one line, not read past.
+        again.write_all_at(&[4; 60], 0).unwrap();
+        let refused = archive
+            .streamed("h", segment, size, false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("it holds 60 bytes from offset A"),
+            "{refused}"
+        );
     }
 
     #[test]

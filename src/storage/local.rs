@@ -3,6 +3,8 @@
 //! Every write goes to a unique temporary file in the target's directory (opened with
 //! `create_new`), is fsynced, renamed over the final name and followed by an fsync of the
 //! directory, so a crash leaves either the old object or the new one, never a torn file.
+//! The one exception is a file opened with [`Storage::open_in_place`], which its writer
+//! grows and syncs in place (the safekeeper's segment being streamed).
 //! Temporary files carry [`TEMP_MARKER`], this machine's name and the writer's pid in their
 //! name and are invisible to `list`; a crash can leave one behind, which is never mistaken
 //! for an object and which [`Storage::remove_abandoned`] removes once its writer is gone.
@@ -67,6 +69,26 @@ impl LocalStorage {
 impl Storage for LocalStorage {
     fn url(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+
+    fn open_in_place(&self, key: &str) -> Option<Result<File>> {
+        let open = || {
+            let path = self.path_of(key)?;
+            let dir = parent_dir(&path).unwrap_or(&self.root);
+            let file = create_dirs_durably(dir)
+                .and_then(|()| {
+                    OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&path)
+                })
+                // Its name too, before anything written to it is called durable.
+                .and_then(|file| fsync_dir(dir).map(|()| file))
+                .map_err(|e| Error::local(&path, "open for writing", e))?;
+            Ok(file)
+        };
+        Some(open())
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {

@@ -13,8 +13,10 @@
 //! - **Typed errors** ([`Error`]) that name the URL, say what to check, tell retryable from
 //!   permanent, and never carry credentials.
 //!
-//! What it does not do: it knows nothing about snapshots, and it offers no rename, append or
-//! compare-and-swap; commit order (data first, manifest last) is the snapshot layer's job.
+//! What it does not do: it knows nothing about snapshots, and it offers no rename or
+//! compare-and-swap, and no append but the local backend's file written in place
+//! ([`Storage::open_in_place`], for the safekeeper); commit order (data first, manifest
+//! last) is the snapshot layer's job.
 
 pub(crate) mod error;
 mod local;
@@ -79,6 +81,14 @@ pub trait Storage: Send + Sync + Debug {
     /// `sealed`).
     fn encrypted(&self) -> bool {
         false
+    }
+
+    /// For a writer that keeps `key` open and writes it in place, syncing as it goes (the
+    /// safekeeper's segment being streamed, like `pg_receivewal`'s partial file): the
+    /// object's file, created durably with its directories when missing and never
+    /// truncated. `None` where objects are only written whole (S3, an encrypted storage).
+    fn open_in_place(&self, _key: &str) -> Option<Result<std::fs::File>> {
+        None
     }
 
     /// Stores `data` under `key`, replacing any previous object, atomically.

@@ -224,6 +224,24 @@ fn sync_mode_holds_commits_until_stored_and_falls_back_when_the_safekeeper_stall
             "{segment}: no pieces, not archived"
         ),
     }
+    // On a file:// storage the segment is a file written in place, as pg_receivewal's.
+    let stream = dest
+        .join("wal")
+        .join(sysid(&repo.path).to_string())
+        .join(&history)
+        .join("stream");
+    let names: Vec<String> = std::fs::read_dir(&stream)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        names.iter().any(|n| n.ends_with(".wal")),
+        "no segment written in place in {}: {names:?}",
+        stream.display()
+    );
     let verified = ok(z(&repo.path).args(["wal", "verify"]));
     assert!(!verified.contains("GAP"), "{verified}");
     assert!(
@@ -323,13 +341,46 @@ fn every_acknowledged_commit_survives_losing_the_machine_with_garage() {
     let Some(first) = TestRepo::new() else {
         return;
     };
-    let env = server.env();
+    every_acknowledged_commit_survives(first, &server.url("lost"), &server.env());
+}
+
+/// The same on a file:// storage, where the safekeeper writes the segment in place and
+/// fdatasyncs it, as pg_receivewal does (the storage's directory stands for a disk the
+/// machine's loss spares).
+#[test]
+fn every_acknowledged_commit_survives_losing_the_machine_with_a_file_storage() {
+    let Some(first) = TestRepo::new() else {
+        return;
+    };
+    let dest = first.path.with_file_name("dest");
+    // (The repos hold the directory the storage is in.)
+    let _repos =
+        every_acknowledged_commit_survives(first, &format!("file://{}", dest.display()), &[]);
+    let files: Vec<String> = walkdir::WalkDir::new(&dest)
+        .into_iter()
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with(".wal")),
+        "no segment written in place in {files:#?}"
+    );
+}
+
+/// Three rounds of: a client commits rows one by one, the machine is lost at a random
+/// moment, a new repo with only config.toml (storage_dest `url`) has every acknowledged
+/// id. Returns the repos, stopped.
+fn every_acknowledged_commit_survives(
+    first: TestRepo,
+    url: &str,
+    env: &[(&str, String)],
+) -> Vec<TestRepo> {
     let zz = |repo: &Path| {
         let mut cmd = z(repo);
         cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         cmd
     };
-    ok(zz(&first.path).args(["init", "--storage_dest", &server.url("lost")]));
+    ok(zz(&first.path).args(["init", "--storage_dest", url]));
     set_safekeeper(&first.path, "sync", "60s");
     ok(zz(&first.path).arg("start"));
     let main = connstr_of(&first.path, "main");
@@ -396,4 +447,5 @@ fn every_acknowledged_commit_survives_losing_the_machine_with_garage() {
     }
     let last: PathBuf = repos.last().unwrap().path.clone();
     ok(zz(&last).arg("stop"));
+    repos
 }
