@@ -40,7 +40,13 @@ pub struct WalEnd {
 
 /// Where the WAL in `pg_wal` ends, reading from the record at `from`. An error when that
 /// first record cannot be read: then the WAL is damaged, and so is the data directory.
-pub fn wal_end(pg_wal: &Path, from: u64) -> Result<WalEnd, String> {
+///
+/// `after`, when known, is where a record begins that the server reported flushed just
+/// before it stopped (the end of a record it inserted then): everything before it was
+/// written and synced by the server moments ago, so the search for the end starts there
+/// (tens of MiB less to read after a burst of writes). If no whole record begins there,
+/// the search starts at `from` as without it.
+pub fn wal_end(pg_wal: &Path, from: u64, after: Option<u64>) -> Result<WalEnd, String> {
     // A checkout reads a stopped server's WAL twice in a row (to check it can keep that
     // state, then to keep it): the last answer stands while the files are unchanged.
     static LAST: std::sync::Mutex<Option<(Vec<u8>, WalEnd)>> = std::sync::Mutex::new(None);
@@ -52,7 +58,15 @@ pub fn wal_end(pg_wal: &Path, from: u64) -> Result<WalEnd, String> {
             }
         }
     }
-    let end = walk(pg_wal, from, u64::MAX, |_| {})?;
+    let end = match after.filter(|a| *a > from) {
+        Some(after) => {
+            // The first record must be whole all the same.
+            walk(pg_wal, from, from + 1, |_| {})?;
+            walk(pg_wal, after, u64::MAX, |_| {})
+                .or_else(|_| walk(pg_wal, from, u64::MAX, |_| {}))?
+        }
+        None => walk(pg_wal, from, u64::MAX, |_| {})?,
+    };
     if let (Some(key), Ok(mut last)) = (key, LAST.lock()) {
         *last = Some((key, end));
     }
@@ -509,11 +523,15 @@ mod tests {
     }
 
     fn end_of(seg: &[u8]) -> Result<u64, String> {
+        end_after(seg, None)
+    }
+
+    fn end_after(seg: &[u8], after: Option<u64>) -> Result<u64, String> {
         let dir = tempfile::tempdir().unwrap();
         let (one, two) = seg.split_at(SEGMENT as usize);
         std::fs::write(dir.path().join("000000010000000000000001"), one).unwrap();
         std::fs::write(dir.path().join("000000010000000000000002"), two).unwrap();
-        wal_end(dir.path(), BASE + 40).map(|e| e.lsn)
+        wal_end(dir.path(), BASE + 40, after).map(|e| e.lsn)
     }
 
     /// Records small and large, some crossing pages, one ending right at a page end.
@@ -536,6 +554,22 @@ mod tests {
             "a record ends a page"
         );
         assert_eq!(end_of(&seg).unwrap(), spans.last().unwrap().1);
+    }
+
+    #[test]
+    fn the_search_may_start_at_a_record_the_server_flushed() {
+        let (seg, spans) = layout(&lengths());
+        let end = spans.last().unwrap().1;
+        // At a record's start, at a page boundary a record ends on, and where no record
+        // begins (then from the first record): the same end.
+        let on_page_end = spans.iter().find(|(_, e)| e % PAGE == 0).unwrap().1;
+        for after in [spans[4].0, on_page_end, spans[3].0 + 8, end + 4096] {
+            assert_eq!(end_after(&seg, Some(after)), Ok(end), "after {after:X}");
+        }
+        // The first record damaged: an error all the same.
+        let mut bad = seg.clone();
+        bad[(spans[0].0 - BASE) as usize + 30] ^= 1;
+        assert!(end_after(&bad, Some(spans[4].0)).is_err());
     }
 
     #[test]

@@ -454,6 +454,9 @@ impl Ops {
             }
         };
         let was_running = node.status() == Status::Running;
+        let began = std::time::Instant::now();
+        let phase =
+            |what: &str| tracing::debug!("checkout of pg {name}: {what} at {:?}", began.elapsed());
         // A clone keeps the state the pg leaves as it is, crashed or not, so the pg stops
         // at once rather than write its dirty pages in a shutdown checkpoint (most of a
         // checkout's time after writes). The kept state is then consistent once its WAL
@@ -469,14 +472,24 @@ impl Ops {
         }
         // (Unlogged relations are looked for once the sessions are ended: none can
         // appear after that but from a new session in the moment before the stop.)
-        let at_once = was_running
-            && state.recovery.is_none()
-            && clones
-            && flushed_for_immediate_stop(&node, &state).await
-            && !crate::snapshot::datadir::has_unlogged_relations(&node.data());
+        let flushed = if was_running && state.recovery.is_none() && clones {
+            flushed_for_immediate_stop(&node, &state).await
+        } else {
+            None
+        };
+        let at_once =
+            flushed.is_some() && !crate::snapshot::datadir::has_unlogged_relations(&node.data());
+        phase(if at_once {
+            "flushed for an immediate stop"
+        } else {
+            "stopping cleanly"
+        });
         self.halt_node(&node, at_once).await?;
+        phase("stopped");
         if at_once {
-            if let Err(e) = wal_end_found(&node).await {
+            let found = wal_end_found(&node, flushed).await;
+            phase("WAL end read");
+            if let Err(e) = found {
                 // The kept state could not say where it stands: a clean stop makes it
                 // self-contained.
                 tracing::warn!("pg {name}: {e}; starting it again to stop it cleanly");
@@ -485,12 +498,14 @@ impl Ops {
             } else {
                 // What the archiver would have sent in a clean stop's last round.
                 archiving::archive_leftovers(&self.pageserver, &node).await;
+                phase("leftover segments archived");
             }
         }
         let result = self
             .pageserver
             .checkout_stopped(&node, &mut state, &target, progress)
             .await;
+        phase("state kept and target in place");
         if let (Ok(kept), Some(recovery)) = (&result, recovery) {
             // Replay the archive to the point in time, then run as a primary.
             state.wal = Some(WalLine {
@@ -534,6 +549,7 @@ impl Ops {
                 )));
             }
             restarted?;
+            phase("started again");
         }
         let kept = result?;
         Ok(CheckoutReport {
@@ -555,8 +571,9 @@ const MAX_REPLAY: u64 = 512 << 20;
 /// nothing reads) with a local flush: all WAL before it is written out, commits made with
 /// `synchronous_commit = off` included. It waits (up to 2 s) for the safekeeper to have
 /// stored that WAL, as a clean stop waits for its WAL senders. And the WAL since the last
-/// checkpoint must be short enough to replay at the next start.
-async fn flushed_for_immediate_stop(node: &Node, state: &NodeState) -> bool {
+/// checkpoint must be short enough to replay at the next start. Returns where the record
+/// after that message begins (the WAL's end is searched from there).
+async fn flushed_for_immediate_stop(node: &Node, state: &NodeState) -> Option<u64> {
     let wait_for_safekeeper = format!(
         "DO $$ DECLARE flushed pg_lsn := pg_current_wal_flush_lsn(); \
          deadline timestamptz := clock_timestamp() + interval '2 s'; BEGIN \
@@ -573,30 +590,32 @@ async fn flushed_for_immediate_stop(node: &Node, state: &NodeState) -> bool {
         wait_for_safekeeper.as_str(),
         "SELECT (pg_current_wal_insert_lsn() - redo_lsn)::bigint FROM pg_control_checkpoint()",
     ];
-    let Ok(install) = install() else {
-        return false;
-    };
+    let install = install().ok()?;
     let limit = std::time::Duration::from_secs(10);
     match node.query_steps(&install, state, &steps, Some(limit)).await {
-        Ok(out) => out
-            .lines()
-            .last()
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .is_some_and(|since_checkpoint| since_checkpoint <= MAX_REPLAY),
+        Ok(out) => {
+            // The message's LSN (its end, where the next record begins), then the WAL
+            // since the checkpoint.
+            let mut lines = out.lines().rev().map(str::trim);
+            let since_checkpoint = lines.next()?.parse::<u64>().ok()?;
+            let after = crate::compute::wal::parse_lsn(lines.next()?)?;
+            (since_checkpoint <= MAX_REPLAY).then_some(after)
+        }
         Err(e) => {
             tracing::info!("pg {}: stopping it cleanly ({e})", node.name);
-            false
+            None
         }
     }
 }
 
 /// Checks that the WAL of `node`, stopped without its shutdown checkpoint, shows where
-/// it ends (what its kept state records).
-async fn wal_end_found(node: &Node) -> OpResult<()> {
+/// it ends (what its kept state records), searching from `after` (a record the server
+/// flushed before it stopped).
+async fn wal_end_found(node: &Node, after: Option<u64>) -> OpResult<()> {
     let data = node.data();
     tokio::task::spawn_blocking(move || {
         let mut control = crate::snapshot::datadir::read_control(&data)?;
-        crate::snapshot::datadir::crash_lsns(&data, &mut control).map(|_| ())
+        crate::snapshot::datadir::crash_lsns_after(&data, &mut control, after).map(|_| ())
     })
     .await
     .map_err(crate::snapshot::join_error)?

@@ -6,16 +6,42 @@ use crate::compute::node::Node;
 use crate::models::{OpError, OpResult};
 use crate::snapshot::Manifest;
 
-/// Replaces a stopped pg's data directory by the complete directory `fresh`.
+/// The prefix of the directories a pg's replaced data waits in to be deleted.
+const OLD_DATA: &str = ".data.old";
+
+/// Replaces a stopped pg's data directory by the complete directory `fresh`. The old data
+/// is deleted in the background: unlinking a large data directory whose files share
+/// extents with snapshots takes a while (0.04–0.16 s at pgbench scale 100 on XFS, after
+/// writes), and nothing needs to wait for it. What a killed run left is deleted by the
+/// next swap.
 pub fn swap_data(node: &Node, fresh: &std::path::Path) -> OpResult<()> {
-    let old = node.dir.join("data.old");
-    let _ = std::fs::remove_dir_all(&old);
-    if node.data().exists() {
-        std::fs::rename(node.data(), &old).map_err(|e| OpError::io(node.data().display(), e))?;
+    use crate::util::tempdir::{sweep, TempDir};
+    sweep(&node.dir, OLD_DATA);
+    // (Where earlier versions kept it.)
+    let _ = std::fs::remove_dir_all(node.dir.join("data.old"));
+    let old = if node.data().exists() {
+        // Renamed over a new empty directory, which names it for the sweep.
+        let old =
+            TempDir::new_in(&node.dir, OLD_DATA).map_err(|e| OpError::io(node.dir.display(), e))?;
+        std::fs::rename(node.data(), old.path())
+            .map_err(|e| OpError::io(node.data().display(), e))?;
+        Some(old)
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(fresh, node.data()) {
+        // The old data back in place, or left where it is: never deleted on this path.
+        if let Some(old) = old {
+            if std::fs::rename(old.path(), node.data()).is_err() {
+                old.keep();
+            }
+        }
+        return Err(OpError::io(fresh.display(), e));
     }
-    std::fs::rename(fresh, node.data()).map_err(|e| OpError::io(fresh.display(), e))?;
     mark_incomplete(node, None)?;
-    let _ = std::fs::remove_dir_all(&old);
+    if let Some(old) = old {
+        std::thread::spawn(move || drop(old));
+    }
     Ok(())
 }
 

@@ -97,10 +97,20 @@ pub fn zero_after_checkpoint(
 /// be found: recording the checkpoint instead would let a point-in-time restore start
 /// from this state for a target before its consistent point.
 pub fn crash_lsns(dir: &Path, control: &mut ControlInfo) -> Result<Option<(String, String)>> {
+    crash_lsns_after(dir, control, None)
+}
+
+/// As [`crash_lsns`], `after` being where a record begins that the server reported
+/// flushed just before it stopped (see [`crate::compute::wal_end::wal_end`]).
+pub fn crash_lsns_after(
+    dir: &Path,
+    control: &mut ControlInfo,
+    after: Option<u64>,
+) -> Result<Option<(String, String)>> {
     if control.is_shut_down() || dir.join("backup_label").exists() {
         return Ok(None);
     }
-    let end = crate::compute::wal_end::wal_end(&dir.join("pg_wal"), control.checkpoint_lsn)
+    let end = crate::compute::wal_end::wal_end(&dir.join("pg_wal"), control.checkpoint_lsn, after)
         .map_err(|e| SnapshotError::Refused {
             reason: format!(
                 "{} was not shut down cleanly, and where its WAL ends cannot be told ({e}); start its server once and stop it cleanly, then take the snapshot",

@@ -386,6 +386,13 @@ fn snapshots_checkout_and_branches() {
     ok(z(&repo.path).args(["pg", "checkout", "main", "main@HEAD{0}"]));
     assert_eq!(rows(&main), "{1,2}");
     assert!(ok(z(&repo.path).args(["snapshot", "list"])).contains("main@HEAD{1}"));
+    // The data a checkout replaced is deleted behind it, not left.
+    eventually("the replaced data deleted", || {
+        std::fs::read_dir(repo.path.join("pgs/main"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains("data.old"))
+    });
 
     // Creating an existing pg: refused, nothing changed.
     assert_clean_failure(
