@@ -103,16 +103,13 @@ impl Pageserver {
             }
             return Err(e);
         }
-        let began = std::time::Instant::now();
         prepare_for_postgres(&fresh)?;
-        tracing::debug!("prepared in {:?}", began.elapsed());
         if untouched {
             // Cut short between the swap's two renames, the pg would have no data: marked,
             // the next checkout knows where its state is.
             mark_incomplete(node, Some(&kept))?;
         }
         swap_data(node, &fresh)?;
-        tracing::debug!("swapped at {:?}", began.elapsed());
         // Its WAL goes on from the target's, as a history of its own.
         state.wal = Some(wal_line_from(target));
         state.recovery = None;
