@@ -40,7 +40,10 @@ pub fn swap_data(node: &Node, fresh: &std::path::Path) -> OpResult<()> {
     }
     mark_incomplete(node, None)?;
     if let Some(old) = old {
-        std::thread::spawn(move || drop(old));
+        // A thread that cannot be made drops the closure, and `old` is deleted here.
+        let _ = std::thread::Builder::new()
+            .name("delete-old-data".into())
+            .spawn(move || drop(old));
     }
     Ok(())
 }

@@ -20,7 +20,8 @@
 //! again.
 //!
 //! It streams through a replication slot, so the pg keeps every segment it has not
-//! reported yet, and resumes after a restart where the storage's pieces end.
+//! reported yet, and resumes after a restart where the storage's pieces end (objects) or
+//! at the start of the segment's file it was writing (in place).
 //!
 //! It writes what it does to a small JSON report (about every 200 ms and at least once a
 //! second), which zenith-local reads to tell a healthy safekeeper from a stalled one.
@@ -114,6 +115,7 @@ pub async fn run(
         cleanup: None,
         in_place: None,
         file: None,
+        then_at: None,
     };
     let result = r.stream(&socket).await;
     r.report.streaming = false;
@@ -155,6 +157,8 @@ struct Receiver {
     in_place: Option<bool>,
     /// The file the current segment is written to, in place.
     file: Option<InPlace>,
+    /// Where to stream from if the pg no longer has the resume point's segment.
+    then_at: Option<u64>,
 }
 
 /// A segment's file written in place: bytes `from..` of segment `segno`.
@@ -249,7 +253,17 @@ impl Receiver {
                 .map_err(|e| format!("storing {name}: {e}"))?;
         }
         let start = self.resume_at(&system).await?;
-        if let Err(e) = conn.start(NAME, start, system.timeline).await {
+        let mut started = conn.start(NAME, start, system.timeline).await;
+        if let (Err(e), Some(next)) = (&started, self.then_at) {
+            tracing::info!(
+                "cannot stream from {}: {e}; its segment is complete, streaming from {}",
+                format_lsn(start),
+                format_lsn(next)
+            );
+            self.begin_at(next);
+            started = conn.start(NAME, next, system.timeline).await;
+        }
+        if let Err(e) = started {
             // The slot or the resume point is gone (the slot dropped, say): from the
             // segment the pg writes now; what came before it is archived whole by
             // PostgreSQL's archive_command.
@@ -275,6 +289,9 @@ impl Receiver {
         self.report.streaming = true;
         self.report.error = None;
         let mut last_status = Instant::now();
+        // What the pg was last told is flushed: a write in place (at a segment's end,
+        // say) moves the position without a store completing.
+        let mut told = self.flushed;
         loop {
             let wait = if self.batch.is_zero() {
                 Duration::from_secs(1)
@@ -337,11 +354,12 @@ impl Receiver {
             if self.in_flight.len() < IN_FLIGHT && self.stored_at.elapsed() >= self.batch {
                 flushed |= self.send(self.position())?;
             }
-            if flushed || last_status.elapsed() >= Duration::from_secs(10) {
+            if flushed || self.flushed > told || last_status.elapsed() >= Duration::from_secs(10) {
                 conn.status(self.flushed, self.flushed)
                     .await
                     .map_err(protocol)?;
                 last_status = Instant::now();
+                told = self.flushed;
             }
             self.write_report(false);
         }
@@ -377,16 +395,27 @@ impl Receiver {
                 .cloned()
                 .collect();
             let last = cover(&of_it).last().cloned()?;
-            // A file written in place is written again from its start (its tail may not
-            // have been synced), unless it was written to the segment's end: a run moves
-            // on to the next segment only once that end is synced.
-            let end = if last.in_place && last.to < self.segment_size {
-                last.from
-            } else {
-                last.to
-            };
-            Some(segno * self.segment_size + end)
+            // A file written in place is written again from its start: its tail may not
+            // have been synced, even when it reaches the segment's end (a sync that
+            // failed there ended the last run).
+            let end = if last.in_place { last.from } else { last.to };
+            Some((segno * self.segment_size, end, last.to, last.in_place))
         });
+        let start = match start {
+            Some((_, _, to, _)) if to > self.segment_size => {
+                return Err(format!(
+                    "the storage holds a streamed piece of history {} longer than a segment ({to} bytes): it is damaged; delete the history's stream/ pieces of that segment",
+                    self.history
+                ))
+            }
+            Some((segment, end, to, in_place)) => {
+                // The pg released that segment if its end was reported synced: then the
+                // next segment follows.
+                self.then_at = (in_place && to == self.segment_size).then_some(segment + to);
+                Some(segment + end)
+            }
+            None => None,
+        };
         let start = match start {
             Some(s) if s > system.position => {
                 return Err(format!(

@@ -13,10 +13,14 @@
 //! `wal/<sysid>/<history>/stream/<segment>-<from>.wal` in place instead, the way
 //! `pg_receivewal` writes its partial segment: the segment's bytes from `from` on, raw,
 //! appended and fdatasynced before they are acknowledged; the file's size says how far it
-//! goes. Those bytes carry no checksum of zenith's: PostgreSQL's own record checksums
-//! guard them at replay. After a restart the safekeeper writes the file again from its
-//! start, over the same bytes, so a tail a crash of the machine left unsynced (zeros, or
-//! worse) is overwritten before anything after it is acknowledged.
+//! goes (unlike `pg_receivewal`, which pads its file to the segment's size first). Those
+//! bytes carry no checksum of zenith's: each WAL page's header must name its own
+//! position when the file is read ([`pages_in_place`]: a tail of pages that do not ends
+//! the file, a bad page before a good one is an error), and PostgreSQL checks each
+//! record's CRC at replay, where a damaged record ends the recovery as it would in
+//! `pg_wal`. After a restart the safekeeper writes the file again from its start, over
+//! the same bytes, so a tail a crash of the machine or a failed sync left unsynced is
+//! overwritten before anything after it is acknowledged.
 //!
 //! A segment reads back as the contiguous run of pieces from its start, zero-filled to
 //! the segment's size, the way PostgreSQL keeps a segment it is still writing: recovery
@@ -163,7 +167,7 @@ impl Archive {
             };
             let data = if piece.in_place {
                 // Listed earlier, it may have grown since.
-                let data = bytes.to_vec();
+                let mut data = bytes.to_vec();
                 if (data.len() as u64) < piece.to - piece.from
                     || piece.from + data.len() as u64 > segment_size
                 {
@@ -174,6 +178,11 @@ impl Archive {
                         piece.to - piece.from
                     )));
                 }
+                let start = match WalFile::parse(segment, segment_size) {
+                    Some(WalFile::Segment { segno, .. }) => segno * segment_size,
+                    _ => 0,
+                };
+                data.truncate(pages_in_place(&data, start + piece.from).map_err(corrupt)?);
                 data
             } else {
                 let (_, data) = decode(&bytes).map_err(corrupt)?;
@@ -214,6 +223,33 @@ impl Archive {
             }
         }
         Ok(removed)
+    }
+}
+
+/// How much of `data`, WAL written in place from LSN `at`, is whole pages: up to the first
+/// page whose header does not name its own position (a tail that a crash of the machine
+/// left unsynced: zeros, or older bytes). Such a page with a good one after it is damage,
+/// which would end a recovery early and silently: an error.
+pub fn pages_in_place(data: &[u8], at: u64) -> std::result::Result<usize, String> {
+    const PAGE: u64 = 8192;
+    let good = |offset: usize| {
+        let page = &data[offset..];
+        page.len() >= 16
+            && u16::from_le_bytes([page[0], page[1]]) != 0
+            && u64::from_le_bytes(page[8..16].try_into().expect("8 bytes")) == at + offset as u64
+    };
+    let first = (at.div_ceil(PAGE) * PAGE - at) as usize;
+    let mut pages = (first..data.len()).step_by(PAGE as usize);
+    let Some(bad) = pages.by_ref().find(|o| !good(*o)) else {
+        return Ok(data.len());
+    };
+    match pages.find(|o| good(*o)) {
+        Some(after) => Err(format!(
+            "its WAL page at {} is damaged (its header does not name it) while the one at {} is whole",
+            crate::compute::wal::format_lsn(at + bad as u64),
+            crate::compute::wal::format_lsn(at + after as u64)
+        )),
+        None => Ok(bad),
     }
 }
 
@@ -308,6 +344,33 @@ mod tests {
             refused.contains("it holds 60 bytes from offset A"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn a_file_written_in_place_ends_at_its_first_page_that_is_not_whole() {
+        const PAGE: usize = 8192;
+        let at = 0x0300_0000u64 + 100;
+        // Pages from the first boundary after `at`, each naming its position.
+        let mut data = vec![7u8; 4 * PAGE];
+        for i in 0..4 {
+            let o = PAGE - 100 + i * PAGE;
+            if o + 16 <= data.len() {
+                data[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
+                let addr = at + o as u64;
+                data[o + 8..o + 16].copy_from_slice(&addr.to_le_bytes());
+            }
+        }
+        assert_eq!(pages_in_place(&data, at), Ok(data.len()));
+        // An unsynced tail (zeros): the file ends before it.
+        let mut tail = data.clone();
+        let third = 2 * PAGE - 100;
+        tail[third..].fill(0);
+        assert_eq!(pages_in_place(&tail, at), Ok(third));
+        // A zeroed page with a whole one after it: damage.
+        let mut hole = data.clone();
+        hole[PAGE - 100..2 * PAGE - 100].fill(0);
+        let refused = pages_in_place(&hole, at).unwrap_err();
+        assert!(refused.contains("is damaged"), "{refused}");
     }
 
     #[test]

@@ -75,18 +75,23 @@ impl Storage for LocalStorage {
         let open = || {
             let path = self.path_of(key)?;
             let dir = parent_dir(&path).unwrap_or(&self.root);
-            let file = create_dirs_durably(dir)
-                .and_then(|()| {
-                    OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(&path)
-                })
-                // Its name too, before anything written to it is called durable.
-                .and_then(|file| fsync_dir(dir).map(|()| file))
-                .map_err(|e| Error::local(&path, "open for writing", e))?;
-            Ok(file)
+            let attempt = || {
+                create_dirs_durably(dir)
+                    .and_then(|()| {
+                        OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(&path)
+                    })
+                    // Its name too, before anything written to it is called durable.
+                    .and_then(|file| fsync_dir(dir).map(|()| file))
+            };
+            // A delete that emptied the directory removes it: once more then, as
+            // `write_atomic` does.
+            attempt()
+                .or_else(|e| if is_missing(&e) { attempt() } else { Err(e) })
+                .map_err(|e| Error::local(&path, "open for writing", e))
         };
         Some(open())
     }
