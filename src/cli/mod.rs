@@ -307,10 +307,14 @@ pub fn main() -> ExitCode {
             std::process::exit(i32::from(wal::EXIT_FATAL));
         }));
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The safekeeper is one task on a socket and a file: one thread spares it the
+    // wake-ups across threads that every sync commit would wait for.
+    let mut builder = if matches!(cli.command, Command::Safekeeper { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("zenith: error: cannot start the async runtime: {e}");
