@@ -99,7 +99,6 @@ impl Pageserver {
         let work = TempDir::new_in(&self.clones_dir(), CLONING)
             .map_err(|e| OpError::io(self.clones_dir().display(), e))?;
         let root = work.path().join("data");
-        let began = std::time::Instant::now();
         let made = if node.status() == Status::Running {
             let connstr = node.local_connstr(state);
             match clone_running(&super::install()?, &connstr, &root, work.path()).await? {
@@ -122,9 +121,7 @@ impl Pageserver {
         };
         let mut m = Manifest::new(origin, entries, 0);
         m.clone = true;
-        tracing::debug!("pg {}: cloned in {:?}", node.name, began.elapsed());
         clone::sync(&root)?;
-        tracing::debug!("pg {}: clone synced at {:?}", node.name, began.elapsed());
         let place = self.clone_path(&m.id);
         std::fs::rename(&root, &place).map_err(|e| OpError::io(place.display(), e))?;
         // Visible only now, complete and durable.
@@ -137,12 +134,6 @@ impl Pageserver {
             return Err(e);
         }
         options.progress.finish();
-        tracing::debug!(
-            "pg {}: clone kept as {} at {:?}",
-            node.name,
-            m.id,
-            began.elapsed()
-        );
         Ok(Some(m))
     }
 
@@ -157,15 +148,7 @@ impl Pageserver {
                 m.id
             )));
         }
-        let began = std::time::Instant::now();
-        clone::restore(&source, m, dir).await?;
-        tracing::debug!(
-            "snapshot {}: cloned to {} in {:?}",
-            m.id,
-            dir.display(),
-            began.elapsed()
-        );
-        Ok(())
+        Ok(clone::restore(&source, m, dir).await?)
     }
 
     /// Checks that repo snapshot `m`'s clone holds every file at its size; how many.

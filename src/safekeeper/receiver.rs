@@ -161,10 +161,10 @@ struct Receiver {
     then_at: Option<u64>,
 }
 
-/// A segment's file written in place: bytes `from..` of segment `segno`.
+/// A segment's file written in place: the bytes of segment `segno` from the receiver's
+/// `origin` on.
 struct InPlace {
     segno: u64,
-    from: u64,
     file: std::fs::File,
     key: String,
 }
@@ -394,26 +394,28 @@ impl Receiver {
                 .filter(|p| p.segment == name)
                 .cloned()
                 .collect();
-            let last = cover(&of_it).last().cloned()?;
-            // A file written in place is written again from its start: its tail may not
-            // have been synced, even when it reaches the segment's end (a sync that
-            // failed there ended the last run).
-            let end = if last.in_place { last.from } else { last.to };
-            Some((segno * self.segment_size, end, last.to, last.in_place))
+            Some((
+                segno * self.segment_size,
+                cover(&of_it).last().map(|p| Piece::clone(p))?,
+            ))
         });
         let start = match start {
-            Some((_, _, to, _)) if to > self.segment_size => {
+            Some((_, last)) if last.to > self.segment_size => {
                 return Err(format!(
-                    "the storage holds a streamed piece of history {} longer than a segment ({to} bytes): it is damaged; delete the history's stream/ pieces of that segment",
-                    self.history
+                    "the storage holds a streamed piece of history {} longer than a segment ({} bytes): it is damaged; delete the history's stream/ pieces of that segment",
+                    self.history, last.to
                 ))
             }
-            Some((segment, end, to, in_place)) => {
-                // The pg released that segment if its end was reported synced: then the
-                // next segment follows.
-                self.then_at = (in_place && to == self.segment_size).then_some(segment + to);
-                Some(segment + end)
+            // A file written in place is written again from its start: its tail may not
+            // have been synced, even when it reaches the segment's end (a sync that
+            // failed there ended the last run). The pg released that segment if its end
+            // was reported synced: then the next segment follows.
+            Some((segment, last)) if last.in_place => {
+                self.then_at =
+                    (last.to == self.segment_size).then_some(segment + self.segment_size);
+                Some(segment + last.from)
             }
+            Some((segment, last)) => Some(segment + last.to),
             None => None,
         };
         let start = match start {
@@ -578,7 +580,6 @@ impl Receiver {
                     self.in_place = Some(true);
                     self.file = Some(InPlace {
                         segno: self.segno,
-                        from: self.origin,
                         file,
                         key,
                     });
@@ -590,7 +591,7 @@ impl Receiver {
         let to = end - self.segment_start();
         let bytes = &self.data[(from - self.origin) as usize..(to - self.origin) as usize];
         file.file
-            .write_all_at(bytes, from - file.from)
+            .write_all_at(bytes, from - self.origin)
             .and_then(|()| file.file.sync_data())
             .map_err(|e| {
                 format!(
